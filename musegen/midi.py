@@ -1,0 +1,153 @@
+"""MIDI reading shared by prepare and the tokenizers: header checks and the note table.
+
+Everything downstream works on a `Score`: a note array at a fixed 480 ticks per beat (the
+Pop1K7 and CP grid) plus tempo, time-signature and marker lists. Bad input raises
+`MidiError` with a short machine-readable reason (used in the manifest) and a message that
+names the file and the problem.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TICKS_PER_BEAT = 480  # the Pop1K7 / CP grid; every Score is rescaled to it
+
+#: reason codes a MidiError may carry (the manifest's `reason` column).
+REASONS = (
+    "not_midi",
+    "empty_file",
+    "truncated",
+    "corrupt",
+    "format_2",
+    "smpte_division",
+    "zero_division",
+    "too_large",
+    "no_notes",
+    "drums_only",
+    "too_long",
+    "duplicate",
+)
+
+
+class MidiError(ValueError):
+    """A file that cannot be used, with a reason code from REASONS."""
+
+    def __init__(self, path: Path | str, reason: str, detail: str) -> None:
+        assert reason in REASONS, reason
+        self.path, self.reason, self.detail = str(path), reason, detail
+        super().__init__(f"{path}: {reason}: {detail}")
+
+
+@dataclass
+class Score:
+    """A piece reduced to what the tokenizers need, at TICKS_PER_BEAT.
+
+    Attributes:
+        notes: int64 array (N, 4) of [start, end, pitch, velocity], sorted by (start, pitch,
+            end); drums are excluded, every instrument merged.
+        tempos: (tick, bpm) pairs, sorted, first at tick 0 when the file has one.
+        time_signatures: (tick, numerator, denominator) triples.
+        markers: (tick, text) pairs (Pop1K7 chord markers live here).
+        source_ticks_per_beat: the file's own resolution before rescaling.
+    """
+
+    notes: np.ndarray
+    tempos: list[tuple[int, float]] = field(default_factory=list)
+    time_signatures: list[tuple[int, int, int]] = field(default_factory=list)
+    markers: list[tuple[int, str]] = field(default_factory=list)
+    source_ticks_per_beat: int = TICKS_PER_BEAT
+    n_drum_notes: int = 0
+
+    @property
+    def end_tick(self) -> int:
+        return int(self.notes[:, 1].max()) if len(self.notes) else 0
+
+    def seconds(self, tick: int | None = None) -> float:
+        """Wall-clock time of `tick` (default: the last note off) under the tempo map."""
+        tick = self.end_tick if tick is None else tick
+        tempos = self.tempos or [(0, 120.0)]
+        if tempos[0][0] > 0:
+            tempos = [(0, 120.0), *tempos]
+        total, (prev_tick, prev_bpm) = 0.0, tempos[0]
+        for t, bpm in tempos[1:]:
+            if t >= tick:
+                break
+            total += (t - prev_tick) * 60.0 / (prev_bpm * TICKS_PER_BEAT)
+            prev_tick, prev_bpm = t, bpm
+        return total + (tick - prev_tick) * 60.0 / (prev_bpm * TICKS_PER_BEAT)
+
+
+def read_header(data: bytes, path: Path | str) -> tuple[int, int, int]:
+    """Check the MThd chunk; return (format, n_tracks, division) or raise MidiError."""
+    if len(data) == 0:
+        raise MidiError(path, "empty_file", "the file has 0 bytes")
+    if not data.startswith(b"MThd"):
+        raise MidiError(path, "not_midi", f"expected 'MThd' header, found {data[:4]!r}")
+    if len(data) < 14:
+        raise MidiError(path, "truncated", f"header needs 14 bytes, file has {len(data)}")
+    fmt, n_tracks, division = struct.unpack(">HHH", data[8:14])
+    if fmt == 2:
+        raise MidiError(path, "format_2", "format 2 (independent sequences) is not supported")
+    if division & 0x8000:
+        raise MidiError(path, "smpte_division", "SMPTE time division; re-export in ticks per beat")
+    if division == 0:
+        raise MidiError(path, "zero_division", "0 ticks per beat in the header")
+    if n_tracks == 0 or len(data) <= 14:
+        raise MidiError(path, "truncated", "header announces no track data")
+    return fmt, n_tracks, division
+
+
+def load_midi(path: Path | str, max_bytes: int | None = None):  # -> miditoolkit.MidiFile
+    """Parse a MIDI file with miditoolkit after header checks; errors become MidiError."""
+    import miditoolkit
+
+    path = Path(path)
+    size = path.stat().st_size
+    if max_bytes is not None and size > max_bytes:
+        raise MidiError(path, "too_large", f"{size / 1e6:.1f} MB exceeds {max_bytes / 1e6:.1f} MB")
+    data = path.read_bytes()
+    read_header(data, path)
+    try:
+        return miditoolkit.MidiFile(file=io.BytesIO(data))
+    except (EOFError, struct.error, IndexError) as exc:
+        raise MidiError(path, "truncated", f"ends inside a chunk ({exc or type(exc).__name__})") from exc
+    except Exception as exc:  # mido raises bare OSError/ValueError/KeyError on bad data
+        raise MidiError(path, "corrupt", f"{type(exc).__name__}: {exc}") from exc
+
+
+def to_score(midi) -> Score:
+    """Reduce a miditoolkit.MidiFile to a Score at TICKS_PER_BEAT (all non-drum notes merged)."""
+    tpb = int(midi.ticks_per_beat)
+
+    def scale(t: int) -> int:
+        return int(t) * TICKS_PER_BEAT // tpb if (t * TICKS_PER_BEAT) % tpb == 0 else round(
+            t * TICKS_PER_BEAT / tpb
+        )
+
+    rows, n_drum = [], 0
+    for inst in midi.instruments:
+        if inst.is_drum:
+            n_drum += len(inst.notes)
+            continue
+        rows.extend((n.start, n.end, n.pitch, n.velocity) for n in inst.notes)
+    notes = np.array(rows, dtype=np.int64).reshape(-1, 4)
+    if len(notes):
+        if tpb != TICKS_PER_BEAT:
+            notes[:, :2] = np.vectorize(scale, otypes=[np.int64])(notes[:, :2])
+        notes = notes[np.lexsort((notes[:, 1], notes[:, 2], notes[:, 0]))]
+    return Score(
+        notes=notes,
+        tempos=[(scale(t.time), float(t.tempo)) for t in midi.tempo_changes],
+        time_signatures=[
+            (scale(ts.time), int(ts.numerator), int(ts.denominator))
+            for ts in midi.time_signature_changes
+        ],
+        markers=[(scale(m.time), str(m.text)) for m in midi.markers],
+        source_ticks_per_beat=tpb,
+        n_drum_notes=n_drum,
+    )
