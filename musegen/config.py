@@ -96,3 +96,22 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[name] = value
     return out
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParams:
+    """The `data` section: which corpus, and where each stage's files live."""
+
+    corpus: str
+    raw_root: str
+    prepared_dir: str
+    tokens_dir: str
+
+    @property
+    def raw_dir(self) -> Path:
+        """The corpus folder: raw_root/<corpus>."""
+        return Path(self.raw_root) / self.corpus
+
+    @property
+    def manifest(self) -> Path:
+        return Path(self.prepared_dir) / "manifest.csv"

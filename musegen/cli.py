@@ -1,0 +1,100 @@
+"""The `musegen` command line: one command per pipeline stage, each a thin call into the library.
+
+dvc.yaml runs these commands; flows/ calls the same library functions. Every command reads
+params.yaml (or --params FILE) and prints progress on anything that takes over a second.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import typer
+
+from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+corpus_app = typer.Typer(no_args_is_help=True, help="Build or fetch a raw MIDI corpus.")
+app.add_typer(corpus_app, name="corpus")
+
+PARAMS = typer.Option(DEFAULT_PARAMS, "--params", help="params file (default params.yaml)")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(code=1)
+
+
+@corpus_app.command("build")
+def corpus_build(params: Path = PARAMS) -> None:
+    """Write the embedded default corpus (music21 keyboard works + Bach chorales) to raw_root/m21-keyboard."""
+    from musegen import corpus
+
+    data = load_section(DataParams, "data", params)
+    out = corpus.build_m21(Path(data.raw_root) / "m21-keyboard", load_section(corpus.CorpusParams, "corpus", params))
+    typer.echo(f"corpus: {out}")
+
+
+@corpus_app.command("pop1k7")
+def corpus_pop1k7(
+    source: Path | None = typer.Option(None, "--from", help="archive (.zip/.tar.gz) or folder on disk"),
+    use_dvc: bool = typer.Option(True, "--dvc/--no-dvc", help="`dvc add` the result"),
+    params: Path = PARAMS,
+) -> None:
+    """Download (or take --from PATH), verify and extract Pop1K7 into raw_root/pop1k7, then `dvc add` it."""
+    from musegen import corpus
+
+    data = load_section(DataParams, "data", params)
+    out = corpus.fetch_pop1k7(
+        Path(data.raw_root) / "pop1k7", load_section(corpus.CorpusParams, "corpus", params), source
+    )
+    if use_dvc:
+        subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
+    typer.echo(f"pop1k7: {out} (set data.corpus: pop1k7 in params.yaml to use it)")
+
+
+@app.command()
+def prepare(
+    raw: Path | None = typer.Option(None, help="MIDI folder (default raw_root/<data.corpus>)"),
+    out: Path | None = typer.Option(None, help="output folder (default data.prepared_dir)"),
+    strict: bool | None = typer.Option(None, "--strict/--no-strict", help="fail on any rejection"),
+    params: Path = PARAMS,
+) -> None:
+    """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
+    import dataclasses
+
+    from musegen import prepare as stage
+
+    data = load_section(DataParams, "data", params)
+    p = load_section(stage.PrepareParams, "prepare", params)
+    if strict is not None:
+        p = dataclasses.replace(p, use_strict=strict)
+    manifest = stage.prepare(raw or data.raw_dir, out or Path(data.prepared_dir), p)
+    typer.echo(stage.summarize(manifest))
+    if p.use_strict and (manifest.status != "ok").any():
+        _fail(f"--strict: {(manifest.status != 'ok').sum()} file(s) rejected; see the manifest")
+
+
+@app.command()
+def tokenize(params: Path = PARAMS) -> None:
+    """Tokenize the manifest's ok files to CP and REMI arrays per split, plus vocab.json."""
+    from musegen import tokenize as stage
+
+    data = load_section(DataParams, "data", params)
+    out = stage.tokenize(
+        data.raw_dir, data.manifest, Path(data.tokens_dir), load_section(stage.TokenizeParams, "tokenize", params)
+    )
+    typer.echo(f"tokens: {out}")
+
+
+def main() -> None:
+    """Entry point that turns configuration errors into one readable line."""
+    try:
+        app()
+    except ParamsError as exc:
+        _fail(str(exc))
+
+
+if __name__ == "__main__":
+    main()
