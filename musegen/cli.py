@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -18,7 +19,8 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 corpus_app = typer.Typer(no_args_is_help=True, help="Build or fetch a raw MIDI corpus.")
 app.add_typer(corpus_app, name="corpus")
 
-PARAMS = typer.Option(DEFAULT_PARAMS, "--params", help="params file (default params.yaml)")
+#: every command takes --params FILE (default params.yaml, or $MUSEGEN_PARAMS)
+ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
 
 
 def _fail(message: str) -> None:
@@ -27,22 +29,26 @@ def _fail(message: str) -> None:
 
 
 @corpus_app.command("build")
-def corpus_build(params: Path = PARAMS) -> None:
-    """Write the embedded default corpus (music21 keyboard works + Bach chorales) to raw_root/m21-keyboard."""
+def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Write the embedded corpus (music21 keyboard works, Bach chorales) to raw_root/m21-keyboard."""
     from musegen import corpus
 
     data = load_section(DataParams, "data", params)
-    out = corpus.build_m21(Path(data.raw_root) / "m21-keyboard", load_section(corpus.CorpusParams, "corpus", params))
+    out = corpus.build_m21(
+        Path(data.raw_root) / "m21-keyboard", load_section(corpus.CorpusParams, "corpus", params)
+    )
     typer.echo(f"corpus: {out}")
 
 
 @corpus_app.command("pop1k7")
 def corpus_pop1k7(
-    source: Path | None = typer.Option(None, "--from", help="archive (.zip/.tar.gz) or folder on disk"),
-    use_dvc: bool = typer.Option(True, "--dvc/--no-dvc", help="`dvc add` the result"),
-    params: Path = PARAMS,
+    source: Annotated[
+        Path | None, typer.Option("--from", help="archive (.zip/.tar.gz) or folder on disk")
+    ] = None,
+    use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the result")] = True,
+    params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Download (or take --from PATH), verify and extract Pop1K7 into raw_root/pop1k7, then `dvc add` it."""
+    """Download (or take --from PATH), verify, extract Pop1K7 to raw_root/pop1k7; `dvc add` it."""
     from musegen import corpus
 
     data = load_section(DataParams, "data", params)
@@ -56,10 +62,12 @@ def corpus_pop1k7(
 
 @app.command()
 def prepare(
-    raw: Path | None = typer.Option(None, help="MIDI folder (default raw_root/<data.corpus>)"),
-    out: Path | None = typer.Option(None, help="output folder (default data.prepared_dir)"),
-    strict: bool | None = typer.Option(None, "--strict/--no-strict", help="fail on any rejection"),
-    params: Path = PARAMS,
+    raw: Annotated[Path | None, typer.Option(help="MIDI folder (default: data.raw_dir)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder (default: prepared_dir)")] = None,
+    strict: Annotated[
+        bool | None, typer.Option("--strict/--no-strict", help="fail on any rejection")
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
     import dataclasses
@@ -77,13 +85,16 @@ def prepare(
 
 
 @app.command()
-def tokenize(params: Path = PARAMS) -> None:
+def tokenize(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Tokenize the manifest's ok files to CP and REMI arrays per split, plus vocab.json."""
     from musegen import tokenize as stage
 
     data = load_section(DataParams, "data", params)
     out = stage.tokenize(
-        data.raw_dir, data.manifest, Path(data.tokens_dir), load_section(stage.TokenizeParams, "tokenize", params)
+        data.raw_dir,
+        data.manifest,
+        Path(data.tokens_dir),
+        load_section(stage.TokenizeParams, "tokenize", params),
     )
     typer.echo(f"tokens: {out}")
 

@@ -80,7 +80,9 @@ def load_section(
     unknown = sorted(set(values) - set(names))
     missing = [n for n in names if n not in values]
     if unknown:
-        raise ParamsError(f"{path}: unknown key {section}.{unknown[0]} (expected: {', '.join(names)})")
+        raise ParamsError(
+            f"{path}: unknown key {section}.{unknown[0]} (expected: {', '.join(names)})"
+        )
     if missing:
         raise ParamsError(f"{path}: missing key {section}.{missing[0]} (add it to the file)")
     return cls(**{n: _freeze(values[n]) for n in names})

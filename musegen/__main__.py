@@ -1,0 +1,5 @@
+"""`python -m musegen` runs the CLI."""
+
+from musegen.cli import main
+
+main()
