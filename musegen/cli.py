@@ -30,7 +30,7 @@ def _fail(message: str) -> None:
 
 @corpus_app.command("build")
 def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
-    """Write the embedded corpus (music21 keyboard works, Bach chorales) to raw_root/m21-keyboard."""
+    """Write the embedded corpus (music21 keyboard works, chorales) to raw_root/m21-keyboard."""
     from musegen import corpus
 
     data = load_section(DataParams, "data", params)
