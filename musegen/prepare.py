@@ -1,0 +1,365 @@
+"""The `prepare` stage: validate every file under the raw folder and write the manifest.
+
+Every regular file under `raw_dir` (recursively, following directory links once) becomes one
+row of `manifest.csv`, whatever its extension: a stray `.txt` or `.mid.bak` is reported, not
+skipped. Only hidden names (a leading dot: `.gitignore`, `.dvcignore`, `.DS_Store`, `.dvc/`)
+and DVC pointer files (`*.dvc`) are left out, because they are bookkeeping, not data.
+
+A row is `ok` or `rejected` with a reason code (REASONS):
+
+- read_header / load_midi (musegen.midi): not_midi, empty_file, truncated, corrupt, format_2,
+  smpte_division, zero_division; `header_only` (an MThd chunk and nothing else) is split off
+  `truncated` here.
+- too_large: size checked with stat() before anything is read, so memory stays bounded.
+- drums_only / no_notes: no pitched notes, or fewer than `min_notes`.
+- too_long: seconds from the tempo map (O(tempo changes), nothing per tick), over
+  `max_seconds`; a single 10-hour note costs as little as a short one.
+- duplicate: same bytes (sha256), or the same notes re-encoded (notes_sha256), as an ok file
+  earlier in sorted path order; the detail names the kept file.
+- corrupt: also any unexpected exception while checking a file (its text is the detail).
+
+Accepted with a note in the `notes` column: non-4/4 time signatures (the CP grid is 4/4 bars
+of 1920 ticks, as in Pop1K7, so such pieces are tokenized on a 4/4 grid), tempo changes
+(Pop1K7 has one per beat; tempo is a token field), resolutions other than 480 ticks per beat
+(rescaled by musegen.midi.to_score), dropped drum notes and unexpected extensions.
+
+Splits come from each file's own sha256 (valid at the bottom of the hash range, test at the
+top), so adding or removing files never moves another file, and growing `valid_percent` only
+moves train files into valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import multiprocessing
+import os
+import struct
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from tqdm import tqdm
+
+from musegen import midi
+from musegen.config import ParamsError
+from musegen.midi import TICKS_PER_BEAT, MidiError
+
+REASONS = (*midi.REASONS, *(r for r in ("header_only",) if r not in midi.REASONS))
+SPLITS = ("train", "valid", "test")
+BAR_TICKS = 4 * TICKS_PER_BEAT  # the CP grid: 4/4 bars of 480-tick beats
+MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
+
+COLUMNS = (
+    "path",  # relative to raw_dir, POSIX
+    "sha256",
+    "bytes",
+    "status",  # ok | rejected
+    "reason",  # one of REASONS, empty when ok
+    "detail",
+    "split",  # train | valid | test for ok rows, empty otherwise
+    "n_notes",  # pitched notes (drums excluded)
+    "n_drum_notes",
+    "seconds",  # last note off, from the tempo map
+    "n_bars",  # 1920-tick bars at 480 ticks per beat
+    "n_tracks",  # MTrk chunks the header announces
+    "ticks_per_beat",  # the file's own resolution
+    "time_signature",  # the first one, "4/4" when the file has none (the MIDI default)
+    "n_time_signatures",
+    "n_tempo_changes",
+    "notes_sha256",  # hash of the note table at 480 ticks per beat (catches re-encodings)
+    "notes",  # warnings for accepted oddities, "; "-separated
+)
+INT_COLUMNS = (
+    "bytes",
+    "n_notes",
+    "n_drum_notes",
+    "n_bars",
+    "n_tracks",
+    "ticks_per_beat",
+    "n_time_signatures",
+    "n_tempo_changes",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareParams:
+    """The `prepare` section of params.yaml (see the comments there)."""
+
+    max_file_mb: float
+    max_seconds: float
+    min_notes: int
+    valid_percent: float
+    test_percent: float
+    num_workers: int
+    use_strict: bool
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_file_mb <= 0 or self.max_seconds <= 0:
+            problems.append("prepare.max_file_mb and prepare.max_seconds must be > 0")
+        if self.min_notes < 1:
+            problems.append(f"prepare.min_notes must be >= 1, found {self.min_notes}")
+        if min(self.valid_percent, self.test_percent) < 0 or (
+            self.valid_percent + self.test_percent >= 100
+        ):
+            problems.append("prepare.valid_percent and test_percent must be >= 0 and sum < 100")
+        if self.num_workers < 0:
+            problems.append(
+                f"prepare.num_workers must be >= 0 (0 = all cores), found {self.num_workers}"
+            )
+        if problems:
+            raise ParamsError("; ".join(problems) + " (fix params.yaml)")
+
+
+def list_files(raw_dir: Path) -> list[str]:
+    """Relative POSIX paths of every data file under raw_dir, sorted (see module docstring)."""
+    found, seen_dirs = [], set()
+    for root, dirs, names in os.walk(raw_dir, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen_dirs:  # a directory link back up the tree: walk each folder once
+            dirs.clear()
+            continue
+        seen_dirs.add(real)
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        rel_root = Path(root).relative_to(raw_dir)
+        found += [
+            (rel_root / n).as_posix()
+            for n in names
+            if not n.startswith(".") and not n.endswith(".dvc")
+        ]
+    return sorted(found)
+
+
+def _sha256_stream(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 16):  # 64 KiB at a time: memory independent of size
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
+    """Fill `row` with what the file holds; raise MidiError when it must be rejected."""
+    size = path.stat().st_size
+    row["bytes"] = size
+    max_bytes = int(params.max_file_mb * 1e6)
+    if size > max_bytes:
+        row["sha256"] = _sha256_stream(path)
+        raise MidiError(
+            path,
+            "too_large",
+            f"{size / 1e6:.2f} MB is over prepare.max_file_mb={params.max_file_mb}; "
+            "drop the file or raise the limit",
+        )
+    data = path.read_bytes()
+    row["sha256"] = hashlib.sha256(data).hexdigest()
+    try:
+        _fmt, row["n_tracks"], row["ticks_per_beat"] = midi.read_header(data, path)
+    except MidiError as exc:
+        # read_header calls a complete MThd with nothing after it (or 0 tracks) `truncated`;
+        # it is a distinct, common export failure, so it gets its own reason here.
+        if exc.reason != "truncated" or len(data) < 14:
+            raise
+        n_tracks, division = struct.unpack(">HH", data[10:14])
+        if n_tracks and len(data) > 8 + int.from_bytes(data[4:8], "big"):
+            raise
+        row.update(n_tracks=n_tracks, ticks_per_beat=division, reason="header_only")
+        row["detail"] = f"only an MThd header ({n_tracks} track(s) announced), no MTrk data"
+        return
+    score = midi.to_score(midi.load_midi(path, max_bytes))
+    # miditoolkit concatenates tempo events track by track; the timing needs them in order.
+    score = dataclasses.replace(score, tempos=sorted(score.tempos))
+    seconds = score.seconds()
+    sigs = [f"{n}/{d}" for _, n, d in sorted(score.time_signatures)]
+    row.update(
+        n_notes=len(score.notes),
+        n_drum_notes=score.n_drum_notes,
+        seconds=round(seconds, 3),
+        n_bars=-(-score.end_tick // BAR_TICKS),
+        time_signature=sigs[0] if sigs else "4/4",
+        n_time_signatures=len(sigs),
+        n_tempo_changes=len(score.tempos),
+        notes_sha256=hashlib.sha256(score.notes.tobytes()).hexdigest(),
+    )
+    notes = []
+    if odd := sorted({s for s in sigs if s != "4/4"}):
+        notes.append(f"non-4/4 ({', '.join(odd)}): tokenized on a 4/4 grid")
+    if len(score.tempos) > 1:
+        notes.append(f"tempo changes: {len(score.tempos)}")
+    if score.source_ticks_per_beat != TICKS_PER_BEAT:
+        notes.append(f"rescaled from {score.source_ticks_per_beat} to 480 ticks per beat")
+    if score.n_drum_notes and len(score.notes):
+        notes.append(f"drum notes dropped: {score.n_drum_notes}")
+    if not path.name.lower().endswith(MIDI_SUFFIXES):
+        notes.append(f"unexpected extension {path.suffix or '(none)'!r}")
+    row["notes"] = "; ".join(notes)
+
+    if len(score.notes) == 0:
+        if score.n_drum_notes:
+            raise MidiError(
+                path,
+                "drums_only",
+                f"only drum notes ({score.n_drum_notes} on channel 10), no pitched notes",
+            )
+        raise MidiError(path, "no_notes", f"no notes in {row['n_tracks']} track(s)")
+    if seconds > params.max_seconds:
+        raise MidiError(
+            path,
+            "too_long",
+            f"lasts {seconds / 3600:.2f} h ({seconds:.0f} s), over prepare.max_seconds="
+            f"{params.max_seconds}; check its tempo map and note lengths",
+        )
+    if len(score.notes) < params.min_notes:
+        raise MidiError(
+            path,
+            "no_notes",
+            f"{len(score.notes)} notes, fewer than prepare.min_notes={params.min_notes}",
+        )
+
+
+def check_file(raw_dir: Path, rel: str, params: PrepareParams) -> dict[str, Any]:
+    """Validate one file; never raises: every outcome is a manifest row (dict of COLUMNS)."""
+    row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
+    row.update(dict.fromkeys((*INT_COLUMNS, "seconds")), path=rel, status="rejected")
+    try:
+        _check(Path(raw_dir) / rel, row, params)
+    except MidiError as exc:
+        row.update(reason=exc.reason, detail=exc.detail)
+    except Exception as exc:  # never crash on a file: anything unexpected is reported as corrupt
+        row.update(reason="corrupt", detail=f"{type(exc).__name__}: {exc}")
+    else:
+        if not row["reason"]:  # header_only returns with its reason set
+            row["status"] = "ok"
+    return row
+
+
+def split_of(sha256: str, valid_percent: float, test_percent: float) -> str:
+    """The split of a file from its own hash: valid at the bottom of [0, 100), test at the top."""
+    u = int(sha256[:16], 16) / 16**16 * 100  # uniform in [0, 100) for a cryptographic hash
+    if u < valid_percent:
+        return "valid"
+    return "test" if u >= 100 - test_percent else "train"
+
+
+def _mark_duplicates(rows: list[dict[str, Any]]) -> None:
+    kept: dict[str, str] = {}  # sha256 or notes_sha256 -> path of the first ok file
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        same_bytes, same_notes = kept.get(row["sha256"]), kept.get(row["notes_sha256"])
+        if same_bytes or same_notes:
+            what = "bytes" if same_bytes else "notes (a re-encoding)"
+            row.update(status="rejected", reason="duplicate")
+            row["detail"] = f"same {what} as {same_bytes or same_notes}, which is kept"
+            continue
+        kept[row["sha256"]] = kept[row["notes_sha256"]] = row["path"]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    # surrogateescape: a file name that is not UTF-8 round-trips instead of crashing the stage
+    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+    tmp.replace(path)
+
+
+def summary_counts(manifest: pd.DataFrame) -> dict[str, Any]:
+    """Counts by status, reason and split, plus hours of ok music (summary.json)."""
+    ok = manifest[manifest.status == "ok"]
+    return {
+        "files": len(manifest),
+        "hours_ok": round(float(ok.seconds.sum()) / 3600, 3),
+        "status": {s: int((manifest.status == s).sum()) for s in ("ok", "rejected")},
+        "reason": {r: int((manifest.reason == r).sum()) for r in REASONS},
+        "split": {s: int((ok.split == s).sum()) for s in SPLITS},
+    }
+
+
+def prepare(raw_dir: Path, out_dir: Path, params: PrepareParams) -> pd.DataFrame:
+    """Validate every file under raw_dir; write out_dir/manifest.csv and out_dir/summary.json.
+
+    Args:
+        raw_dir: the corpus folder (walked recursively).
+        out_dir: where manifest.csv and summary.json go (created if needed).
+        params: the `prepare` section.
+
+    Returns:
+        The manifest, one row per file in sorted path order, columns COLUMNS.
+
+    Raises:
+        FileNotFoundError: raw_dir is missing or holds no data files.
+    """
+    raw_dir, out_dir = Path(raw_dir), Path(out_dir)
+    if not raw_dir.is_dir():
+        raise FileNotFoundError(
+            f"{raw_dir}: raw MIDI folder not found; build it (`musegen corpus build`) or pass --raw"
+        )
+    files = list_files(raw_dir)
+    if not files:
+        raise FileNotFoundError(
+            f"{raw_dir}: no files to prepare (hidden and *.dvc files are skipped)"
+        )
+    workers = min(params.num_workers or os.cpu_count() or 1, len(files))
+    check = partial(check_file, raw_dir, params=params)
+    bar = partial(tqdm, total=len(files), desc=f"prepare {raw_dir}", unit="file")
+    if workers == 1:
+        rows = [check(rel) for rel in bar(files)]
+    else:
+        # forkserver, not fork: callers (Prefect, MLflow) may hold threads, which fork can deadlock
+        ctx = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            chunk = max(1, len(files) // (workers * 8))
+            rows = list(bar(pool.map(check, files, chunksize=chunk)))  # map keeps input order
+    _mark_duplicates(rows)
+    for row in rows:
+        if row["status"] == "ok":
+            row["split"] = split_of(row["sha256"], params.valid_percent, params.test_percent)
+    manifest = pd.DataFrame(rows, columns=list(COLUMNS))
+    manifest = manifest.astype(dict.fromkeys(INT_COLUMNS, "Int64") | {"seconds": "Float64"})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(out_dir / "manifest.csv", manifest.to_csv(index=False, lineterminator="\n"))
+    _write_atomic(out_dir / "summary.json", json.dumps(summary_counts(manifest), indent=2) + "\n")
+    return manifest
+
+
+def read_manifest(path: Path) -> pd.DataFrame:
+    """Read a manifest.csv back with the dtypes prepare wrote (empty strings stay empty)."""
+    dtypes = dict.fromkeys(INT_COLUMNS, "Int64") | {"seconds": "Float64"}
+    str_cols = [c for c in COLUMNS if c not in dtypes]
+    return pd.read_csv(
+        path,
+        dtype=dtypes | dict.fromkeys(str_cols, str),
+        keep_default_na=False,
+        na_values={c: [""] for c in dtypes},
+        encoding_errors="surrogateescape",
+    )
+
+
+def summarize(manifest: pd.DataFrame, max_listed: int = 10) -> str:
+    """A short human summary: ok, rejected by reason (naming files), split sizes, hours."""
+    counts = summary_counts(manifest)
+    ok, rejected = counts["status"]["ok"], counts["status"]["rejected"]
+    lines = [
+        f"prepare: {len(manifest)} files, {ok} ok ({counts['hours_ok']:.2f} h of music), "
+        f"{rejected} rejected"
+    ]
+    if rejected:
+        by_reason = ", ".join(f"{r} {n}" for r, n in counts["reason"].items() if n)
+        lines.append(f"  rejected by reason: {by_reason}")
+        bad = manifest[manifest.status != "ok"]
+        lines += [
+            f"    {r.path}: {r.reason}: {r.detail}" for r in bad.head(max_listed).itertuples()
+        ]
+        if len(bad) > max_listed:
+            lines.append(f"    … and {len(bad) - max_listed} more (see manifest.csv)")
+    splits = counts["split"]
+    lines.append("  split: " + ", ".join(f"{s} {n}" for s, n in splits.items()))
+    if ok and not (splits["valid"] and splits["test"]):
+        lines.append("  warning: an empty valid or test split; add files or raise *_percent")
+    noted = manifest[(manifest.status == "ok") & (manifest.notes != "")]
+    if len(noted):
+        lines.append(f"  {len(noted)} ok file(s) with notes (non-4/4, tempo changes, …): see notes")
+    return "\n".join(lines)
