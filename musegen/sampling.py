@@ -1,0 +1,290 @@
+"""Sampling rules: per-field temperature and nucleus (top-p), masks and a loop guard.
+
+Pure functions on logits, so they are tested without a model. The generation loop asks
+`SampleParams` for a field's settings and calls `sample_field` once per field of a word
+(type first, then the others given the sampled type, as in the CP paper).
+
+Defaults live in params.yaml's `sample:` section: the official CP per-field table
+(YatingMusic/compound-word-transformer, see research/music-models.md) and REMI's
+temperature 1.2 for its single `token` field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+#: a temperature below this is greedy decoding (argmax); dividing by it would only
+#: reproduce the argmax with extra rounding.
+GREEDY_EPS = 1e-5
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleParams:
+    """The `sample` section of params.yaml.
+
+    Build it with `config.load_section(SampleParams, "sample")`, then apply CLI flags with
+    `with_overrides`. Both maps are keyed by field name (CP: type, bar_beat, tempo, chord,
+    pitch, duration, velocity, rest; REMI: token) and must hold the same keys.
+
+    Attributes:
+        temperature: field -> temperature; 0 means greedy (argmax).
+        top_p: field -> nucleus mass in (0, 1]; 1.0 switches nucleus sampling off.
+        use_sequential_fields: sample the non-type fields one after another, each seeing
+            the ones before (False = independently given the type, as the official CP).
+        loop_max_period: longest cycle (in words or tokens) the loop guard looks for;
+            0 switches the guard off.
+        loop_max_repeats: how many back-to-back copies of a cycle are allowed before the
+            word that would continue it is forbidden.
+        seed: seed for the sampling torch.Generator.
+    """
+
+    temperature: Mapping[str, float]
+    top_p: Mapping[str, float]
+    use_sequential_fields: bool
+    loop_max_period: int
+    loop_max_repeats: int
+    seed: int
+
+    def __post_init__(self) -> None:
+        temps, tops = dict(self.temperature), dict(self.top_p)
+        if set(temps) != set(tops):
+            odd = sorted(set(temps) ^ set(tops))
+            raise ValueError(
+                f"params.yaml: sample.temperature and sample.top_p must name the same fields; "
+                f"{', '.join(odd)} is in only one of them (add it to the other)"
+            )
+        for name, t in temps.items():
+            if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
+                raise ValueError(
+                    f"params.yaml: sample.temperature.{name} = {t!r}; expected a finite "
+                    f"number >= 0 (0 = greedy)"
+                )
+        for name, p in tops.items():
+            if not (isinstance(p, int | float) and 0 < p <= 1):
+                raise ValueError(
+                    f"params.yaml: sample.top_p.{name} = {p!r}; expected a number in (0, 1] "
+                    f"(1.0 = off)"
+                )
+        if self.loop_max_period < 0 or self.loop_max_repeats < 0:
+            raise ValueError("params.yaml: sample.loop_max_period/loop_max_repeats must be >= 0")
+        # Own copies with float values, so a caller's dict cannot change a frozen params object.
+        object.__setattr__(self, "temperature", {k: float(v) for k, v in temps.items()})
+        object.__setattr__(self, "top_p", {k: float(v) for k, v in tops.items()})
+
+    def field(self, name: str) -> tuple[float, float]:
+        """Return (temperature, top_p) for field `name`.
+
+        Raises:
+            KeyError: the field has no settings; the message lists the known fields.
+        """
+        if name not in self.temperature:
+            known = ", ".join(self.temperature)
+            raise KeyError(f"params.yaml: sample has no settings for field {name!r} ({known})")
+        return self.temperature[name], self.top_p[name]
+
+    def require_fields(self, names: Iterable[str]) -> None:
+        """Check that every field a model emits has settings (call once before generating).
+
+        Raises:
+            ValueError: naming the fields missing from params.yaml's `sample` section.
+        """
+        missing = [n for n in names if n not in self.temperature]
+        if missing:
+            raise ValueError(
+                f"params.yaml: sample.temperature/top_p lack field(s) {', '.join(missing)} "
+                f"that the model emits; add them to both maps"
+            )
+
+    def with_overrides(
+        self, temperature: Sequence[str] = (), top_p: Sequence[str] = ()
+    ) -> SampleParams:
+        """Return a copy with CLI overrides such as ``["pitch=1.2"]`` applied.
+
+        Raises:
+            ValueError: an override names an unknown field or holds a bad number.
+        """
+        temps = {
+            **self.temperature,
+            **parse_overrides(temperature, self.temperature, "temperature"),
+        }
+        tops = {**self.top_p, **parse_overrides(top_p, self.top_p, "top-p")}
+        return dataclasses.replace(self, temperature=temps, top_p=tops)
+
+
+def parse_overrides(items: Sequence[str], known: Iterable[str], flag: str) -> dict[str, float]:
+    """Parse ``FIELD=VALUE`` strings from a repeated CLI flag into a dict.
+
+    Args:
+        items: e.g. ``["pitch=1.2", "duration=0.95"]`` from ``--temperature pitch=1.2``.
+        known: the valid field names.
+        flag: the flag's name, for error messages (``temperature``, ``top-p``).
+
+    Returns:
+        Field name -> float value.
+
+    Raises:
+        ValueError: malformed item, unknown or repeated field, or a value that is not a
+            finite number; the message quotes the item and says what would be accepted.
+    """
+    known = list(known)
+    out: dict[str, float] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--{flag} {item!r}: expected FIELD=VALUE, e.g. pitch=1.2")
+        if name not in known:
+            raise ValueError(
+                f"--{flag} {item!r}: unknown field {name!r}; known fields: {', '.join(known)}"
+            )
+        if name in out:
+            raise ValueError(f"--{flag} {item!r}: field {name!r} is given twice; keep one")
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"--{flag} {item!r}: {text!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ValueError(f"--{flag} {item!r}: value must be finite")
+        out[name] = value
+    return out
+
+
+def mask_logits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Set the logits of disallowed ids to -inf (out of place).
+
+    Args:
+        logits: (B, V) or (V,) float logits.
+        allowed: bool (V,) or (B, V); True keeps the id (a grammar's legal next ids).
+
+    Returns:
+        A new tensor like `logits`.
+    """
+    if allowed.dtype != torch.bool or allowed.shape[-1] != logits.shape[-1]:
+        raise ValueError(
+            f"mask_logits: allowed must be a bool tensor ending in V={logits.shape[-1]}, "
+            f"got {allowed.dtype} {tuple(allowed.shape)}"
+        )
+    return logits.masked_fill(~allowed.to(logits.device), float("-inf"))
+
+
+def forbid_ids(logits: torch.Tensor, ids: Iterable[int]) -> torch.Tensor:
+    """Set the logits of `ids` to -inf in every row (out of place).
+
+    Raises:
+        ValueError: an id is outside [0, V).
+    """
+    vocab = logits.shape[-1]
+    ids = [int(i) for i in ids]
+    bad = [i for i in ids if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"forbid_ids: id(s) {bad} outside the field's vocabulary [0, {vocab})")
+    allowed = torch.ones(vocab, dtype=torch.bool, device=logits.device)
+    allowed[ids] = False
+    return mask_logits(logits, allowed)
+
+
+def loop_guard(history: Sequence[Any] | np.ndarray, max_period: int, max_repeats: int) -> list:
+    """Return the items that would extend an exact cycle past `max_repeats` copies.
+
+    The tail of `history` is a cycle of period p repeated r times when its last r*p items are
+    r copies of the last p. If that holds for r = max_repeats, the next item that continues
+    the cycle, history[-p], is returned so the caller can forbid it. Music repeats on
+    purpose, so pick max_repeats above the usual 2-4 repeats of a phrase.
+
+    Args:
+        history: generated items, oldest first: ids (T,) or CP words (T, F).
+        max_period: longest cycle to look for; 0 disables the guard.
+        max_repeats: copies allowed; 0 disables the guard.
+
+    Returns:
+        Distinct items to forbid: ints for ids, tuples for words. Empty when no loop.
+    """
+    if max_period <= 0 or max_repeats <= 0:
+        return []
+    h = np.asarray(history)
+    banned: list = []
+    for p in range(1, max_period + 1):
+        span = p * max_repeats
+        if span > len(h):
+            break
+        window = h[len(h) - span :]
+        # r copies of the last p items  <=>  the window equals itself shifted by p.
+        if np.array_equal(window[:-p], window[p:]):
+            nxt = h[len(h) - p]
+            item = tuple(nxt.tolist()) if h.ndim > 1 else nxt.item()
+            if item not in banned:
+                banned.append(item)
+    return banned
+
+
+def sample_field(
+    logits: torch.Tensor,
+    temperature: float,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Sample one id per row with temperature and nucleus (top-p) filtering.
+
+    Stable at any temperature: log-softmax subtracts the row maximum, so T=0.01 with logits
+    of 1e4 does not overflow (the official CP numpy softmax did), and -inf mask entries get
+    probability 0. Nucleus keeps the smallest prefix of ids, by descending probability,
+    whose mass is >= top_p; the most likely id is always kept.
+
+    Args:
+        logits: (B, V) float logits; -inf marks forbidden ids.
+        temperature: > GREEDY_EPS samples; below it (0 included) returns the argmax.
+        top_p: nucleus mass in (0, 1]; 1.0 keeps every id.
+        generator: torch.Generator on the logits' device, for reproducible draws.
+
+    Returns:
+        (B,) int64 ids.
+
+    Raises:
+        ValueError: bad shape, temperature < 0, top_p outside (0, 1], NaN/+inf logits, or a
+            row with every id masked.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"sample_field: logits must be (B, V), got {tuple(logits.shape)}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"sample_field: temperature {temperature} must be finite and >= 0")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"sample_field: top_p {top_p} must be in (0, 1] (1.0 = off)")
+    logits = logits.float()
+    if torch.isnan(logits).any() or torch.isposinf(logits).any():
+        raise ValueError("sample_field: logits hold NaN or +inf; check the model's output")
+    dead = torch.isneginf(logits).all(dim=-1)
+    if dead.any():
+        rows = dead.nonzero().flatten().tolist()
+        raise ValueError(
+            f"sample_field: every id is masked in row(s) {rows}; the grammar or loop-guard "
+            f"mask leaves nothing to sample — relax it"
+        )
+    if temperature < GREEDY_EPS:
+        return logits.argmax(dim=-1)
+
+    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V); softmax subtracts the max
+    if top_p < 1.0:
+        probs = probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)
+    # multinomial normalises each row itself.
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Bool (B, V) mask of the nucleus: the smallest top-ranked set with mass >= top_p.
+
+    Args:
+        probs: (B, V) probabilities (rows sum to 1).
+        top_p: nucleus mass in (0, 1]; 1.0 keeps every id with nonzero probability.
+    """
+    if top_p >= 1.0:
+        return probs > 0
+    sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V) each
+    mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the ids ranked above each
+    keep_sorted = mass_before < top_p  # the first id has 0 < top_p: always kept
+    return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & (probs > 0)
