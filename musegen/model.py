@@ -1,0 +1,428 @@
+"""The CP / REMI Transformer: per-field embeddings, relative attention, type-first heads.
+
+One decoder backbone serves both representations. A CP word is F = 8 ids (type first, then
+bar_beat, tempo, chord, pitch, duration, velocity, rest); a REMI token is F = 1 id. Read
+bottom-up: field embeddings, relative-position helpers, attention, block, KV cache, config,
+model. Shapes: B batch, T (Tq) new positions, Tk keys (cache + new), F fields, D d_model,
+H heads, Dh = D / H, E_f embedding size of field f, V_f vocab size of field f.
+
+Papers: CP = Hsiao et al., AAAI 2021 (arXiv 2101.02402); Music Transformer = Huang et al.,
+ICLR 2019 (arXiv 1809.04281); init follows nanoGPT (Karpathy) / GPT-2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from musegen.config import ParamsError
+
+ATTENTION_KINDS = ("relative", "absolute")
+
+
+class FieldEmbedding(nn.Module):
+    """One table per field, each scaled by sqrt(its size), concatenated, projected to D (CP §3)."""
+
+    def __init__(self, vocab_sizes: Sequence[int], emb_sizes: Sequence[int], d_model: int):
+        super().__init__()
+        self.tables = nn.ModuleList(
+            nn.Embedding(v, e) for v, e in zip(vocab_sizes, emb_sizes, strict=True)
+        )
+        self.scales = [math.sqrt(e) for e in emb_sizes]  # Vaswani et al. 2017 §3.4 scaling
+        self.proj = nn.Linear(sum(emb_sizes), d_model)
+
+    def embed_field(self, f: int, ids: Tensor) -> Tensor:
+        """(B, T) ids of field f -> (B, T, E_f) scaled embeddings."""
+        return self.tables[f](ids) * self.scales[f]
+
+    def forward(self, x: Tensor) -> Tensor:
+        parts = [self.embed_field(f, x[..., f]) for f in range(x.size(-1))]
+        return self.proj(torch.cat(parts, dim=-1))  # (B, T, sum E_f) -> (B, T, D)
+
+
+def sinusoidal(pos: Tensor, d_model: int) -> Tensor:
+    """(T,) absolute positions -> (T, D) sine/cosine encodings (Vaswani et al. 2017 §3.5).
+
+    Computed from the positions themselves, not a table, so any position has an encoding
+    (the CP paper uses the same, with a 20000-long table).
+    """
+    half = d_model // 2
+    freq = torch.exp(torch.arange(half, device=pos.device) * (-math.log(10000.0) / half))
+    angle = pos.float()[:, None] * freq[None, :]  # (T, D/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=-1)  # (T, D), halves not interleaved
+
+
+def causal_mask(
+    t_q: int, t_k: int, window: int | None = None, device: torch.device | None = None
+) -> Tensor:
+    """Boolean (Tq, Tk) mask, True = may attend; the Tq queries are the last Tq keys.
+
+    With `window`, a query also ignores keys `window` or more positions back (local
+    attention), which is what a cache trimmed to window - 1 positions sees at each step.
+    """
+    q_at = torch.arange(t_k - t_q, t_k, device=device)[:, None]  # (Tq, 1) key index of query
+    k_at = torch.arange(t_k, device=device)[None, :]  # (1, Tk)
+    allowed = k_at <= q_at
+    if window is not None:
+        allowed &= k_at > q_at - window
+    return allowed
+
+
+def skew(qe: Tensor) -> Tensor:
+    """Music Transformer's memory-efficient skew (Huang et al. 2019, §3.4.1), for a cache too.
+
+    Args:
+        qe: (..., Tq, Tk) with qe[i, m] = q_i · E_r[m], where column m stands for distance
+            Tk - 1 - m (farthest first) and query i sits at key index Tk - Tq + i.
+
+    Returns:
+        (..., Tq, Tk) S_rel with S_rel[i, j] = q_i · E_r[dist(i, j)] on and below the causal
+        diagonal (j <= Tk - Tq + i); entries above it are garbage and must be masked.
+    """
+    *lead, t_q, t_k = qe.shape
+    padded = F.pad(qe, (1, 0))  # (..., Tq, Tk + 1): zero column on the left, same dtype/device
+    flat = padded.reshape(*lead, t_q * (t_k + 1))  # (..., Tq * (Tk + 1))
+    # Dropping the first Tq entries is the paper's "drop the first row" when Tq == Tk; then
+    # row i starts at padded[i, Tq - i], so S[i, j] = padded[i, Tq - i + j] = qe[i, Tq-1-i+j].
+    return flat[..., t_q:].reshape(*lead, t_q, t_k)  # (..., Tq, Tk)
+
+
+def relative_logits(q: Tensor, rel: Tensor, t_k: int) -> Tensor:
+    """S_rel for queries q (B, H, Tq, Dh) against the last Tk keys, via `skew`.
+
+    `rel` (max_len, Dh) holds one learned vector per distance 0..max_len-1, shared by the
+    heads of a layer; distances past max_len - 1 are clipped to the farthest vector.
+    """
+    dist = (t_k - 1 - torch.arange(t_k, device=q.device)).clamp(max=rel.size(0) - 1)  # (Tk,)
+    qe = q @ rel[dist].transpose(0, 1)  # (B, H, Tq, Dh) @ (Dh, Tk) -> (B, H, Tq, Tk)
+    return skew(qe)
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention, plain or with Music Transformer relative positions."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.n_head, self.dropout = config.n_head, config.dropout
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)  # residual projection
+        d_head = config.d_model // config.n_head
+        relative = config.attention == "relative"
+        self.rel = nn.Parameter(torch.zeros(config.max_len, d_head)) if relative else None
+
+    def forward(
+        self, x: Tensor, past: tuple[Tensor, Tensor] | None, window: int | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x (B, Tq, D), cached keys/values (B, H, Tk - Tq, Dh) -> (B, Tq, D), new keys/values."""
+        B, t_q, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)  # 3 x (B, Tq, D)
+        q, k, v = (t.view(B, t_q, self.n_head, -1).transpose(1, 2) for t in (q, k, v))
+        # q, k, v: (B, H, Tq, Dh)
+        if past is not None:
+            k = torch.cat([past[0], k], dim=2)  # (B, H, Tk, Dh)
+            v = torch.cat([past[1], v], dim=2)
+        t_k = k.size(2)
+        drop = self.dropout if self.training else 0.0
+        if self.rel is None and window is None and t_q in (t_k, 1):
+            # Plain causal attention: is_causal for a full sequence, no mask for one new token.
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=t_q > 1)
+        else:
+            allowed = causal_mask(t_q, t_k, window, x.device)  # (Tq, Tk)
+            if self.rel is None:
+                bias = allowed
+            else:
+                # SDPA adds the mask after scaling QK^T, so S_rel / sqrt(Dh) gives
+                # (QK^T + S_rel) / sqrt(Dh) (Huang et al. eq. 3).
+                s_rel = relative_logits(q, self.rel, t_k) / math.sqrt(q.size(-1))
+                bias = s_rel.to(q.dtype).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        y = y.transpose(1, 2).reshape(B, t_q, D)  # (B, H, Tq, Dh) -> (B, Tq, D)
+        return self.proj(y), (k, v)
+
+
+class Block(nn.Module):
+    """Pre-LN decoder block: x + attn(ln(x)), then x + mlp(ln(x)) (GPT-2 layout)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff),
+            nn.GELU(),  # the CP paper's activation
+            nn.Linear(config.d_ff, config.d_model),  # residual projection
+        )
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self, x: Tensor, past: tuple[Tensor, Tensor] | None, window: int | None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        a, kv = self.attn(self.ln_1(x), past, window)
+        x = x + self.drop(a)
+        return x + self.drop(self.mlp(self.ln_2(x))), kv
+
+
+@dataclass
+class KVCache:
+    """Per-layer keys and values of the positions seen so far, for incremental decoding.
+
+    Sliding window: `trim(n)` keeps the newest n positions. Generation that calls
+    `cache.trim(max_len - 1)` before feeding each new word keeps every attention span within
+    max_len and equals a full `model.hidden(x, window=max_len)` over the whole stream (each
+    position attends to itself and the max_len - 1 before it, at every layer). The kept
+    keys/values still carry what their own windows saw, like Transformer-XL memory; with one
+    layer this equals a plain forward over the last max_len words (relative attention).
+
+    Attributes:
+        keys: one (B, H, T_cached, Dh) tensor per layer.
+        values: same shapes as keys.
+        pos: absolute position of the next token (trimmed positions still count; the
+            absolute-attention variant encodes positions from the start of the stream).
+    """
+
+    keys: list[Tensor]
+    values: list[Tensor]
+    pos: int
+
+    def __len__(self) -> int:
+        """Number of cached positions (at most the trim length after `trim`)."""
+        return self.keys[0].size(2) if self.keys else 0
+
+    def trim(self, n: int) -> KVCache:
+        """A cache holding only the newest `n` positions (the oldest are dropped)."""
+        if n < 0:
+            raise ValueError(f"KVCache.trim: n must be >= 0, got {n}")
+        start = max(len(self) - n, 0)  # not k[-n:]: -0 would keep everything
+        keys = [k[:, :, start:] for k in self.keys]
+        return KVCache(keys, [v[:, :, start:] for v in self.values], self.pos)
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    """The `model:` section of params.yaml (load with `config.load_section`).
+
+    `emb_sizes` maps field names to embedding sizes; it may list the fields of every
+    representation (CP fields and REMI's `token`), and each model takes the ones its
+    vocab names.
+    """
+
+    emb_sizes: Mapping[str, int]
+    d_model: int
+    n_layer: int
+    n_head: int
+    d_ff: int
+    dropout: float
+    max_len: int
+    attention: str
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that fixes the model's shapes; stored in checkpoints (`dataclasses.asdict`).
+
+    Build with `ModelConfig.from_params(params, vocab)` or directly; lists are accepted for
+    the tuples so a dict loaded from a checkpoint rebuilds it: `ModelConfig(**d)`.
+    """
+
+    vocab_sizes: tuple[int, ...]  # per field, field 0 = type (CP) or token (REMI)
+    emb_sizes: tuple[int, ...]  # per field, same order
+    d_model: int
+    n_layer: int
+    n_head: int
+    d_ff: int
+    dropout: float
+    max_len: int  # context window and number of relative distances
+    attention: str  # "relative" | "absolute"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "vocab_sizes", tuple(int(v) for v in self.vocab_sizes))
+        object.__setattr__(self, "emb_sizes", tuple(int(e) for e in self.emb_sizes))
+        problems = []
+        if len(self.vocab_sizes) != len(self.emb_sizes) or not self.vocab_sizes:
+            problems.append(f"{len(self.vocab_sizes)} vocab sizes vs {len(self.emb_sizes)} emb")
+        if min(self.vocab_sizes + self.emb_sizes, default=0) < 1:
+            problems.append("every vocab and embedding size must be >= 1")
+        if self.d_model % (2 * self.n_head) or self.n_head < 1:
+            problems.append(f"d_model {self.d_model} must be a multiple of 2 * n_head")
+        if min(self.n_layer, self.d_ff, self.max_len) < 1 or not 0 <= self.dropout < 1:
+            problems.append("n_layer, d_ff, max_len must be >= 1 and dropout in [0, 1)")
+        if self.attention not in ATTENTION_KINDS:
+            problems.append(f"attention {self.attention!r} is not one of {ATTENTION_KINDS}")
+        if problems:
+            raise ValueError(f"ModelConfig: {'; '.join(problems)} (fix the model section)")
+
+    @classmethod
+    def from_params(cls, params: ModelParams, vocab: Mapping[str, Any]) -> ModelConfig:
+        """Combine the `model:` section with a vocab.json mapping ("fields", "sizes").
+
+        Raises:
+            ParamsError: vocab.json lacks fields/sizes, or model.emb_sizes has no entry for
+                one of its fields.
+        """
+        fields, sizes = vocab.get("fields"), vocab.get("sizes")
+        if not fields or sizes is None:
+            raise ParamsError(
+                "vocab.json: expected 'fields' and 'sizes' (rerun the tokenize stage)"
+            )
+        if isinstance(sizes, Mapping):  # accept sizes keyed by field name as well as a list
+            sizes = [sizes[f] for f in fields]
+        missing = [f for f in fields if f not in params.emb_sizes]
+        if missing:
+            known = ", ".join(params.emb_sizes)
+            raise ParamsError(
+                f"params.yaml: model.emb_sizes has no entry for field {missing[0]!r} "
+                f"(it has: {known}); add `{missing[0]}: <size>` under model.emb_sizes"
+            )
+        kw = {f.name: getattr(params, f.name) for f in dataclasses.fields(ModelParams)}
+        kw["emb_sizes"] = tuple(params.emb_sizes[f] for f in fields)
+        return cls(vocab_sizes=tuple(sizes), **kw)
+
+
+class MusicTransformer(nn.Module):
+    """Decoder-only Transformer over CP words (F fields) or REMI tokens (F = 1).
+
+    Build with `MusicTransformer(ModelConfig(...))`. Type-first heads (CP §3): the type head
+    reads the final hidden state h; every other field's head reads
+    Linear(D + E_type -> D)(concat(h, emb(next type))), where the next type is the ground
+    truth in training and the sampled one in generation. The type embedding there is the
+    input one (`embed.tables[0]`, scaled), as in the official CP code.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed = FieldEmbedding(config.vocab_sizes, config.emb_sizes, config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.d_model)
+        n_fields, d = len(config.vocab_sizes), config.d_model
+        self.type_proj = nn.Linear(d + config.emb_sizes[0], d) if n_fields > 1 else None
+        self.heads = nn.ModuleList(nn.Linear(d, v) for v in config.vocab_sizes)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():
+            # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer) (two per block)
+            if name.endswith(("attn.proj.weight", "mlp.2.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif name.endswith("attn.rel"):
+                nn.init.normal_(p, std=0.02)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=0.02)
+
+    @property
+    def n_fields(self) -> int:
+        """F: 8 for CP words, 1 for REMI."""
+        return len(self.config.vocab_sizes)
+
+    def _check_ids(self, ids: Tensor, sizes: Sequence[int], what: str) -> None:
+        """Raise on float ids, or (CPU only) on ids outside [0, V_f); ids: (..., len(sizes))."""
+        if ids.is_floating_point():
+            raise TypeError(f"{what}: expected integer ids, got {ids.dtype}")
+        if ids.device.type != "cpu" or not ids.numel():
+            return  # a range check on CUDA costs a host sync per step; nn.Embedding asserts
+        low, high = ids.reshape(-1, len(sizes)).aminmax(dim=0)  # (F,) each
+        for f, size in enumerate(sizes):
+            if low[f] < 0 or high[f] >= size:
+                found = f"[{int(low[f])}, {int(high[f])}]"
+                raise ValueError(f"{what}: field {f} ids must lie in [0, {size}), found {found}")
+
+    def hidden(
+        self, x: Tensor, cache: KVCache | None = None, *, window: int | None = None
+    ) -> tuple[Tensor, KVCache]:
+        """Final hidden states for x, continuing `cache` if given.
+
+        Args:
+            x: LongTensor (B, T, F) of the new positions.
+            cache: keys/values of earlier positions (from a previous call), or None.
+            window: local attention span (see `KVCache`); None attends to everything.
+
+        Returns:
+            h (B, T, D) after the final LayerNorm, and the cache extended by these T positions.
+        """
+        if x.dim() != 3 or x.size(-1) != self.n_fields or x.size(1) == 0:
+            raise ValueError(
+                f"MusicTransformer: expected ids of shape (B, T, {self.n_fields}) with T >= 1, "
+                f"got {tuple(x.shape)} (REMI token arrays need x[..., None])"
+            )
+        self._check_ids(x, self.config.vocab_sizes, "x")
+        start = cache.pos if cache is not None else 0
+        # The residual stream keeps the parameters' dtype (float32 under autocast, as nanoGPT).
+        h = self.embed(x).to(self.ln_f.weight.dtype)  # (B, T, D)
+        if self.config.attention == "absolute":
+            pos = torch.arange(start, start + x.size(1), device=x.device)
+            h = h + sinusoidal(pos, self.config.d_model).to(h.dtype)  # (T, D) broadcast over B
+        h = self.drop(h)
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            past = (cache.keys[i], cache.values[i]) if cache is not None else None
+            h, (k, v) = block(h, past, window)
+            keys.append(k)
+            values.append(v)
+        return self.ln_f(h), KVCache(keys, values, start + x.size(1))
+
+    def head_logits(self, h: Tensor, next_type: Tensor | None = None) -> list[Tensor]:
+        """Per-field logits from hidden states h (B, T, D).
+
+        Args:
+            h: output of `hidden`.
+            next_type: (B, T) type id of the word each position predicts; must be None for
+                REMI. None for CP returns only the type logits, so a sampler can draw the type
+                and call again with it.
+
+        Returns:
+            One (B, T, V_f) tensor per field: F of them, or 1 (type only / REMI).
+        """
+        logits = [self.heads[0](h)]  # (B, T, V_0)
+        if next_type is None:
+            return logits
+        if self.type_proj is None:
+            raise ValueError("next_type is only for CP (F > 1); this model has one field")
+        if next_type.shape != h.shape[:2]:
+            raise ValueError(
+                f"next_type: expected shape {tuple(h.shape[:2])}, got {next_type.shape}"
+            )
+        self._check_ids(next_type[..., None], self.config.vocab_sizes[:1], "next_type")
+        e_type = self.embed.embed_field(0, next_type).to(h.dtype)  # (B, T, E_type)
+        y = self.type_proj(torch.cat([h, e_type], dim=-1))  # (B, T, D + E_type) -> (B, T, D)
+        return logits + [head(y) for head in self.heads[1:]]
+
+    def forward(self, x: Tensor, next_type: Tensor | None = None) -> list[Tensor]:
+        """Logits for every field: x (B, T, F) -> F tensors (B, T, V_f).
+
+        Equals `head_logits(hidden(x)[0], next_type)`. `next_type` (B, T) is the type of the
+        next word (teacher forcing: x[:, 1:, 0] with one more) and is required when F > 1.
+        """
+        if self.n_fields > 1 and next_type is None:
+            raise ValueError("forward: next_type (B, T) is required for CP (type-first heads)")
+        return self.head_logits(self.hidden(x)[0], next_type)
+
+    def num_params(self) -> int:
+        """All parameters, embeddings included."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Analytic forward FLOPs per token at context `seq_len` (default max_len), for MFU.
+
+        2 * N_matmul + n_layer * c * seq_len * D, where N_matmul counts the weights of every
+        Linear (embedding lookups are free), and c = 4 (QK^T and AV, 2 FLOPs per
+        multiply-add) plus 2 for relative attention's Q E_r^T. Like PaLM (Chowdhery et al.
+        2022, App. B) it ignores causal masking, biases, norms and softmax. Training ≈ 3x.
+        """
+        t = self.config.max_len if seq_len is None else seq_len
+        n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        per_layer = (6 if self.config.attention == "relative" else 4) * t * self.config.d_model
+        return 2 * n_matmul + self.config.n_layer * per_layer
