@@ -157,18 +157,20 @@ def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
         )
     data = path.read_bytes()
     row["sha256"] = hashlib.sha256(data).hexdigest()
+    if data.startswith(b"MThd") and len(data) >= 14:  # header facts, even for rejected files
+        row["n_tracks"], division = struct.unpack(">HH", data[10:14])
+        row["ticks_per_beat"] = None if division & 0x8000 else division  # SMPTE: not ticks/beat
     try:
-        _fmt, row["n_tracks"], row["ticks_per_beat"] = midi.read_header(data, path)
+        midi.read_header(data, path)
     except MidiError as exc:
         # read_header calls a complete MThd with nothing after it (or 0 tracks) `truncated`;
         # it is a distinct, common export failure, so it gets its own reason here.
         if exc.reason != "truncated" or len(data) < 14:
             raise
-        n_tracks, division = struct.unpack(">HH", data[10:14])
-        if n_tracks and len(data) > 8 + int.from_bytes(data[4:8], "big"):
+        if row["n_tracks"] and len(data) > 8 + int.from_bytes(data[4:8], "big"):
             raise
-        row.update(n_tracks=n_tracks, ticks_per_beat=division, reason="header_only")
-        row["detail"] = f"only an MThd header ({n_tracks} track(s) announced), no MTrk data"
+        row["reason"] = "header_only"
+        row["detail"] = f"only an MThd header ({row['n_tracks']} track(s) announced), no MTrk data"
         return
     score = midi.to_score(midi.load_midi(path, max_bytes))
     # miditoolkit concatenates tempo events track by track; the timing needs them in order.
