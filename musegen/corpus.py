@@ -490,12 +490,10 @@ def _select_midi(root: Path) -> tuple[Path, list[Path]]:
         )
     else:
         base = root
-        while (
-            len(entries := [p for p in base.iterdir() if p.name != "__MACOSX"]) == 1
-            and entries[0].is_dir()
-        ):
-            base = entries[0]  # an archive that wraps everything in one folder
-        print(f"pop1k7: {root}: no midi_analyzed/ folder (official layout); taking every MIDI file")
+        print(
+            f"pop1k7: {root}: no midi_analyzed/ folder (official layout); "
+            "taking every MIDI file under it, relative paths kept"
+        )
     files = sorted(p.relative_to(base) for p in base.rglob("*") if _is_midi(p))
     if not files:
         raise CorpusError(
