@@ -2,8 +2,9 @@
 
 Every regular file under `raw_dir` (recursively, following directory links once) becomes one
 row of `manifest.csv`, whatever its extension: a stray `.txt` or `.mid.bak` is reported, not
-skipped. Only hidden names (a leading dot: `.gitignore`, `.dvcignore`, `.DS_Store`, `.dvc/`)
-and DVC pointer files (`*.dvc`) are left out, because they are bookkeeping, not data.
+skipped. Only bookkeeping is left out: hidden names (a leading dot: `.gitignore`, `.dvcignore`,
+`.DS_Store`, `.dvc/`), DVC pointer files (`*.dvc`) and the `manifest.json` that
+`musegen corpus build` writes at the top of the corpus folder.
 
 A row is `ok` or `rejected` with a reason code (REASONS):
 
@@ -52,6 +53,7 @@ REASONS = (*midi.REASONS, *(r for r in ("header_only",) if r not in midi.REASONS
 SPLITS = ("train", "valid", "test")
 BAR_TICKS = 4 * TICKS_PER_BEAT  # the CP grid: 4/4 bars of 480-tick beats
 MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
+CORPUS_BOOKKEEPING = ("manifest.json",)  # musegen.corpus's own record, top level only
 
 COLUMNS = (
     "path",  # relative to raw_dir, POSIX
@@ -126,10 +128,11 @@ def list_files(raw_dir: Path) -> list[str]:
         seen_dirs.add(real)
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         rel_root = Path(root).relative_to(raw_dir)
+        top = rel_root == Path()
         found += [
             (rel_root / n).as_posix()
             for n in names
-            if not n.startswith(".") and not n.endswith(".dvc")
+            if not (n.startswith(".") or n.endswith(".dvc") or (top and n in CORPUS_BOOKKEEPING))
         ]
     return sorted(found)
 

@@ -186,13 +186,22 @@ def test_bookkeeping_skipped_every_other_file_reported(tmp_path):
     (raw / ".gitignore").write_text("/x\n")
     (raw / ".DS_Store").write_bytes(b"\0\1")
     (raw / "piece.dvc").write_text("outs: []\n")
+    (raw / "manifest.json").write_text("{}\n")  # musegen corpus build's record: skipped
+    (raw / "old" / "manifest.json").parent.mkdir()
+    (raw / "old" / "manifest.json").write_text("{}\n")  # not at the top: a stray file
     (raw / ".dvc").mkdir()
     (raw / ".dvc" / "config").write_text("[core]\n")
     bak = badmidi.valid_piece(raw, "old/valid_piece.mid.bak", seed=7)
     (raw / "loop").symlink_to(raw, target_is_directory=True)  # a cycle must not hang the walk
     (raw / "broken.mid").symlink_to(raw / "gone.mid")
     m = stage.prepare(raw, tmp_path / "out", make_params())
-    assert m.path.tolist() == ["broken.mid", "old/valid_piece.mid.bak", "valid_piece.mid"]
+    assert m.path.tolist() == [
+        "broken.mid",
+        "old/manifest.json",
+        "old/valid_piece.mid.bak",
+        "valid_piece.mid",
+    ]
+    assert row(m, "old/manifest.json").reason == "not_midi"
     r = row(m, "old/valid_piece.mid.bak")
     assert (r.status, r.notes) == ("ok", "unexpected extension '.bak'")
     broken = row(m, "broken.mid")  # an unexpected exception becomes a corrupt row
@@ -265,3 +274,16 @@ def test_cli_strict_exits_1_and_still_writes_summary(corpus, tmp_path):
     assert (tmp_path / "b" / "manifest.csv").read_bytes() == (
         tmp_path / "a" / "manifest.csv"
     ).read_bytes()
+
+
+@pytest.mark.slow
+def test_real_pieces_are_all_kept(request, tmp_path):
+    """The corpus stage's real pieces (conftest) and the Pop1K7 example all pass prepare."""
+    pytest.importorskip("music21")
+    raw = request.getfixturevalue("real_midi_dir")  # built by musegen.corpus (about 30 s)
+    m = stage.prepare(raw, tmp_path, make_params(num_workers=0))
+    assert "manifest.json" not in set(m.path)
+    assert (m.status == "ok").all(), m[m.status != "ok"][["path", "reason", "detail"]]
+    assert sorted(m.path) == sorted(p.name for p in raw.glob("*.mid"))
+    assert m.seconds.gt(0).all() and m.n_notes.ge(make_params().min_notes).all()
+    assert m.notes.str.contains("non-4/4").any()  # the 2/4 rag and the 3/4 mazurka
