@@ -38,6 +38,7 @@ import multiprocessing
 import os
 import struct
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -315,9 +316,16 @@ def prepare(raw_dir: Path, out_dir: Path, params: PrepareParams) -> pd.DataFrame
     else:
         # forkserver, not fork: callers (Prefect, MLflow) may hold threads, which fork can deadlock
         ctx = multiprocessing.get_context("forkserver")
-        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            chunk = max(1, len(files) // (workers * 8))
-            rows = list(bar(pool.map(check, files, chunksize=chunk)))  # map keeps input order
+        try:
+            with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+                chunk = max(1, len(files) // (workers * 8))
+                rows = list(bar(pool.map(check, files, chunksize=chunk)))  # map keeps order
+        except BrokenProcessPool as exc:  # a worker was killed (OOM) or the parser crashed
+            raise RuntimeError(
+                f"{raw_dir}: a prepare worker died (out of memory or a parser crash); re-run with "
+                "prepare.num_workers=1 to see the file in the progress bar, or lower "
+                "prepare.max_file_mb"
+            ) from exc
     _mark_duplicates(rows)
     for row in rows:
         if row["status"] == "ok":
