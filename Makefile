@@ -10,7 +10,17 @@ export DVC_NO_ANALYTICS := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint ui prefect clean
+.PHONY: setup apt demo test lint clean
+
+# FluidSynth + a General MIDI soundfont for real audio (render.py falls back to a numpy
+# synthesiser without them). Installed where apt is usable (root); skipped elsewhere.
+apt:
+	@command -v fluidsynth >/dev/null && exit 0; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "setup: apt-get install fluidsynth (soundfont TimGM6mb)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fluidsynth >/dev/null \
+	    || echo "setup: warning: apt-get failed; audio uses the numpy fallback synthesiser"; \
+	else echo "setup: fluidsynth absent and apt unusable; audio uses the numpy fallback (install fluidsynth for real piano sound)"; fi
 
 setup: $(STAMP)
 
@@ -20,6 +30,7 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
 	@$(BIN)/pip install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory apt
 	@touch $(STAMP)
 	@echo "setup: $(VENV) ready ($$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'))"
 
