@@ -30,6 +30,10 @@ Grid and vocabulary (both representations, the Pop1K7 conventions):
   beat. Emitted when the chord changes; decode writes each one back as a `Root_Quality_Root`
   marker, so re-encoding a decoded file reads the same chords back.
 - id 0 is "Ignore" in every CP field (the field does not apply) and "PAD" in REMI.
+
+Round trip: `encode(decode(encode(x))) == encode(x)` for any file. Through a *written* file it
+holds too, except when two notes of one pitch overlap after quantization: MIDI readers pair
+note-offs first-in first-out, so the file cannot say which of the two ends first.
 """
 
 from __future__ import annotations
@@ -86,6 +90,10 @@ def _chord_templates() -> np.ndarray:
             w[root] += 0.5  # prefer the reading whose root sounds (C6 vs Am7)
             rows.append(w)
     return np.array(rows)
+
+
+def _first(pair: tuple) -> Any:
+    return pair[0]
 
 
 def parse_chord_marker(text: str) -> int | None:
@@ -230,7 +238,7 @@ class Tokenizer:
 
     def __tempo_events(self, score: Score, n_cells: int) -> tuple[np.ndarray, np.ndarray]:
         """(cells, tempo ids) of tempo-class changes inside the song, the first at cell 0."""
-        tempos = sorted(score.tempos, key=lambda t: t[0])  # stable: file order within a tick
+        tempos = sorted(score.tempos, key=_first)  # stable: file order within a tick
         if not tempos or tempos[0][0] > 0:
             tempos.insert(0, (0, DEFAULT_BPM))
         ticks = np.array([t for t, _ in tempos], np.int64)
@@ -245,12 +253,13 @@ class Tokenizer:
         empty = np.zeros(0, np.int64)
         if not self.use_chords:
             return empty, empty
-        marks = [(t, parse_chord_marker(text)) for t, text in score.markers]
-        marks = sorted(((t, c) for t, c in marks if c is not None), key=lambda m: m[0])
+        # markers inside the song only: if all fall after it, decode writes none, and a
+        # re-encode must then compute the same chords as this encode did
+        marks = [((t + STEP // 2) // STEP, parse_chord_marker(text)) for t, text in score.markers]
+        marks = sorted(((t, c) for t, c in marks if c is not None and t < n_cells), key=_first)
         if marks:
-            ticks = np.array([t for t, _ in marks], np.int64)
-            ids = np.array([c for _, c in marks], np.int64) + 1
-            return self.__changes((ticks + STEP // 2) // STEP, ids, n_cells)
+            cells = np.array([t for t, _ in marks], np.int64)
+            return self.__changes(cells, np.array([c for _, c in marks], np.int64) + 1, n_cells)
         if not len(cell):
             return empty, empty
         # pitch classes sounding per cell (difference array), summed per beat: (n_beats, 12)
