@@ -584,7 +584,12 @@ def fetch_pop1k7(dest: Path, params: CorpusParams, source: Path | None = None) -
                 )
         old = tmp / "old"
         if dest.exists():
-            dest.rename(old)  # removed with tmp
-        stage.rename(dest)
+            dest.rename(old)  # the previous install, removed with tmp
+        try:
+            stage.rename(dest)
+        except OSError:
+            if old.exists():
+                old.rename(dest)  # put the previous install back
+            raise
     print(f"pop1k7: {len(files)} MIDI files from {source or 'Zenodo'} -> {dest}")
     return dest
