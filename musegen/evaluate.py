@@ -35,6 +35,7 @@ class EvaluateParams:
     seed: int
     crop_bars: int
     loop_percentile: float
+    loop_margin: float
 
     def __post_init__(self) -> None:
         if self.max_files < 0 or self.crop_bars < 0:
@@ -46,6 +47,10 @@ class EvaluateParams:
             raise ParamsError(
                 f"evaluate.loop_percentile must be in [50, 100), found {self.loop_percentile} "
                 "(fix params.yaml; 95 flags the top 5% of the reference)"
+            )
+        if self.loop_margin < 0:
+            raise ParamsError(
+                f"evaluate.loop_margin must be >= 0, found {self.loop_margin} (fix params.yaml)"
             )
 
 
@@ -103,14 +108,19 @@ def _summary(pieces: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]
 
 
 def loop_checks(
-    reference: list[dict[str, float]], samples: list[dict[str, float]], percentile: float
+    reference: list[dict[str, float]],
+    samples: list[dict[str, float]],
+    percentile: float,
+    margin: float,
 ) -> dict[str, dict[str, float]]:
     """Per loop measure: the reference's threshold and the share of samples beyond it.
 
     A high dup_bar_rate or longest_loop_bars is loopy, so the threshold is the reference's
-    `percentile`; a low distinct_4gram_ratio or zlib_ratio is loopy, so it is the
-    (100 - percentile) one. `penalty` = max(0, share beyond - share expected by chance).
-    Without reference pieces or samples every penalty is 0.
+    `percentile` plus `margin` x its median; a low distinct_4gram_ratio or zlib_ratio is
+    loopy, so it is the (100 - percentile) one minus `margin` x its median. The margin keeps
+    small differences (zlib sizes move in steps of a few bytes) from counting as loops; with
+    a median of 0 (no repeats in the reference) any repeat counts. `penalty` = max(0, share
+    beyond - share expected by chance). Without reference pieces or samples every penalty is 0.
     """
     out = {}
     expected = 1 - percentile / 100
@@ -121,6 +131,7 @@ def loop_checks(
             out[name] = {"threshold": 0.0, "share_beyond": 0.0, "penalty": 0.0}
             continue
         threshold = float(np.percentile(ref, percentile if sign > 0 else 100 - percentile))
+        threshold += sign * margin * abs(float(np.median(ref)))
         share = float(np.mean(smp > threshold if sign > 0 else smp < threshold))
         out[name] = {
             "threshold": threshold,
@@ -135,7 +146,7 @@ def proxy_score(result: dict[str, Any]) -> float:
 
     Mean MGEval overlap area over the features (how close the samples' statistics are to the
     reference's, in [0, 1]) minus the mean loop penalty (`loop_checks`: the share of samples
-    beyond the reference's loop_percentile on each loop measure, less the share expected by
+    beyond the reference's loop threshold on each loop measure, less the share expected by
     chance). A set beyond the thresholds on every measure loses loop_percentile/100 (0.95).
     No source shows it predicts listening scores: check it against ratings (Spearman rho).
     """
@@ -172,7 +183,10 @@ def evaluate(samples: Path, reference: Path, out: Path, params: EvaluateParams) 
     result["mean_oa"] = float(np.mean([v["oa"] for v in result["mgeval"].values()]))
     result["mean_kl"] = float(np.mean([v["kl"] for v in result["mgeval"].values()]))
     result["loops"] = loop_checks(
-        list(pieces["reference"].values()), list(pieces["samples"].values()), params.loop_percentile
+        list(pieces["reference"].values()),
+        list(pieces["samples"].values()),
+        params.loop_percentile,
+        params.loop_margin,
     )
     result["proxy_score"] = proxy_score(result)
     out = Path(out)

@@ -320,8 +320,11 @@ def set_features(scores: list[Score], metrics: list[dict[str, float]]) -> dict[s
     are prefixed `m_`.
     """
     per_piece = [mgeval_features(s) for s in scores]
-    names = list(mgeval_features(Score(notes=np.zeros((0, 4), np.int64))))
-    out = {k: np.array([f[k] for f in per_piece]).reshape(len(scores), -1) for k in names}
+    template = mgeval_features(Score(notes=np.zeros((0, 4), np.int64)))  # names and sizes
+    out = {
+        k: np.array([f[k] for f in per_piece]).reshape(len(scores), len(v))
+        for k, v in template.items()
+    }
     for k in OBJECTIVE_METRICS:
         out[f"m_{k}"] = np.array([[m[k]] for m in metrics], float).reshape(len(metrics), 1)
     return out
