@@ -99,6 +99,44 @@ def tokenize(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     typer.echo(f"tokens: {out}")
 
 
+@app.command()
+def train(
+    resume: Annotated[
+        bool, typer.Option("--resume", help="continue from the last checkpoint in train.out_dir")
+    ] = False,
+    override: Annotated[
+        list[Path] | None,
+        typer.Option("--override", help="params file on top, e.g. params-gpu.yaml (repeatable)"),
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Train the CP (or REMI) Transformer: checkpoints, reports/train/*, one MLflow run.
+
+    Multi-GPU: torchrun --standalone --nproc_per_node=N -m musegen.train [same options].
+    """
+    from musegen import train as stage
+    from musegen.config import merge, read_yaml
+    from musegen.model import ModelParams
+
+    overrides = tuple(override or ())
+    merged = read_yaml(params)
+    for extra in overrides:  # the whole file, for MLflow's params
+        merged = merge(merged, read_yaml(extra), str(extra))
+    p = load_section(stage.TrainParams, "train", params, overrides)
+    try:
+        final = stage.train(
+            Path(load_section(DataParams, "data", params, overrides).tokens_dir),
+            Path(p.out_dir),
+            p,
+            load_section(ModelParams, "model", params, overrides),
+            all_params=merged,
+            resume=resume,
+        )
+    except stage.TrainError as exc:
+        _fail(str(exc))
+    typer.echo(f"checkpoint: {final}")
+
+
 def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
     try:
