@@ -110,6 +110,34 @@ def test_polyphony_beats_and_ioi_by_hand():
     assert m["scale_consistency"] == 1.0 and m["h1"] == pytest.approx(h([2, 2, 1]))
 
 
+def test_polyphony_matches_a_binary_piano_roll():
+    # Random chords with held, overlapping and repeated pitches, against muspy's definition
+    # written out on a (steps, 128) boolean roll.
+    rng = np.random.default_rng(5)
+    start = rng.integers(0, 64, 200) * 120 + rng.integers(-50, 50, 200).clip(0)
+    rows = [
+        (s, s + int(d), int(p), 80)
+        for s, d, p in zip(
+            start, rng.integers(1, 2000, 200), rng.integers(58, 66, 200), strict=True
+        )
+    ]
+    roll = np.zeros((200, 128), bool)
+    for s, e, p, _ in rows:
+        a = (s + 60) // 120
+        roll[a : max((e + 60) // 120, a + 1), p] = True
+    roll = roll[: max(np.flatnonzero(roll.any(1))) + 1]
+    on = roll.sum(1)
+    m = metrics.piece_metrics(score(rows))
+    assert m["polyphony"] == pytest.approx(on.sum() / np.count_nonzero(on))
+    assert m["polyphony_rate"] == pytest.approx(np.mean(on > 2))
+
+
+def test_ten_hour_note_is_cheap():
+    m = metrics.piece_metrics(score([(0, 480 * 72_000, 60, 80), (480, 960, 64, 80)]))
+    assert m["polyphony"] == pytest.approx((72_000 * 4 + 4) / (72_000 * 4))
+    assert m["empty_beat_rate"] == 0 and m["n_bars"] == 1
+
+
 def test_grooving_similarity_known_pairs():
     g = np.zeros((3, 16), bool)
     g[:, [0, 4, 8]] = True
