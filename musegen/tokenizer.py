@@ -373,6 +373,11 @@ class Tokenizer:
         return errors, notes, tempos, chords
 
     def _check_range(self, ids: np.ndarray, sizes: np.ndarray) -> None:
+        if ids.size and not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(
+                f"{self.representation} tokens: expected integer ids, got dtype {ids.dtype}; "
+                "pass sampled ids (argmax / multinomial output), not logits or probabilities"
+            )
         bad = (ids < 0) | (ids >= sizes)
         if bad.any():
             i = np.argwhere(bad)[0]

@@ -292,6 +292,8 @@ def test_out_of_range_and_wrong_shape_raise(tok: tk.Tokenizer) -> None:
     bad.flat[5] = 10_000
     with pytest.raises(ValueError, match=r"id 10000 at index .* another vocabulary"):
         tok.decode(bad)
+    with pytest.raises(ValueError, match="expected integer ids, got dtype float64"):
+        tok.decode(a.astype(np.float64))
     with pytest.raises(ValueError, match="expected"):
         tok.decode(a.reshape(-1, 1) if a.ndim == 1 else a[:, :3])
 
