@@ -41,13 +41,7 @@ def best_rate(fn: Callable[[Path], object], files: list[Path], repeat: int) -> f
 
 
 def miditok_tokenizers() -> dict[str, object]:
-    import huggingface_hub
-
-    if not hasattr(huggingface_hub, "ModelHubMixin"):
-        # MidiTok 3.1 subclasses huggingface_hub.ModelHubMixin (hub upload/download), which
-        # huggingface_hub 2.x removed; tokenizing never touches it, so a plain base will do.
-        huggingface_hub.ModelHubMixin = type("ModelHubMixin", (), {})
-    import miditok
+    import miditok  # needs huggingface_hub<2 (pinned in the dev extra)
 
     config = miditok.TokenizerConfig(
         pitch_range=(21, 109),
