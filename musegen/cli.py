@@ -15,7 +15,9 @@ import typer
 
 from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
+)
 corpus_app = typer.Typer(no_args_is_help=True, help="Build or fetch a raw MIDI corpus.")
 app.add_typer(corpus_app, name="corpus")
 
@@ -141,8 +143,9 @@ def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
     try:
         app()
-    except ParamsError as exc:
-        _fail(str(exc))
+    except (ParamsError, FileNotFoundError) as exc:
+        typer.secho(f"error: {exc}", fg="red", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

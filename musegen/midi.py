@@ -31,6 +31,7 @@ REASONS = (
     "drums_only",
     "too_long",
     "duplicate",
+    "header_only",
 )
 
 
@@ -70,7 +71,7 @@ class Score:
     def seconds(self, tick: int | None = None) -> float:
         """Wall-clock time of `tick` (default: the last note off) under the tempo map."""
         tick = self.end_tick if tick is None else tick
-        tempos = self.tempos or [(0, 120.0)]
+        tempos = sorted(self.tempos) or [(0, 120.0)]  # tracks may list tempos out of order
         if tempos[0][0] > 0:
             tempos = [(0, 120.0), *tempos]
         total, (prev_tick, prev_bpm) = 0.0, tempos[0]
@@ -116,7 +117,7 @@ def load_midi(path: Path | str, max_bytes: int | None = None):  # -> miditoolkit
         return miditoolkit.MidiFile(file=io.BytesIO(data))
     except (EOFError, struct.error, IndexError) as exc:
         raise MidiError(
-            path, "truncated", f"ends inside a chunk ({exc or type(exc).__name__})"
+            path, "truncated", f"ends inside a chunk ({str(exc) or type(exc).__name__})"
         ) from exc
     except Exception as exc:  # mido raises bare OSError/ValueError/KeyError on bad data
         raise MidiError(path, "corrupt", f"{type(exc).__name__}: {exc}") from exc
