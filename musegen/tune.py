@@ -1,0 +1,573 @@
+"""The `tune` stage: Optuna over per-field sampling settings, scored without a listener.
+
+Every trial samples a temperature and a top-p per field from params.yaml's `tune` ranges,
+continues the same `num_clips` held-out prompts (test split, first `prompt_bars` bars) with
+fixed seeds, and scores the continuations (`clip_bars` bars) against what real held-out music
+does in the same bars. The objective (maximised) is, documented once here:
+
+    proxy = mean MGEval overlap area over the features (samples vs held-out, in [0, 1])
+            - mean loop penalty (share of clips past the held-out loop thresholds, less chance)
+
+that is `evaluate.proxy_score`. Each loop measure is also an Optuna constraint,
+``share_beyond - (1 - loop_percentile / 100)`` (feasible <= 0), so TPE steers away from loopy
+settings. Once the listen study (`musegen listen`) holds `min_ratings` ratings, a ridge
+regression from clip metrics to ratings (the "learned listener", `fit_listener`) replaces the
+proxy and the study `<study>-listener` is used, so values on two scales never mix in one study.
+Where ratings exist, Spearman's rho between the proxy and the ratings is reported.
+
+Outputs: reports/tune/best_sampling.yaml (the `sample:` section's shape, read by
+generate.sampling_for), reports/tune/metrics.json, one MLflow parent run per call with a nested
+run per trial, and MP3 + MIDI artifacts per trial for optuna-dashboard (blind hash names).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import yaml
+
+from musegen import metrics
+from musegen.config import DataParams, ParamsError, load_section
+from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.midi import Score, to_score
+from musegen.sampling import SampleParams
+
+#: rating scale of the listen study (ChoiceWidget values 1..5; 0 = "not rated")
+RATINGS = (1, 2, 3, 4, 5)
+#: clip metrics the learned listener reads (n_bars is fixed by clip_bars: no information)
+LISTENER_FEATURES = tuple(m for m in metrics.PIECE_METRICS if m != "n_bars")
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneParams:
+    """The `tune` section of params.yaml (every key documented there)."""
+
+    checkpoint: str
+    temperature_range: dict[str, list[float]]
+    top_p_range: dict[str, list[float]]
+    num_trials: int
+    num_startup_trials: int
+    num_clips: int
+    prompt_bars: int
+    clip_bars: int
+    num_reference: int
+    num_pending: int
+    storage: str
+    artifact_dir: str
+    study: str
+    listen_study: str
+    min_ratings: int
+    ridge_alpha: float
+    seed: int
+    experiment: str
+    out_dir: str
+
+    def __post_init__(self) -> None:
+        for key, ranges, top in (
+            ("temperature_range", self.temperature_range, math.inf),
+            ("top_p_range", self.top_p_range, 1.0),
+        ):
+            for name, pair in ranges.items():
+                ok = len(pair) == 2 and 0 <= pair[0] <= pair[1] <= top and pair[1] > 0
+                if not ok:
+                    raise ParamsError(
+                        f"params.yaml: tune.{key}.{name} = {pair!r}; expected [low, high] with "
+                        f"0 <= low <= high{' <= 1' if top == 1.0 else ''} (fix the range)"
+                    )
+        if min(self.num_clips, self.clip_bars, self.prompt_bars, self.num_pending) < 1:
+            raise ParamsError(
+                "params.yaml: tune.num_clips, clip_bars, prompt_bars and num_pending must be >= 1"
+            )
+
+
+# ---- search space ----------------------------------------------------------------------------
+
+
+def suggest(trial: optuna.Trial, params: TuneParams) -> dict[str, float]:
+    """Sample one value per tuned knob; names are ``temperature.<field>``, ``top_p.<field>``."""
+    values = {}
+    for knob, ranges in (("temperature", params.temperature_range), ("top_p", params.top_p_range)):
+        for name, (low, high) in ranges.items():
+            values[f"{knob}.{name}"] = trial.suggest_float(f"{knob}.{name}", low, high)
+    return values
+
+
+def as_section(values: Mapping[str, float]) -> dict[str, dict[str, float]]:
+    """``{"temperature.pitch": 0.9, ...}`` -> ``{"temperature": {"pitch": 0.9}, "top_p": {}}``."""
+    out: dict[str, dict[str, float]] = {"temperature": {}, "top_p": {}}
+    for key, value in values.items():
+        knob, _, name = key.partition(".")
+        out[knob][name] = round(float(value), 4)
+    return out
+
+
+def to_sampling(base: SampleParams, values: Mapping[str, float]) -> SampleParams:
+    """`base` (params.yaml's `sample:`) with the trial's per-field values on top."""
+    section = as_section(values)
+    return dataclasses.replace(
+        base,
+        temperature={**base.temperature, **section["temperature"]},
+        top_p={**base.top_p, **section["top_p"]},
+    )
+
+
+# ---- prompts and the held-out reference ------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Bench:
+    """What every trial is measured against; build it with `load_bench`.
+
+    Attributes:
+        prompts: `num_clips` token arrays, the first `prompt_bars` bars of test pieces.
+        reference: held-out Scores, bars prompt_bars .. prompt_bars + clip_bars of test pieces.
+        ref_metrics: their `piece_metrics`.
+        ref_features: their `metrics.set_features`.
+    """
+
+    prompts: list[np.ndarray]
+    reference: list[Score]
+    ref_metrics: list[dict[str, float]]
+    ref_features: dict[str, np.ndarray]
+
+
+def bars_window(score: Score, start_bar: int, n_bars: int) -> Score:
+    """Bars start_bar .. start_bar + n_bars of `score`, shifted to start at tick 0."""
+    notes = score.notes
+    # onsets round to the nearest 16th in metrics._grid: a note rounded into the window counts
+    keep = notes[:, 0] >= start_bar * metrics.BAR - metrics.STEP // 2
+    shifted = notes[keep].copy()
+    shifted[:, :2] = np.maximum(shifted[:, :2] - start_bar * metrics.BAR, 0)
+    return metrics.crop(dataclasses.replace(score, notes=shifted), n_bars)
+
+
+def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0) -> Bench:
+    """Prompts and reference from the test split of `repr_dir` (tokenize stage output).
+
+    Pieces with at least prompt_bars + clip_bars bars qualify, in split order; prompts cycle
+    through them when `num_clips` is larger than their number.
+
+    Raises:
+        FileNotFoundError: no test split; ValueError: no test piece is long enough.
+    """
+    rows_path = repr_dir / "test.npy"
+    if not rows_path.is_file():
+        raise FileNotFoundError(f"{rows_path}: no test split; run `musegen tokenize` first")
+    rows, offsets = np.load(rows_path), np.load(repr_dir / "test_offsets.npy")
+    rows = rows if rows.ndim == 2 else rows.reshape(-1, 1)  # REMI is one field
+    vocab = tokenizer.vocab
+    field = "bar_beat" if "bar_beat" in vocab["fields"] else vocab["fields"][0]
+    is_bar = rows[:, vocab["fields"].index(field)] == vocab["events"][field].index("Bar")
+    need = params.prompt_bars + params.clip_bars
+    prompts, reference = [], []
+    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+        bars = start + np.flatnonzero(is_bar[start:end])
+        if len(bars) <= need:
+            continue
+        piece = rows[start:end]
+        prompts.append(piece[: bars[params.prompt_bars] - start].copy())
+        if len(reference) < params.num_reference:
+            score = to_score(tokenizer.decode(piece.squeeze(-1) if rows.shape[1] == 1 else piece))
+            reference.append(bars_window(score, params.prompt_bars, params.clip_bars))
+    if not prompts:
+        raise ValueError(
+            f"{rows_path}: no test piece has more than {need} bars (prompt_bars + clip_bars); "
+            "lower tune.prompt_bars / tune.clip_bars"
+        )
+    ref_metrics = [metrics.piece_metrics(s, seed) for s in reference]
+    return Bench(
+        prompts=[prompts[k % len(prompts)] for k in range(params.num_clips)],
+        reference=reference,
+        ref_metrics=ref_metrics,
+        ref_features=metrics.set_features(reference, ref_metrics),
+    )
+
+
+# ---- clips and their score -------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Clip:
+    """One generated clip: a blind file name (content hash), its MIDI and its measured bars."""
+
+    midi: Path
+    tokens: np.ndarray
+    score: Score
+
+
+def make_clips(
+    loaded: Any,
+    sample: SampleParams,
+    bench: Bench,
+    params: TuneParams,
+    out_dir: Path,
+) -> list[Clip]:
+    """Continue every prompt with `sample` (seed tune.seed + k for prompt k) into `out_dir`.
+
+    File names are the first 16 hex digits of the MIDI's sha256: blind, and equal clips share
+    a name. The measured part is the continuation (bars after the prompt).
+    """
+    from musegen.generate import generate
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    clips = []
+    for k, prompt in enumerate(bench.prompts):
+        tokens = generate(
+            loaded, sample, prompt=prompt, max_bars=params.clip_bars, seed=params.seed + k
+        )
+        midi = loaded.tokenizer.decode(tokens)
+        tmp = out_dir / f".clip{k}.mid"
+        midi.dump(str(tmp))
+        path = out_dir / f"{hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]}.mid"
+        tmp.replace(path)
+        score = bars_window(to_score(midi), params.prompt_bars, params.clip_bars)
+        clips.append(Clip(path, np.asarray(tokens), score))
+    return clips
+
+
+def measure(scores: Sequence[Score], bench: Bench, evaluate: EvaluateParams) -> dict[str, Any]:
+    """The proxy of `scores` against the bench: proxy_score, mean_oa, loops, metric means.
+
+    Returns:
+        {"proxy_score", "mean_oa", "loops" (evaluate.loop_checks), "constraints" (per loop
+        measure, share_beyond - chance share; <= 0 is feasible), "metrics" (mean per clip
+        metric: the learned listener's input)}.
+    """
+    pieces = [metrics.piece_metrics(s, evaluate.seed) for s in scores]
+    features = metrics.set_features(list(scores), pieces)
+    mgeval = metrics.mgeval(bench.ref_features, features)
+    mean_oa = float(np.mean([v["oa"] for v in mgeval.values()]))
+    loops = loop_checks(bench.ref_metrics, pieces, evaluate.loop_percentile, evaluate.loop_margin)
+    chance = 1 - evaluate.loop_percentile / 100
+    return {
+        "proxy_score": proxy_score({"mean_oa": mean_oa, "loops": loops}),
+        "mean_oa": mean_oa,
+        "loops": loops,
+        "constraints": {k: v["share_beyond"] - chance for k, v in loops.items()},
+        "metrics": {k: float(np.mean([p[k] for p in pieces])) for k in LISTENER_FEATURES},
+    }
+
+
+# ---- the learned listener ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Listener:
+    """Ridge regression from clip-metric means to a 1-5 rating; build with `fit_listener`.
+
+    rating ~ intercept + coef . (x - mean) / scale, clipped to [1, 5].
+    """
+
+    names: tuple[str, ...]
+    mean: np.ndarray
+    scale: np.ndarray
+    coef: np.ndarray
+    intercept: float
+
+    def predict(self, features: Mapping[str, float]) -> float:
+        """Predicted rating of one trial's clip-metric means."""
+        x = (np.array([features[n] for n in self.names]) - self.mean) / self.scale
+        return float(np.clip(self.intercept + x @ self.coef, RATINGS[0], RATINGS[-1]))
+
+
+def fit_listener(
+    features: Sequence[Mapping[str, float]], ratings: Sequence[float], alpha: float
+) -> Listener:
+    """Fit ridge regression on standardised features (closed form, numpy).
+
+    coef = (X'X + alpha I)^-1 X'(y - mean y), X standardised (constant columns get scale 1,
+    so they contribute nothing); the intercept is the mean rating and is not penalised.
+    """
+    names = LISTENER_FEATURES
+    x = np.array([[f[n] for n in names] for f in features], float)  # (N, D)
+    y = np.asarray(ratings, float)
+    mean, scale = x.mean(0), x.std(0)
+    scale[scale < 1e-12] = 1.0
+    z = (x - mean) / scale
+    coef = np.linalg.solve(z.T @ z + alpha * np.eye(len(names)), z.T @ (y - y.mean()))
+    return Listener(names, mean, scale, coef, float(y.mean()))
+
+
+def rated_trials(storage: Any, study_name: str) -> list[optuna.trial.FrozenTrial]:
+    """Completed listen-study trials with a 1-5 rating and clip metrics (none if no study)."""
+    try:
+        study = optuna.load_study(study_name=study_name, storage=storage)
+    except KeyError:
+        return []
+    return [
+        t
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+        if t.user_attrs.get("mode") == "rating" and "metrics" in t.user_attrs
+    ]
+
+
+def spearman(proxy: Sequence[float], ratings: Sequence[float]) -> float | None:
+    """Spearman's rho of the proxy against ratings; None below 3 pairs or with a constant side."""
+    from scipy.stats import spearmanr
+
+    if len(proxy) < 3 or np.ptp(proxy) == 0 or np.ptp(ratings) == 0:
+        return None
+    return float(spearmanr(proxy, ratings).statistic)
+
+
+# ---- storage, MLflow --------------------------------------------------------------------------
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage: an RDB URL (sqlite:///optuna/optuna.db, postgresql://...) or a
+    JournalFileBackend log for many processes on one box (``journal:///path/optuna.log``).
+
+    Concurrent first opens of a new sqlite file race on table creation: retried.
+    """
+    if url.startswith("journal://"):
+        path = Path(url.removeprefix("journal://"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        backend = optuna.storages.journal.JournalFileBackend(str(path))
+        return optuna.storages.JournalStorage(backend)
+    if url.startswith("sqlite:///"):
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    for attempt in range(5):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=None)
+        except Exception:  # another worker is creating the tables right now
+            if attempt == 4:
+                raise
+            time.sleep(0.5 + attempt)
+    raise AssertionError("unreachable")
+
+
+def tracking_uri() -> str:
+    """MLFLOW_TRACKING_URI, else the repository's local store."""
+    from musegen.train import DEFAULT_TRACKING_URI
+
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect_mlflow(experiment: str) -> str:
+    """The experiment id; concurrent workers may race to create it, so retry once or twice."""
+    from musegen.train import TrainError, _connect_mlflow
+
+    for attempt in range(3):
+        try:
+            return _connect_mlflow(tracking_uri(), experiment)
+        except TrainError:
+            if attempt == 2:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def checkpoint_path(params: TuneParams, params_path: Path) -> Path:
+    """tune.checkpoint, or best.pt of train.out_dir when it is empty."""
+    if params.checkpoint:
+        return Path(params.checkpoint)
+    from musegen.train import TrainParams
+
+    out_dir = load_section(TrainParams, "train", params_path).out_dir
+    return Path(out_dir) / "checkpoints" / "best.pt"
+
+
+# ---- one scored trial (shared with musegen.listen) --------------------------------------------
+
+
+def upload_clips(
+    clips: Sequence[Clip],
+    trial: optuna.Trial,
+    store: Any,
+    work: Path,
+    prefix: str = "",
+) -> list[dict[str, str]]:
+    """Render each clip to MP3 and upload MP3 + MIDI to the trial (keyword-only API).
+
+    MIDI goes up as application/octet-stream: optuna-dashboard would guess audio/sp-midi and
+    show a player that cannot play it (research/evaluation-and-audio.md section 3).
+    """
+    from optuna.artifacts import upload_artifact
+
+    from musegen.render import render_audio
+
+    out = []
+    for clip in clips:
+        mp3 = render_audio(clip.midi, work / f"{prefix}{clip.midi.stem}.mp3").path
+        midi = work / f"{prefix}{clip.midi.name}"
+        if midi != clip.midi:
+            midi.write_bytes(clip.midi.read_bytes())
+        ids = {"name": f"{prefix}{clip.midi.stem}"}
+        ids["mp3"] = upload_artifact(
+            artifact_store=store, file_path=str(mp3), study_or_trial=trial, mimetype="audio/mpeg"
+        )
+        ids["mid"] = upload_artifact(
+            artifact_store=store,
+            file_path=str(midi),
+            study_or_trial=trial,
+            mimetype="application/octet-stream",
+        )
+        out.append(ids)
+    return out
+
+
+def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial, feasible ones first (all constraints <= 0)."""
+    from optuna.study._constrained_optimization import _get_constraints_from_system_attrs
+
+    done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not done:
+        return None
+
+    def key(t: optuna.trial.FrozenTrial) -> tuple[bool, float]:
+        constraints = _get_constraints_from_system_attrs(t.system_attrs).values()
+        return all(c <= 0 for c in constraints), t.value
+
+    return max(done, key=key)
+
+
+# ---- the stage --------------------------------------------------------------------------------
+
+
+def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]:
+    """Run `n_trials` (default tune.num_trials) unattended trials; write the best settings.
+
+    Workers may run this at the same time on one storage: Optuna hands each its own trials
+    (TPE's constant liar keeps them apart), artifacts go to each trial's own ids.
+
+    Returns:
+        The metrics.json content: best value and settings, objective kind, ratings used,
+        Spearman rho of proxy vs ratings, trials run, seconds per trial.
+    """
+    import mlflow
+    from optuna.artifacts import FileSystemArtifactStore
+
+    from musegen.generate import load_model
+
+    params_path = Path(params_path)
+    tp = load_section(TuneParams, "tune", params_path)
+    data = load_section(DataParams, "data", params_path)
+    ev = load_section(EvaluateParams, "evaluate", params_path)
+    base = load_section(SampleParams, "sample", params_path)
+    n_trials = tp.num_trials if n_trials is None else n_trials
+
+    loaded = load_model(checkpoint_path(tp, params_path))
+    repr_dir = Path(data.tokens_dir) / loaded.vocab["representation"]
+    bench = load_bench(repr_dir, loaded.tokenizer, tp, ev.seed)
+    storage = open_storage(tp.storage)
+    rated = rated_trials(storage, tp.listen_study)
+    ratings = [t.user_attrs["rating"] for t in rated]
+    rho = spearman([t.user_attrs["proxy_score"] for t in rated], ratings)
+    listener = None
+    if len(rated) >= tp.min_ratings:
+        listener = fit_listener([t.user_attrs["metrics"] for t in rated], ratings, tp.ridge_alpha)
+    objective_kind = "listener" if listener else "proxy"
+    sampler = optuna.samplers.TPESampler(n_startup_trials=tp.num_startup_trials)
+    study = optuna.create_study(
+        storage=storage,
+        study_name=tp.study + ("-listener" if listener else ""),
+        direction="maximize",
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    store = FileSystemArtifactStore(tp.artifact_dir)
+    Path(tp.artifact_dir).mkdir(parents=True, exist_ok=True)
+    experiment_id = connect_mlflow(tp.experiment)
+    seconds: list[float] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        start = time.perf_counter()
+        values = suggest(trial, tp)
+        with tempfile.TemporaryDirectory(prefix="musegen-tune-") as tmp:
+            work = Path(tmp)
+            clips = make_clips(loaded, to_sampling(base, values), bench, tp, work)
+            result = measure([c.score for c in clips], bench, ev)
+            value = listener.predict(result["metrics"]) if listener else result["proxy_score"]
+            for name, c in result["constraints"].items():
+                trial.set_constraint(name, c)  # one scalar per call; feasible <= 0
+            ids = upload_clips(clips, trial, store, work)
+            trial.set_user_attr("mode", objective_kind)
+            trial.set_user_attr("proxy_score", result["proxy_score"])
+            trial.set_user_attr("metrics", result["metrics"])
+            trial.set_user_attr("clips", ids)
+            trial.set_user_attr("checkpoint_step", loaded.step)
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=f"trial-{trial.number}", nested=True
+            ):
+                mlflow.log_params(values | {"trial": trial.number, "study": study.study_name})
+                logged = {"value": value, "proxy_score": result["proxy_score"]}
+                logged |= {"mean_oa": result["mean_oa"]}
+                logged |= {f"constraint_{k}": v for k, v in result["constraints"].items()}
+                logged |= {f"clip_{k}": v for k, v in result["metrics"].items()}
+                logged["seconds"] = time.perf_counter() - start
+                mlflow.log_metrics(logged)
+                for clip in clips:
+                    mlflow.log_artifact(str(clip.midi), "clips")
+                    mlflow.log_artifact(str(clip.midi.with_suffix(".mp3")), "clips")
+        seconds.append(time.perf_counter() - start)
+        return value
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"tune-{study.study_name}"):
+        mlflow.set_tags({"stage": "tune", "objective": objective_kind})
+        mlflow.log_params(
+            {
+                "checkpoint": str(loaded.checkpoint),
+                "checkpoint_step": loaded.step,
+                "study": study.study_name,
+                "storage": tp.storage,
+                "n_trials": n_trials,
+                "num_clips": tp.num_clips,
+                "clip_bars": tp.clip_bars,
+                "ratings": len(rated),
+            }
+        )
+        study.optimize(objective, n_trials=n_trials, gc_after_trial=False)
+        best = best_trial(study)
+        summary = write_results(tp, best, objective_kind, len(rated), rho, seconds, study)
+        mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
+        mlflow.log_artifact(str(Path(tp.out_dir) / "best_sampling.yaml"))
+    return summary
+
+
+def write_results(
+    tp: TuneParams,
+    best: optuna.trial.FrozenTrial | None,
+    objective_kind: str,
+    n_ratings: int,
+    rho: float | None,
+    seconds: Sequence[float],
+    study: optuna.Study,
+) -> dict[str, Any]:
+    """Write best_sampling.yaml (shape of the `sample:` section) and metrics.json atomically."""
+    out = Path(tp.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {
+        "objective": objective_kind,
+        "study": study.study_name,
+        "n_trials_total": len(study.get_trials(deepcopy=False)),
+        "n_trials_run": len(seconds),
+        "seconds_per_trial": float(np.mean(seconds)) if seconds else 0.0,
+        "n_ratings": n_ratings,
+        "spearman_proxy_vs_rating": rho,
+    }
+    if best is not None:
+        summary |= {"best_value": float(best.value), "best_trial": best.number}
+        summary["best_proxy_score"] = float(best.user_attrs.get("proxy_score", best.value))
+        section = as_section(best.params)
+        text = (
+            f"# written by `musegen tune` (study {study.study_name}, trial {best.number}, "
+            f"{objective_kind} {best.value:.4f}); overlays params.yaml's sample: section\n"
+        )
+        tmp = out / "best_sampling.yaml.tmp"
+        tmp.write_text(text + yaml.safe_dump(section, sort_keys=True))
+        tmp.replace(out / "best_sampling.yaml")
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp.replace(out / "metrics.json")
+    return summary
