@@ -139,6 +139,80 @@ def train(
     typer.echo(f"checkpoint: {final}")
 
 
+@app.command()
+def sweep(
+    blind: Annotated[
+        bool | None, typer.Option("--blind/--no-blind", help="override sweep.use_blind")
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Continue the same test prompts with every chosen STEP checkpoint: HTML page + metrics."""
+    import dataclasses
+
+    from musegen import sweep as stage
+    from musegen.evaluate import EvaluateParams
+    from musegen.generate import sampling_for
+    from musegen.train import TrainParams
+
+    p = load_section(stage.SweepParams, "sweep", params)
+    if blind is not None:
+        p = dataclasses.replace(p, use_blind=blind)
+    data = load_section(DataParams, "data", params)
+    train_p = load_section(TrainParams, "train", params)
+    try:
+        result = stage.sweep(
+            p,
+            Path(train_p.out_dir) / "checkpoints",
+            data.manifest,
+            data.raw_dir,
+            sample=sampling_for(params),
+            eval_params=load_section(EvaluateParams, "evaluate", params),
+            experiment=train_p.experiment,
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"sweep: {result['page']} (best STEP {result['best_step']}, score "
+        f"{result['best_sweep_score']:.3f}; {result['seconds']['total']:.0f} s)"
+    )
+
+
+@app.command()
+def register(
+    choose: Annotated[
+        str | None, typer.Option(help="override register.choose: best_valid|best_sweep|step")
+    ] = None,
+    step: Annotated[int | None, typer.Option(help="override register.step")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Register the chosen checkpoint as MLflow model `register.name`; move the alias to it."""
+    import dataclasses
+
+    from musegen import register as stage
+    from musegen.generate import sampling_for
+    from musegen.sweep import SweepParams
+    from musegen.train import TrainParams
+
+    p = load_section(stage.RegisterParams, "register", params)
+    changes = {k: v for k, v in (("choose", choose), ("step", step)) if v is not None}
+    p = dataclasses.replace(p, **changes)
+    train_p = load_section(TrainParams, "train", params)
+    try:
+        version = stage.register(
+            p,
+            Path(train_p.out_dir) / "checkpoints",
+            sampling_for(params),
+            sweep_metrics=Path(load_section(SweepParams, "sweep", params).metrics_file),
+            experiment=train_p.experiment,
+        )
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"registered: models:/{p.name}/{version.version} (STEP {version.tags['step']}), "
+        f"alias {p.alias} -> version {version.version}"
+    )
+
+
 def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
     try:

@@ -1,0 +1,242 @@
+"""The `register` stage: put the chosen checkpoint in the MLflow registry as a composing model.
+
+The checkpoint (best valid loss, best sweep score, or a given STEP) is logged as an MLflow
+pyfunc model in a child run of its training run, registered as a new version of model
+`register.name` (``musegen``), and alias `register.alias` (``champion``) moves to it. Older
+versions stay, with their history. Facts and traps: research/mlops-stack.md section 2
+(explicit pip_requirements, no pt2 serialization, aliases instead of stages).
+
+Using it::
+
+    import mlflow, pandas as pd
+    model = mlflow.pyfunc.load_model("models:/musegen@champion")
+    out = model.predict(pd.DataFrame({"seed": [0, 1], "bars": [8, 8]}))
+    # seed: sampling seed; bars: bars to compose (after the prompt when there is one)
+    # optional columns: prompt (MIDI path; "" = compose from scratch), prompt_bars (default 4)
+    # out: one row per input row: midi_base64 (a .mid file, base64), n_words, n_notes
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import pandas as pd
+import yaml
+
+import mlflow
+from musegen.config import ParamsError
+from musegen.sampling import SampleParams
+
+#: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+#: checkpoint keys a generating model needs; optimizer, scheduler and RNG state are dropped.
+SLIM_KEYS = ("step", "model", "model_config", "vocab", "params", "params_hash", "vocab_hash",
+             "mlflow_run_id", "history", "best")  # fmt: skip
+#: what the served model imports; explicit, so log_model does not spend ~4 s inferring them.
+REQUIREMENTS = ("torch", "numpy", "pandas", "miditoolkit", "pyyaml", "mlflow", "symusic")
+DEFAULT_PROMPT_BARS = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterParams:
+    """The `register` section of params.yaml (every key documented there)."""
+
+    choose: str
+    step: int
+    name: str
+    alias: str
+
+    def __post_init__(self) -> None:
+        if self.choose not in ("best_valid", "best_sweep", "step"):
+            raise ParamsError(
+                f"params.yaml: register.choose = {self.choose!r}; expected best_valid, "
+                "best_sweep or step"
+            )
+
+
+def connect(uri: str | None = None) -> Any:
+    """Point MLflow at `uri` (default: $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI).
+
+    Returns:
+        An MlflowClient on that store (a sqlite file's folder is created when missing).
+    """
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def choose_checkpoint(params: RegisterParams, ckpt_dir: Path, sweep_metrics: Path) -> Path:
+    """The checkpoint `params.choose` names.
+
+    best_valid: checkpoints/best.pt (lowest valid loss seen in training); best_sweep: the
+    STEP with the highest sweep score in `sweep_metrics`; step: step_<register.step>.pt.
+
+    Raises:
+        FileNotFoundError: the checkpoint or the sweep metrics file is missing.
+    """
+    ckpt_dir = Path(ckpt_dir)
+    if params.choose == "best_valid":
+        path = ckpt_dir / "best.pt"
+    elif params.choose == "best_sweep":
+        if not Path(sweep_metrics).is_file():
+            raise FileNotFoundError(
+                f"{sweep_metrics}: not found; run `musegen sweep` first or set "
+                "register.choose to best_valid or step"
+            )
+        import json
+
+        best = json.loads(Path(sweep_metrics).read_text())["best_step"]
+        path = ckpt_dir / f"step_{best}.pt"
+    else:
+        path = ckpt_dir / f"step_{params.step}.pt"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: checkpoint not found (register.choose = {params.choose}); train first, "
+            f"or pick a STEP from {sorted(p.name for p in ckpt_dir.glob('step_*.pt'))}"
+        )
+    return path
+
+
+class Composer(mlflow.pyfunc.PythonModel):
+    """MLflow pyfunc that composes with a musegen checkpoint (see the module docstring).
+
+    Build with no arguments; MLflow calls `load_context` with artifacts ``checkpoint`` (a
+    slim .pt) and ``sampling`` (the SampleParams YAML the version was registered with).
+    """
+
+    def load_context(self, context: Any) -> None:
+        from musegen.generate import load_model
+
+        self.loaded = load_model(context.artifacts["checkpoint"])
+        cfg = yaml.safe_load(Path(context.artifacts["sampling"]).read_text())
+        self.sample = SampleParams(**cfg)
+
+    def predict(
+        self, context: Any, model_input: pd.DataFrame, params: dict | None = None
+    ) -> pd.DataFrame:
+        """One composition per row: columns seed, bars, optional prompt and prompt_bars."""
+        from musegen.generate import continue_midi, generate
+
+        rows = []
+        for _, row in pd.DataFrame(model_input).iterrows():
+            prompt = row.get("prompt")
+            if isinstance(prompt, str) and prompt:
+                bars = row.get("prompt_bars")
+                bars = DEFAULT_PROMPT_BARS if bars is None or pd.isna(bars) else int(bars)
+                # max_bars counts the prompt's bars too; `bars` counts new ones only
+                caps = {"max_bars": bars + int(row["bars"]), "seed": int(row["seed"])}
+                _, tokens = continue_midi(self.loaded, self.sample, prompt, bars, **caps)
+            else:
+                caps = {"max_bars": int(row["bars"]), "seed": int(row["seed"])}
+                tokens = generate(self.loaded, self.sample, **caps)
+            midi = self.loaded.tokenizer.decode(tokens)
+            buf = io.BytesIO()
+            midi.dump(file=buf)
+            rows.append({
+                "midi_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
+                "n_words": len(tokens),
+                "n_notes": sum(len(i.notes) for i in midi.instruments),
+            })  # fmt: skip
+        return pd.DataFrame(rows, columns=["midi_base64", "n_words", "n_notes"])
+
+
+def _signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, Schema
+
+    inputs = Schema([
+        ColSpec("long", "seed"), ColSpec("long", "bars"),
+        ColSpec("string", "prompt", required=False), ColSpec("long", "prompt_bars", required=False),
+    ])  # fmt: skip
+    outputs = Schema([ColSpec("string", "midi_base64"), ColSpec("long", "n_words"),
+                      ColSpec("long", "n_notes")])  # fmt: skip
+    return ModelSignature(inputs, outputs)
+
+
+def _requirements() -> list[str]:
+    """Pinned to the installed versions (local tags such as +cpu dropped, so GPU builds fit)."""
+    from importlib.metadata import version
+
+    names = {"pyyaml": "PyYAML"}
+    return [f"{n}=={version(names.get(n, n)).split('+')[0]}" for n in REQUIREMENTS]
+
+
+def register(
+    params: RegisterParams,
+    ckpt_dir: Path,
+    sample: SampleParams,
+    *,
+    sweep_metrics: Path = Path("reports/sweep/metrics.json"),
+    experiment: str = "musegen",
+) -> Any:
+    """Register the chosen checkpoint as a new version of `params.name`; move the alias to it.
+
+    Args:
+        params: the `register` section.
+        ckpt_dir: train.out_dir/checkpoints.
+        sample: the sampling settings the model composes with (stored with the version).
+        sweep_metrics: the sweep's metrics.json (for choose = best_sweep).
+        experiment: MLflow experiment used when the checkpoint's training run is not in the
+            store (the run is then top level, with a warning).
+
+    Returns:
+        The new mlflow.entities.model_registry.ModelVersion.
+    """
+    import torch
+
+    path = choose_checkpoint(params, ckpt_dir, sweep_metrics)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    client = connect()
+    parent = ckpt.get("mlflow_run_id")
+    tags = {"musegen.stage": "register", "step": str(ckpt["step"]), "checkpoint": str(path)}
+    try:
+        exp_id = client.get_run(parent).info.experiment_id if parent else None
+        tags["mlflow.parentRunId"] = parent
+    except mlflow.exceptions.MlflowException:
+        exp_id = None
+    if exp_id is None:
+        warnings.warn(
+            f"{path}: training run {parent!r} is not in {mlflow.get_tracking_uri()}; the "
+            f"registering run goes to the top level of experiment {experiment!r}",
+            stacklevel=2,
+        )
+        found = client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    with tempfile.TemporaryDirectory() as tmp:
+        slim = Path(tmp) / "checkpoint.pt"
+        torch.save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, slim)
+        sampling = Path(tmp) / "sampling.yaml"
+        sampling.write_text(yaml.safe_dump(_plain(sample), sort_keys=False))
+        run_name = f"register STEP {ckpt['step']}"
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
+            mlflow.log_params({"choose": params.choose, "step": ckpt["step"]})
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=Composer(),
+                artifacts={"checkpoint": str(slim), "sampling": str(sampling)},
+                code_paths=[str(Path(__file__).parent)],  # musegen itself: self-contained
+                pip_requirements=_requirements(),
+                signature=_signature(),
+            )
+    version = mlflow.register_model(info.model_uri, params.name, tags={
+        "step": str(ckpt["step"]), "choose": params.choose, "checkpoint": str(path),
+        "params_hash": str(ckpt.get("params_hash")), "training_run_id": str(parent),
+        "register_run_id": run.info.run_id,
+    })  # fmt: skip
+    client.set_registered_model_alias(params.name, params.alias, version.version)
+    return version
+
+
+def _plain(sample: SampleParams) -> dict[str, Any]:
+    out = dataclasses.asdict(sample)
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in out.items()}

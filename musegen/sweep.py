@@ -1,0 +1,547 @@
+"""The `sweep` stage: the same prompts continued by every chosen STEP checkpoint, side by side.
+
+For each prompt (a test-split song's first `prompt_bars` bars) and each STEP checkpoint, the
+model continues the prompt with the same seed; the real song's next `continue_bars` bars are
+the anchor column. Every cell gets an MP3 (`render.render_audio`), a piano roll
+(`render.piano_roll`), the MIDI file and `metrics.piece_metrics` of the continuation, z-scored
+against the real continuations of every usable test song. Clips play prompt + continuation;
+metrics measure the continuation only.
+
+Outputs (under `out_dir`): index.html (works from disk: relative links, inline CSS/JS),
+assets/, reveal.js in blind mode, and `metrics_file` (per-STEP numbers and the sweep score for
+`dvc metrics`). Each checkpoint's clips and numbers are also logged to MLflow as a child run
+of its training run. Page design: research/evaluation-and-audio.md sections 2 and 5.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import html
+import json
+import logging
+import shutil
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import miditoolkit
+import numpy as np
+import pandas as pd
+
+from musegen import metrics
+from musegen.config import ParamsError
+from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.midi import Score, to_score
+from musegen.sampling import SampleParams
+
+log = logging.getLogger(__name__)
+
+BAR = metrics.BAR  # 1920 ticks: the tokenizers' 4/4 bar at 480 ticks per beat
+#: metrics shown in each cell (all of them go to metrics.json and MLflow).
+KEY_METRICS = (
+    "notes_per_bar",
+    "polyphony",
+    "pitch_class_entropy",
+    "scale_consistency",
+    "gs",
+    "dup_bar_rate",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepParams:
+    """The `sweep` section of params.yaml (every key documented there)."""
+
+    steps: str | tuple[int, ...]
+    every_k: int
+    num_prompts: int
+    prompt_bars: int
+    continue_bars: int
+    max_words: int
+    seed: int
+    use_blind: bool
+    renderer: str
+    out_dir: str
+    metrics_file: str
+
+    def __post_init__(self) -> None:
+        if self.steps != "all" and not (
+            isinstance(self.steps, tuple) and all(isinstance(s, int) for s in self.steps)
+        ):
+            raise ParamsError(
+                f"params.yaml: sweep.steps = {self.steps!r}; expected `all` or a list of STEPs "
+                "such as [100, 300]"
+            )
+        if (
+            min(
+                self.every_k, self.num_prompts, self.prompt_bars, self.continue_bars, self.max_words
+            )
+            < 1
+        ):
+            raise ParamsError(
+                "params.yaml: sweep.every_k, num_prompts, prompt_bars, continue_bars and "
+                "max_words must be >= 1 (fix params.yaml)"
+            )
+
+
+def choose_checkpoints(ckpt_dir: Path, steps: str | tuple[int, ...], every_k: int) -> list[Path]:
+    """The STEP checkpoints to sweep, in step order.
+
+    Args:
+        ckpt_dir: train.out_dir/checkpoints.
+        steps: ``all`` or a list of STEPs.
+        every_k: with ``all``, every k-th checkpoint counted back from the last (always kept).
+
+    Raises:
+        FileNotFoundError: no step_<STEP>.pt, or a listed STEP has no checkpoint.
+    """
+    found = {int(p.stem.removeprefix("step_")): p for p in Path(ckpt_dir).glob("step_*.pt")}
+    if not found:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no step_<STEP>.pt checkpoints; run `musegen train` (or dvc repro train)"
+        )
+    if steps == "all":
+        return [found[s] for s in sorted(found)[::-1][::every_k][::-1]]
+    missing = [s for s in steps if s not in found]
+    if missing:
+        raise FileNotFoundError(
+            f"{ckpt_dir}: no checkpoint for sweep.steps {missing} (found {sorted(found)}); "
+            "fix sweep.steps in params.yaml"
+        )
+    return [found[s] for s in sorted(set(steps))]
+
+
+def window(midi: miditoolkit.MidiFile, start_bar: int, end_bar: int) -> miditoolkit.MidiFile:
+    """Notes with onsets in bars [start_bar, end_bar), cut at end_bar and shifted to bar 0."""
+    lo, hi = start_bar * BAR, end_bar * BAR
+    out = miditoolkit.MidiFile(ticks_per_beat=midi.ticks_per_beat)
+    inst = miditoolkit.Instrument(program=0, is_drum=False, name="piano")
+    inst.notes = [
+        miditoolkit.Note(n.velocity, n.pitch, n.start - lo, min(n.end, hi) - lo)
+        for i in midi.instruments
+        for n in i.notes
+        if lo <= n.start < hi
+    ]
+    out.instruments.append(inst)
+    # the tempo in force at `lo`, then the changes inside the window
+    tempos = sorted(midi.tempo_changes, key=lambda t: t.time)
+    before = [t for t in tempos if t.time <= lo][-1:] or [miditoolkit.TempoChange(120.0, 0)]
+    inside = [t for t in tempos if lo < t.time < hi]
+    out.tempo_changes = [miditoolkit.TempoChange(t.tempo, max(0, t.time - lo)) for t in before]
+    out.tempo_changes += [miditoolkit.TempoChange(t.tempo, t.time - lo) for t in inside]
+    out.time_signature_changes = [miditoolkit.TimeSignature(4, 4, 0)]
+    out.max_tick = max([n.end for n in inst.notes] + [0])
+    return out
+
+
+def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepParams) -> list[dict]:
+    """Test-split songs long enough for prompt + continuation, encoded and decoded once.
+
+    Returns:
+        One dict per usable test song, sorted by path: path, midi (the decoded, i.e.
+        quantized, song), real (its continuation Score). The first `num_prompts` of a seeded
+        shuffle are flagged ``shown``; all of them are the z-score and sweep-score reference.
+
+    Raises:
+        FileNotFoundError: no manifest. ValueError: no test song is long enough.
+    """
+    if not Path(manifest).is_file():
+        raise FileNotFoundError(f"{manifest}: manifest not found; run `musegen prepare`")
+    table = pd.read_csv(manifest)
+    rows = table[(table.split == "test") & (table.status == "ok")].sort_values("path")
+    need = params.prompt_bars + params.continue_bars
+    songs = []
+    for rel in rows.path:
+        # through the tokenizer: the anchor is quantized exactly as the model's prompt is
+        midi = tokenizer.decode(tokenizer.encode(Path(raw_dir) / rel))
+        if to_score(midi).end_tick > (need - 1) * BAR:  # notes reach the last bar
+            real = window(midi, params.prompt_bars, need)
+            songs.append({"path": rel, "midi": midi, "real": to_score(real)})
+    if not songs:
+        raise ValueError(
+            f"{manifest}: no test song has {need} bars (sweep.prompt_bars + continue_bars); "
+            "lower them in params.yaml"
+        )
+    order = np.random.default_rng(params.seed).permutation(len(songs))
+    for rank, i in enumerate(order):
+        songs[i]["shown"] = rank < params.num_prompts
+    return songs
+
+
+def set_score(samples: list[Score], reference: list[Score], ev: EvaluateParams) -> dict:
+    """evaluate.proxy_score of continuation Scores against the real ones (plus mean OA)."""
+    smp = [metrics.piece_metrics(s, ev.seed) for s in samples]
+    ref = [metrics.piece_metrics(s, ev.seed) for s in reference]
+    oa = metrics.mgeval(metrics.set_features(reference, ref), metrics.set_features(samples, smp))
+    result = {"mean_oa": float(np.mean([v["oa"] for v in oa.values()]))}
+    result["loops"] = loop_checks(ref, smp, ev.loop_percentile, ev.loop_margin)
+    return {"sweep_score": proxy_score(result), "mean_oa": result["mean_oa"]}
+
+
+def _valid_loss(history: list[dict], step: int) -> float | None:
+    """The valid loss of the last evaluation at or before `step` (None if there was none)."""
+    rows = [r for r in history if r["step"] <= step]
+    return float(rows[-1]["valid_loss"]) if rows else None
+
+
+def _name(params: SweepParams, col: str, row: int) -> str:
+    """Asset stem: readable, or in blind mode a hash that names no STEP."""
+    if not params.use_blind:
+        return f"p{row}_{col}"
+    return hashlib.sha256(f"musegen-sweep:{params.seed}:{col}:{row}".encode()).hexdigest()[:12]
+
+
+def sweep(
+    params: SweepParams,
+    ckpt_dir: Path,
+    manifest: Path,
+    raw_dir: Path,
+    *,
+    sample: SampleParams,
+    eval_params: EvaluateParams,
+    experiment: str = "musegen",
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Continue the same prompts with every chosen checkpoint; write the page and metrics.
+
+    Args:
+        params: the `sweep` section.
+        ckpt_dir: train.out_dir/checkpoints.
+        manifest: data/prepared/manifest.csv (its test split gives the prompts).
+        raw_dir: the corpus folder the manifest's paths are relative to.
+        sample: sampling settings (generate.sampling_for: params + tuned overlay).
+        eval_params: the `evaluate` section (loop thresholds and GS seed of the sweep score).
+        experiment: MLflow experiment for checkpoints whose training run is not in the store.
+        progress: print one line per checkpoint.
+
+    Returns:
+        The metrics written to `params.metrics_file` (also holds `page`, the index.html path).
+    """
+    from musegen import render
+    from musegen.generate import continue_midi, load_model
+
+    t_start = time.perf_counter()
+    chosen = choose_checkpoints(ckpt_dir, params.steps, params.every_k)
+    out = Path(params.out_dir)
+    assets = out / "assets"
+    shutil.rmtree(assets, ignore_errors=True)  # this stage's own output: no stale clips
+    assets.mkdir(parents=True)
+    (out / "reveal.js").unlink(missing_ok=True)
+    timing = {"generate": 0.0, "render": 0.0, "mlflow": 0.0}
+
+    def cell(midi: miditoolkit.MidiFile, col: str, row: int, cont: Score) -> dict:
+        stem = _name(params, col, row)
+        clip = window(midi, 0, params.prompt_bars + params.continue_bars)
+        clip.dump(str(assets / f"{stem}.mid"))
+        t0 = time.perf_counter()
+        audio = render.render_audio(
+            assets / f"{stem}.mid", assets / f"{stem}.mp3", renderer=params.renderer
+        )
+        render.piano_roll(clip, assets / f"{stem}.png", width=6, height=2.4)
+        timing["render"] += time.perf_counter() - t0
+        return {
+            "stem": stem,
+            "seconds": round(audio.seconds, 2),
+            "renderer": audio.renderer,
+            "metrics": metrics.piece_metrics(cont, eval_params.seed),
+        }
+
+    loaded = load_model(chosen[0])  # its tokenizer encodes the prompts (same for every STEP)
+    songs = pick_prompts(manifest, raw_dir, loaded.tokenizer, params)
+    shown = [s for s in songs if s["shown"]]
+    reference = [s["real"] for s in songs]
+    columns: list[dict[str, Any]] = [
+        {
+            "key": "real",
+            "label": "real",
+            "step": None,
+            "cells": [cell(s["midi"], "real", r, s["real"]) for r, s in enumerate(shown)],
+        }
+    ]
+    columns[0] |= set_score([s["real"] for s in shown], reference, eval_params)
+
+    for i, path in enumerate(chosen):
+        loaded = loaded if i == 0 else load_model(path)
+        step = int(path.stem.removeprefix("step_"))
+        col = {"key": f"step_{step}", "label": f"STEP {step}", "step": step, "cells": []}
+        conts = []
+        for r, song in enumerate(shown):
+            t0 = time.perf_counter()
+            _, full = continue_midi(
+                loaded,
+                sample,
+                Path(raw_dir) / song["path"],
+                params.prompt_bars,
+                max_bars=params.prompt_bars + params.continue_bars,
+                max_words=params.max_words,
+                seed=params.seed + r,
+            )
+            timing["generate"] += time.perf_counter() - t0
+            midi = loaded.tokenizer.decode(full)
+            conts.append(
+                to_score(
+                    window(midi, params.prompt_bars, params.prompt_bars + params.continue_bars)
+                )
+            )
+            col["cells"].append(cell(midi, col["key"], r, conts[-1]))
+            col["cells"][-1]["n_words"] = len(full)
+        history = torch_history(path)
+        col["valid_loss"] = _valid_loss(history, step)
+        col |= set_score(conts, reference, eval_params)
+        t0 = time.perf_counter()
+        col["mlflow_run_id"] = _log_child(loaded.mlflow_run_id, experiment, col, assets, params)
+        timing["mlflow"] += time.perf_counter() - t0
+        columns.append(col)
+        if progress:
+            print(
+                f"sweep: STEP {step}: score {col['sweep_score']:.3f}, valid loss "
+                f"{col['valid_loss']}, {i + 1}/{len(chosen)} checkpoints"
+            )
+
+    result = _summarize(columns, shown, songs, params)
+    result["seconds"] = {k: round(v, 2) for k, v in timing.items()}
+    result["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
+    ref = _mean_sd([{"metrics": metrics.piece_metrics(s["real"], eval_params.seed)} for s in songs])
+    result["reference"] = {k: v["mean"] for k, v in ref.items()}
+    result["page"] = str(write_page(out, columns, shown, ref, params))
+    Path(params.metrics_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(params.metrics_file).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    return result
+
+
+def torch_history(path: Path) -> list[dict]:
+    """The eval history stored in a checkpoint (mmap: the weights are not read into memory)."""
+    import torch
+
+    return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["history"])
+
+
+def _mean_sd(cells: list[dict]) -> dict[str, dict[str, float]]:
+    table = {k: np.array([c["metrics"][k] for c in cells]) for k in metrics.PIECE_METRICS}
+    return {
+        k: {"mean": float(v.mean()), "sd": float(v.std()), "n": len(v)} for k, v in table.items()
+    }
+
+
+def _summarize(columns: list[dict], shown: list[dict], songs: list[dict], p: SweepParams) -> dict:
+    """metrics.json: per-STEP numbers, the real anchor's, and the best STEP by sweep score."""
+    per_step = {}
+    for col in columns:
+        stats = _mean_sd(col["cells"])
+        col["stats"] = stats
+        entry = {
+            "sweep_score": col["sweep_score"],
+            "mean_oa": col["mean_oa"],
+            **({"valid_loss": col["valid_loss"]} if col.get("valid_loss") is not None else {}),
+            **{k: stats[k]["mean"] for k in metrics.PIECE_METRICS},
+        }
+        per_step[col["key"]] = entry
+    steps = [c for c in columns if c["step"] is not None]
+    best = max(steps, key=lambda c: c["sweep_score"])
+    return {
+        "best_step": best["step"],
+        "best_sweep_score": best["sweep_score"],
+        "num_checkpoints": len(steps),
+        "num_prompts": len(shown),
+        "num_reference": len(songs),
+        "prompts": [s["path"] for s in shown],
+        "prompt_bars": p.prompt_bars,
+        "continue_bars": p.continue_bars,
+        "columns": per_step,
+    }
+
+
+def _log_child(
+    parent: str | None, experiment: str, col: dict, assets: Path, params: SweepParams
+) -> str:
+    """One MLflow run per checkpoint, a child of its training run; returns its run id."""
+    import mlflow
+    from musegen.register import connect
+
+    client = connect()
+    tags = {"musegen.stage": "sweep", "step": str(col["step"])}
+    try:
+        exp_id = client.get_run(parent).info.experiment_id if parent else None
+    except mlflow.exceptions.MlflowException:
+        exp_id = None
+    if exp_id is None:
+        warnings.warn(
+            f"training run {parent!r} of STEP {col['step']} is not in {mlflow.get_tracking_uri()}; "
+            f"logging the sweep run at the top level of experiment {experiment!r}",
+            stacklevel=2,
+        )
+        found = client.get_experiment_by_name(experiment)
+        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    else:
+        tags["mlflow.parentRunId"] = parent  # MLflow's own nesting tag: compare view groups them
+    with mlflow.start_run(experiment_id=exp_id, run_name=f"sweep {col['label']}", tags=tags) as run:
+        mlflow.log_params(
+            {
+                "step": col["step"],
+                "prompt_bars": params.prompt_bars,
+                "continue_bars": params.continue_bars,
+                "seed": params.seed,
+            }
+        )
+        logged = {"sweep_score": col["sweep_score"], "mean_oa": col["mean_oa"]}
+        if col["valid_loss"] is not None:
+            logged["valid_loss"] = col["valid_loss"]
+        for k in metrics.PIECE_METRICS:
+            logged[f"mean_{k}"] = float(np.mean([c["metrics"][k] for c in col["cells"]]))
+        mlflow.log_metrics(logged, step=col["step"])
+        for c in col["cells"]:
+            for ext in ("mp3", "png", "mid"):
+                mlflow.log_artifact(str(assets / f"{c['stem']}.{ext}"), "sweep")
+        return run.info.run_id
+
+
+# ---- the page ---------------------------------------------------------------------------------
+
+CSS = """
+body{font:14px system-ui,sans-serif;margin:1em;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:6px;vertical-align:top}
+th{background:#f4f4f4;text-align:left;font-weight:normal}th b{font-size:15px}
+img{display:block;width:360px}audio{width:360px}.m{font:12px monospace;margin-top:4px}
+.m span{display:inline-block;margin-right:8px}.z1{background:#fde6b0}.z2{background:#f7a8a8}
+.rate button{min-width:2em}.rate button.on{background:#2a6;color:#fff}
+body.blind:not(.revealed) .hide{display:none}
+"""
+
+JS = """
+const PAGE = document.body.dataset.page, KEY = 'musegen-sweep/' + PAGE + '/';
+function paint(div){const v = localStorage.getItem(KEY + div.dataset.cell);
+  div.querySelectorAll('button').forEach(b => b.classList.toggle('on', b.textContent === v));}
+document.querySelectorAll('.rate').forEach(div => {
+  div.querySelectorAll('button').forEach(b => b.onclick = () => {
+    localStorage.setItem(KEY + div.dataset.cell, b.textContent); paint(div);});
+  paint(div);});
+document.getElementById('export').onclick = () => {
+  const ratings = [...document.querySelectorAll('.rate')].map(div => ({
+    cell: div.dataset.cell, prompt: div.dataset.prompt, column: div.dataset.col,
+    step: window.REVEAL ? window.REVEAL[div.dataset.col].step : undefined,
+    rating: Number(localStorage.getItem(KEY + div.dataset.cell)) || null}));
+  const blob = new Blob([JSON.stringify({page: PAGE, ratings}, null, 1)],
+                        {type: 'application/json'});
+  const a = document.createElement('a'); a.href = URL.createObjectURL(blob);
+  a.download = 'ratings-' + PAGE + '.json'; a.click();};
+function reveal(){document.querySelectorAll('th[data-col]').forEach(th => {
+  th.innerHTML = window.REVEAL[th.dataset.col].header;});
+  document.body.classList.add('revealed');}
+const rb = document.getElementById('reveal');
+if (rb) rb.onclick = () => { if (window.REVEAL) return reveal();
+  const s = document.createElement('script'); s.src = 'reveal.js'; s.onload = reveal;
+  document.head.appendChild(s);};
+// ?selftest: load every player's metadata and report what loaded (tests/test_sweep.py)
+window.addEventListener('load', () => {
+  if (!new URLSearchParams(location.search).has('selftest')) return;
+  const out = document.getElementById('selftest'), audios = [...document.querySelectorAll('audio')];
+  const imgs = [...document.querySelectorAll('img')];
+  const report = () => { out.textContent = JSON.stringify({
+    audio: audios.length, audio_ok: audios.filter(a => a.dataset.ok === '1').length,
+    img: imgs.length, img_ok: imgs.filter(i => i.complete && i.naturalWidth > 0).length}); };
+  audios.forEach(a => { a.addEventListener('loadedmetadata', () => {
+    a.dataset.ok = a.duration > 0 ? '1' : '0'; report();}); a.preload = 'metadata'; a.load(); });
+  report();});
+"""
+
+
+def _cell_html(c: dict, r: int, label: str, ref: dict) -> str:
+    e = html.escape
+    zs = []
+    for k in KEY_METRICS:
+        v, m, sd = c["metrics"][k], ref[k]["mean"], ref[k]["sd"]
+        z = (v - m) / sd if sd > 1e-9 else (0.0 if abs(v - m) < 1e-9 else np.sign(v - m) * 9)
+        cls = "z2" if abs(z) > 2 else "z1" if abs(z) > 1 else ""
+        zs.append(f'<span class="{cls}" title="z = {z:+.1f} vs real">{k} {v:.2f}</span>')
+    rate = "".join(f"<button>{i}</button>" for i in range(1, 6))
+    alt = e(f"piano roll, prompt {r + 1}, {label}")
+    return (
+        f'<td><audio controls preload="none" src="assets/{c["stem"]}.mp3"></audio>'
+        f'<img src="assets/{c["stem"]}.png" alt="{alt}">'
+        f'<a href="assets/{c["stem"]}.mid" download>MIDI</a> · {c["seconds"]:.0f} s'
+        f'<div class="m hide">{"".join(zs)}</div>'
+        f'<div class="rate" data-cell="{c["stem"]}" data-prompt="{r}" data-col="{e(label)}">'
+        f"rating {rate}</div></td>"
+    )
+
+
+def _header(col: dict) -> str:
+    """Column header: STEP (or real), valid loss, sweep score, mean +/- sd of key metrics."""
+    lines = [f"<b>{html.escape(col['label'])}</b>"]
+    if col.get("valid_loss") is not None:
+        lines.append(f"valid loss {col['valid_loss']:.3f}")
+    lines.append(f"sweep score {col['sweep_score']:.3f} (OA {col['mean_oa']:.3f})")
+    lines += [
+        f"{k} {col['stats'][k]['mean']:.2f} ± {col['stats'][k]['sd']:.2f}" for k in KEY_METRICS
+    ]
+    return "<br>".join(lines)
+
+
+def write_page(
+    out: Path, columns: list[dict], shown: list[dict], ref: dict, params: SweepParams
+) -> Path:
+    """Write index.html (and reveal.js in blind mode); every link is relative to `out`.
+
+    Args:
+        out: the page folder (assets/ already filled).
+        columns: real anchor first, then one per STEP, each with its cells and stats.
+        shown: the prompt songs (rows).
+        ref: {metric: {mean, sd}} of the real continuations (the z-score reference).
+        params: the `sweep` section.
+    """
+    e = html.escape
+    cols = list(columns)
+    if params.use_blind:
+        # the real anchor hides among the checkpoints (research: hidden real excerpts)
+        order = np.random.default_rng(params.seed + 1).permutation(len(cols))
+        cols = [cols[i] for i in order]
+    labels = [
+        f"Sample {chr(65 + i)}" if params.use_blind else c["label"] for i, c in enumerate(cols)
+    ]
+    page_id = hashlib.sha256(
+        json.dumps([params.seed, [c["key"] for c in columns], [s["path"] for s in shown]]).encode()
+    ).hexdigest()[:10]
+    heads = "".join(
+        f'<th data-col="{e(lab)}">{"<b>" + e(lab) + "</b>" if params.use_blind else _header(c)}'
+        "</th>"
+        for lab, c in zip(labels, cols, strict=True)
+    )
+    rows = []
+    for r, song in enumerate(shown):
+        cells = "".join(
+            _cell_html(c["cells"][r], r, lab, ref) for lab, c in zip(labels, cols, strict=True)
+        )
+        rows.append(
+            f"<tr><th>prompt {r + 1}<br>{e(song['path'])}<br>seed "
+            f"{params.seed + r}</th>{cells}</tr>"
+        )
+    blind = params.use_blind
+    if blind:
+        mapping = {
+            lab: {"step": c["step"], "key": c["key"], "header": _header(c)}
+            for lab, c in zip(labels, cols, strict=True)
+        }
+        (out / "reveal.js").write_text(f"window.REVEAL = {json.dumps(mapping, indent=1)};\n")
+    title = "musegen sweep (blind)" if blind else "musegen checkpoint sweep"
+    intro = (
+        f"Each clip: {params.prompt_bars} prompt bars of a test song, then "
+        f"{params.continue_bars} bars of continuation (same seed per row). Metrics measure the "
+        f"continuation; colour = |z| &gt; 1 / &gt; 2 against the real continuations of "
+        f"{ref['n_bars']['n']} test songs. Ratings stay in this browser (localStorage)."
+    )
+    buttons = '<button id="export">export ratings (JSON)</button>'
+    if blind:
+        buttons += ' <button id="reveal">reveal</button>'
+    page = (
+        f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>'
+        f"<style>{CSS}</style></head>"
+        f'<body class="{"blind" if blind else ""}" data-page="{page_id}">'
+        f"<h1>{title}</h1><p>{intro}</p><p>{buttons}</p>"
+        f"<table><tr><th>prompt</th>{heads}</tr>{''.join(rows)}</table>"
+        f'<pre id="selftest" hidden></pre><script>{JS}</script></body></html>\n'
+    )
+    path = out / "index.html"
+    path.write_text(page)
+    return path
