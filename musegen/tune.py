@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -61,6 +62,7 @@ class TuneParams:
     num_clips: int
     prompt_bars: int
     clip_bars: int
+    max_clip_words: int
     num_reference: int
     num_pending: int
     storage: str
@@ -171,7 +173,7 @@ def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0
     is_bar = rows[:, vocab["fields"].index(field)] == vocab["events"][field].index("Bar")
     need = params.prompt_bars + params.clip_bars
     prompts, reference = [], []
-    for start, end in zip(offsets[:-1], offsets[1:], strict=True):
+    for start, end in itertools.pairwise(offsets):
         bars = start + np.flatnonzero(is_bar[start:end])
         if len(bars) <= need:
             continue
@@ -224,7 +226,12 @@ def make_clips(
     clips = []
     for k, prompt in enumerate(bench.prompts):
         tokens = generate(
-            loaded, sample, prompt=prompt, max_bars=params.clip_bars, seed=params.seed + k
+            loaded,
+            sample,
+            prompt=prompt,
+            max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
+            max_words=params.max_clip_words,
+            seed=params.seed + k,
         )
         midi = loaded.tokenizer.decode(tokens)
         tmp = out_dir / f".clip{k}.mid"
@@ -445,9 +452,9 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         The metrics.json content: best value and settings, objective kind, ratings used,
         Spearman rho of proxy vs ratings, trials run, seconds per trial.
     """
-    import mlflow
     from optuna.artifacts import FileSystemArtifactStore
 
+    import mlflow
     from musegen.generate import load_model
 
     params_path = Path(params_path)
@@ -462,7 +469,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
     bench = load_bench(repr_dir, loaded.tokenizer, tp, ev.seed)
     storage = open_storage(tp.storage)
     rated = rated_trials(storage, tp.listen_study)
-    ratings = [t.user_attrs["rating"] for t in rated]
+    ratings = [float(t.value) for t in rated]  # a rated trial's value is its 1-5 score
     rho = spearman([t.user_attrs["proxy_score"] for t in rated], ratings)
     listener = None
     if len(rated) >= tp.min_ratings:
@@ -529,7 +536,15 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         )
         study.optimize(objective, n_trials=n_trials, gc_after_trial=False)
         best = best_trial(study)
-        summary = write_results(tp, best, objective_kind, len(rated), rho, seconds, study)
+        summary = write_results(
+            tp,
+            best,
+            objective_kind=objective_kind,
+            n_ratings=len(rated),
+            rho=rho,
+            seconds=seconds,
+            study=study,
+        )
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         mlflow.log_artifact(str(Path(tp.out_dir) / "best_sampling.yaml"))
     return summary
@@ -538,6 +553,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
 def write_results(
     tp: TuneParams,
     best: optuna.trial.FrozenTrial | None,
+    *,
     objective_kind: str,
     n_ratings: int,
     rho: float | None,

@@ -1,0 +1,262 @@
+"""Unattended tuning: proxy-scored Optuna trials, constraints, results, MLflow, ridge listener,
+Spearman, and two real `musegen tune` processes on one storage.
+
+The checkpoint is a randomly initialised tiny MusicTransformer saved in the training format;
+prompts and reference come from real pieces (conftest's corpus) tokenized as a test split.
+Audio uses the numpy renderer (MUSEGEN_RENDERER=numpy) except where a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import torch
+import yaml
+
+import mlflow
+from musegen import tune as tn
+from musegen.config import ParamsError, load_section
+from musegen.generate import generate, load_model
+from musegen.model import ModelConfig, ModelParams, MusicTransformer
+from musegen.sampling import SampleParams
+from musegen.tokenizer import get_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "d_ff": 64, "max_len": 256}
+
+
+def make_workspace(root: Path, real_midi_files: list[Path], **tune: object) -> Path:
+    """A params file whose every output lives under `root`: tiny checkpoint, test tokens."""
+    tok = get_tokenizer("cp")
+    tokens = root / "tokens" / "cp"
+    tokens.mkdir(parents=True)
+    songs = [tok.encode(p) for p in real_midi_files]
+    np.save(tokens / "test.npy", np.concatenate(songs))
+    np.save(tokens / "test_offsets.npy", np.cumsum([0] + [len(s) for s in songs]))
+    tok.save(tokens)
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    model_params = load_section(ModelParams, "model", ROOT / "params.yaml")
+    model_params = dataclasses.replace(model_params, **TINY_MODEL)
+    config = ModelConfig.from_params(model_params, tok.vocab)
+    torch.manual_seed(0)
+    ckpt = root / "ckpt" / "best.pt"
+    ckpt.parent.mkdir()
+    state = {"model": MusicTransformer(config).state_dict()}
+    state |= {"model_config": dataclasses.asdict(config), "vocab": tok.vocab, "step": 7}
+    torch.save(state, ckpt)
+
+    params["data"]["tokens_dir"] = str(root / "tokens")
+    params["evaluate"]["seed"] = 0
+    params["tune"] |= {
+        "checkpoint": str(ckpt),
+        "temperature_range": {"pitch": [0.3, 2.0], "duration": [0.5, 3.0]},
+        "top_p_range": {"pitch": [0.8, 1.0]},
+        "num_trials": 3,
+        "num_startup_trials": 2,
+        "num_clips": 2,
+        "prompt_bars": 1,
+        "clip_bars": 1,
+        "max_clip_words": 48,
+        "num_reference": 6,
+        "storage": f"sqlite:///{root / 'optuna.db'}",
+        "artifact_dir": str(root / "artifacts"),
+        "out_dir": str(root / "reports"),
+        "min_ratings": 5,
+    } | tune
+    path = root / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.fixture(autouse=True)
+def numpy_renderer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MUSEGEN_RENDERER", "numpy")
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory: pytest.TempPathFactory, real_midi_files: list[Path]) -> Path:
+    return make_workspace(tmp_path_factory.mktemp("tune"), real_midi_files)
+
+
+def test_params_section_loads_and_bad_range_is_named() -> None:
+    tp = load_section(tn.TuneParams, "tune", ROOT / "params.yaml")
+    assert tp.storage.startswith("sqlite:///") and tp.min_ratings > 0
+    with pytest.raises(ParamsError, match=r"tune.top_p_range.pitch"):
+        dataclasses.replace(tp, top_p_range={"pitch": [0.5, 1.5]})
+
+
+def test_suggest_covers_the_space_and_overlays_sample_section(workspace: Path) -> None:
+    tp = load_section(tn.TuneParams, "tune", workspace)
+    base = load_section(SampleParams, "sample", workspace)
+    trial = optuna.create_study().ask()
+    values = tn.suggest(trial, tp)
+    assert set(values) == {"temperature.pitch", "temperature.duration", "top_p.pitch"}
+    assert 0.3 <= values["temperature.pitch"] <= 2.0
+    sample = tn.to_sampling(base, values)
+    assert sample.temperature["pitch"] == pytest.approx(values["temperature.pitch"], abs=1e-4)
+    assert sample.temperature["velocity"] == base.temperature["velocity"]  # untouched
+    assert tn.as_section(values)["top_p"] == {"pitch": round(values["top_p.pitch"], 4)}
+
+
+def test_bars_window_shifts_and_crops() -> None:
+    from musegen.midi import Score
+
+    bar = 1920
+    notes = np.array(
+        [[0, 480, 60, 80], [bar + 240, bar + 960, 62, 80], [2 * bar, 3 * bar + 100, 64, 80]]
+    )
+    out = tn.bars_window(Score(notes=notes), 1, 1)
+    assert out.notes[:, 2].tolist() == [62]
+    assert out.notes[0, :2].tolist() == [240, 960]
+
+
+def test_proxy_prefers_real_music_over_noise(workspace: Path) -> None:
+    """The documented objective: held-out real bars score higher than random notes."""
+    from musegen.evaluate import EvaluateParams
+    from musegen.midi import Score
+
+    tp = load_section(tn.TuneParams, "tune", workspace)
+    tp = dataclasses.replace(tp, num_reference=8)
+    ev = load_section(EvaluateParams, "evaluate", workspace)
+    loaded = load_model(tp.checkpoint)
+    bench = tn.load_bench(Path(workspace.parent / "tokens/cp"), loaded.tokenizer, tp)
+    real = tn.measure(bench.reference, bench, ev)
+    rng = np.random.default_rng(0)
+    noise = []
+    for _ in range(len(bench.reference)):
+        start = np.sort(rng.integers(0, 1920, 40)) // 7 * 7
+        pitch = rng.integers(21, 109, 40)
+        noise.append(Score(notes=np.stack([start, start + 13, pitch, np.full(40, 90)], 1)))
+    fake = tn.measure(noise, bench, ev)
+    assert real["proxy_score"] > fake["proxy_score"] + 0.1
+    assert set(fake["constraints"]) == {
+        "dup_bar_rate",
+        "longest_loop_bars",
+        "distinct_4gram_ratio",
+        "zlib_ratio",
+    }
+
+
+def test_ridge_listener_recovers_a_linear_rater_and_spearman() -> None:
+    rng = np.random.default_rng(0)
+    names = tn.LISTENER_FEATURES
+    rows = [{n: float(rng.normal()) for n in names} for _ in range(60)]
+    truth = [3 + 0.8 * r["h1"] - 0.5 * r["dup_bar_rate"] for r in rows]
+    listener = tn.fit_listener(rows, truth, alpha=0.1)
+    pred = [listener.predict(r) for r in rows]
+    assert np.corrcoef(pred, truth)[0, 1] > 0.99
+    raw = listener.coef / listener.scale  # back to per-unit slopes
+    assert raw[names.index("h1")] == pytest.approx(0.8, abs=0.05)
+    assert raw[names.index("dup_bar_rate")] == pytest.approx(-0.5, abs=0.05)
+    assert raw[names.index("h4")] == pytest.approx(0.0, abs=0.05)
+    assert 1 <= listener.predict(dict.fromkeys(names, 100.0)) <= 5  # clipped to the scale
+    assert tn.spearman([1, 2, 3, 4], [2, 4, 6, 9]) == pytest.approx(1.0)
+    assert tn.spearman([1, 2, 3], [5, 5, 5]) is None
+
+
+def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    summary = tn.tune(workspace, n_trials=3)
+    tp = load_section(tn.TuneParams, "tune", workspace)
+    study = optuna.load_study(study_name=tp.study, storage=tp.storage)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(trials) >= 3 and summary["n_trials_run"] == 3
+    best = yaml.safe_load((Path(tp.out_dir) / "best_sampling.yaml").read_text())
+    best_trial = study.trials[summary["best_trial"]]
+    assert best == tn.as_section(best_trial.params)
+    metrics = json.loads((Path(tp.out_dir) / "metrics.json").read_text())
+    assert metrics["objective"] == "proxy" and metrics["seconds_per_trial"] > 0
+    for t in trials:  # constraints recorded, one scalar each; clips uploaded with blind names
+        assert {k for k in t.system_attrs if k.startswith("constraints:")}
+        assert len(t.user_attrs["clips"]) == tp.num_clips
+        for clip in t.user_attrs["clips"]:
+            assert len(clip["name"]) == 16 and "pitch" not in clip["name"]
+            assert (Path(tp.artifact_dir) / clip["mp3"]).stat().st_size > 0
+
+    client = mlflow.MlflowClient(uri)
+    exp = client.get_experiment_by_name(tp.experiment)
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 3
+    assert "temperature.pitch" in children[0].data.params
+    assert "proxy_score" in children[0].data.metrics
+    files = {a.path for a in client.list_artifacts(children[0].info.run_id, "clips")}
+    assert {Path(f).suffix for f in files} == {".mid", ".mp3"}
+
+
+def test_learned_listener_takes_over_after_min_ratings(
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ratings in the listen study (rated trials with metrics) switch the objective."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tp = load_section(tn.TuneParams, "tune", workspace)
+    listen = optuna.create_study(
+        storage=tp.storage, study_name=tp.listen_study, direction="maximize"
+    )
+    rng = np.random.default_rng(1)
+    for _ in range(tp.min_ratings + 1):
+        t = listen.ask()
+        metrics = {n: float(rng.normal()) for n in tn.LISTENER_FEATURES}
+        rating = int(np.clip(round(3 + metrics["h1"]), 1, 5))
+        t.set_user_attr("mode", "rating")
+        t.set_user_attr("metrics", metrics)
+        t.set_user_attr("proxy_score", metrics["h1"] + 0.1 * rng.normal())
+        listen.tell(t, rating)
+    summary = tn.tune(workspace, n_trials=1)
+    assert summary["objective"] == "listener" and summary["n_ratings"] == tp.min_ratings + 1
+    assert summary["study"] == f"{tp.study}-listener"
+    assert summary["spearman_proxy_vs_rating"] > 0.5
+    assert 1 <= summary["best_value"] <= 5
+
+
+@pytest.mark.slow
+def test_two_tune_processes_share_one_storage(real_midi_files: list[Path], tmp_path: Path) -> None:
+    """Two `musegen tune` workers on one sqlite file: no trial lost, artifacts belong to their
+    trial (each MIDI re-generates bit for bit from the trial's params and seeds)."""
+    params = make_workspace(tmp_path, real_midi_files, num_startup_trials=1)
+    tp = load_section(tn.TuneParams, "tune", params)
+    env = os.environ | {"MUSEGEN_RENDERER": "numpy"}
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tn.open_storage(tp.storage)  # create the schema once, as an existing repository has it
+    cmd = [sys.executable, "-m", "musegen", "tune", "--params", str(params), "--trials", "3"]
+    procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in "ab"]
+    for p in procs:
+        _, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+    study = optuna.load_study(study_name=tp.study, storage=tp.storage)
+    trials = study.get_trials()
+    assert len(trials) == 6
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+
+    loaded = load_model(tp.checkpoint)
+    bench = tn.load_bench(tmp_path / "tokens/cp", loaded.tokenizer, tp)
+    base = load_section(SampleParams, "sample", params)
+    ids = [c["mid"] for t in trials for c in t.user_attrs["clips"]]
+    assert len(set(ids)) == len(ids)  # no artifact shared or overwritten
+    for t in trials[:: len(trials) - 1]:  # the first and the last trial
+        sample = tn.to_sampling(base, t.params)
+        for k, clip in enumerate(t.user_attrs["clips"]):
+            tokens = generate(
+                loaded,
+                sample,
+                prompt=bench.prompts[k],
+                max_bars=tp.prompt_bars + tp.clip_bars,
+                max_words=tp.max_clip_words,
+                seed=tp.seed + k,
+            )
+            stored = loaded.tokenizer.encode(Path(tp.artifact_dir) / clip["mid"])
+            again = loaded.tokenizer.encode(loaded.tokenizer.decode(tokens))
+            assert np.array_equal(stored, again), (t.number, k)
