@@ -213,6 +213,53 @@ def register(
     )
 
 
+@app.command()
+def tune(
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="trials in this call (default tune.num_trials)")
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Tune per-field temperature / top-p against the listening proxy (or the learned listener).
+
+    Several workers may run at once on one tune.storage. Writes reports/tune/best_sampling.yaml.
+    """
+    from musegen import tune as stage
+
+    summary = stage.tune(params, n_trials=trials)
+    typer.echo(
+        f"tune: {summary['n_trials_run']} trials ({summary['seconds_per_trial']:.1f} s each), "
+        f"objective {summary['objective']}, best {summary.get('best_value', float('nan')):.4f} "
+        f"(trial {summary.get('best_trial')}); spearman vs ratings "
+        f"{summary['spearman_proxy_vs_rating']} over {summary['n_ratings']} ratings"
+    )
+
+
+@app.command()
+def listen(
+    trials: Annotated[
+        int | None, typer.Option("--trials", help="ratings to collect (default tune.num_trials)")
+    ] = None,
+    serve: Annotated[
+        bool, typer.Option("--serve", help="also serve optuna-dashboard on 127.0.0.1")
+    ] = False,
+    port: Annotated[int, typer.Option(help="dashboard port (with --serve)")] = 8080,
+    pairwise: Annotated[
+        bool, typer.Option("--pairwise", help="A/B preference against the incumbent")
+    ] = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Generate clips per trial for people to rate in optuna-dashboard; tell Optuna the ratings.
+
+    Without --serve, start the dashboard yourself:
+    optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host 127.0.0.1
+    """
+    from musegen import listen as stage
+
+    summary = stage.listen(params, n_trials=trials, pairwise=pairwise, serve=serve, port=port)
+    typer.echo(f"listen: {summary['told']} rated, {summary['skipped']} skipped; {summary}")
+
+
 def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
     try:
