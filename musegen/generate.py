@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import Tensor
 
-from musegen.config import ParamsError, load_section, merge, read_yaml
+from musegen.config import ParamsError, merge, read_yaml
 from musegen.model import KVCache, ModelConfig, MusicTransformer
 from musegen.sampling import SampleParams, forbid_ids, loop_guard, mask_logits, sample_field
 from musegen.tokenizer import (
@@ -80,8 +81,6 @@ class GenerateParams:
         prompt_bars: bars of --prompt kept as the opening.
         out_dir: where MIDI (and MP3/PNG) files and generate.json go.
         device: auto (CUDA when present) | cpu | cuda.
-        sampling_file: per-field sampling from tuning (same shape as the `sample` section);
-            used on top of `sample` when the file exists.
     """
 
     checkpoint: str
@@ -92,7 +91,6 @@ class GenerateParams:
     prompt_bars: int
     out_dir: str
     device: str
-    sampling_file: str
 
 
 @dataclass
@@ -637,27 +635,29 @@ def continue_midi(
 
 # ---- sampling settings, model references, files ------------------------------------------
 def sampling_for(params_path: Path | str) -> SampleParams:
-    """The `sample` section, with generate.sampling_file (tuning's best) on top if it exists.
+    """The `sample` section, overlaid by the tuning stage's best settings when they exist.
 
-    The file has the sample section's shape (a `sample:` wrapper is accepted); its maps may
-    name only some fields. CLI flags are applied after this (`SampleParams.with_overrides`).
+    The overlay is <tune.out_dir>/best_sampling.yaml (written by `musegen tune`), in the sample
+    section's shape (a `sample:` wrapper is accepted); its maps may name only some fields. CLI
+    flags go on top of the result (`SampleParams.with_overrides`).
 
     Raises:
-        ParamsError: a section is missing, or the file has a key the sample section lacks.
+        ParamsError: the sample section is missing, or the overlay has a key it lacks.
     """
     params_path = Path(params_path)
-    base = read_yaml(params_path)
-    if not isinstance(base.get("sample"), dict):
+    data = read_yaml(params_path)
+    if not isinstance(data.get("sample"), dict):
         raise ParamsError(f"{params_path}: missing section 'sample'")
-    section = base["sample"]
-    tuned = Path(load_section(GenerateParams, "generate", params_path).sampling_file)
-    if tuned.is_file():
+    section = data["sample"]
+    tune_dir = (data.get("tune") or {}).get("out_dir")
+    tuned = Path(tune_dir) / "best_sampling.yaml" if tune_dir else None
+    if tuned is not None and tuned.is_file():
         extra = read_yaml(tuned)
         section = merge(section, extra.get("sample", extra), str(tuned))
     names = [f.name for f in dataclasses.fields(SampleParams)]
     missing = [n for n in names if n not in section]
-    if missing or set(section) - set(names):
-        raise ParamsError(f"{params_path}: sample section keys must be {', '.join(names)}")
+    if missing:
+        raise ParamsError(f"{params_path}: missing key sample.{missing[0]} (add it to the file)")
     return SampleParams(**{n: section[n] for n in names})
 
 
@@ -677,10 +677,15 @@ def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:
     import mlflow
 
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=dst and str(dst)))
-    found = [local] if local.is_file() else sorted(local.rglob("*.pt"))
-    if len(found) > 1:
-        # a pyfunc keeps its artifacts under artifacts/<key>...; prefer the "checkpoint" key
-        found = [p for p in found if "checkpoint" in p.relative_to(local).parts[:-1]] or found
+    if local.is_file():
+        return local
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():  # a pyfunc lists its artifacts by key: python_function.artifacts
+        flavor = yaml.safe_load(mlmodel.read_text()).get("flavors", {}).get("python_function", {})
+        entry = (flavor.get("artifacts") or {}).get("checkpoint")
+        if entry and (local / entry["path"]).is_file():
+            return local / entry["path"]
+    found = sorted(local.rglob("*.pt"))
     if not found:
         raise FileNotFoundError(f"{text}: downloaded to {local}, but it holds no .pt checkpoint")
     if len(found) > 1:
