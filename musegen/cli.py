@@ -260,6 +260,68 @@ def listen(
     typer.echo(f"listen: {summary['told']} rated, {summary['skipped']} skipped; {summary}")
 
 
+@app.command()
+def generate(  # keyword-only: one option per flag, as Typer reads them
+    *,
+    checkpoint: Annotated[
+        str | None, typer.Option("--checkpoint", help="a .pt file (default generate.checkpoint)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="MLflow URI, e.g. models:/musegen@champion")
+    ] = None,
+    prompt: Annotated[Path | None, typer.Option("--prompt", help="MIDI file to continue")] = None,
+    prompt_bars: Annotated[
+        int | None, typer.Option("--prompt-bars", help="bars of --prompt kept")
+    ] = None,
+    temperature: Annotated[
+        list[str] | None, typer.Option("--temperature", help="FIELD=T, repeatable (0 = greedy)")
+    ] = None,
+    top_p: Annotated[list[str] | None, typer.Option("--top-p", help="FIELD=P, repeatable")] = None,
+    seed: Annotated[int | None, typer.Option("--seed", help="piece i uses seed + i")] = None,
+    n: Annotated[int | None, typer.Option("--n", "--num-samples", help="pieces")] = None,
+    bars: Annotated[int | None, typer.Option("--bars", help="bars per piece; 0 = no cap")] = None,
+    minutes: Annotated[
+        float | None, typer.Option("--minutes", help="music minutes per piece; 0 = no cap")
+    ] = None,
+    words: Annotated[
+        int | None, typer.Option("--words", help="sampled words per piece; 0 = no cap")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    mp3: Annotated[bool, typer.Option("--mp3", help="render an MP3 beside each MIDI")] = False,
+    roll: Annotated[bool, typer.Option("--roll", help="draw a piano-roll PNG beside each")] = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Compose MIDI from a checkpoint or a registered model, from scratch or continuing --prompt.
+
+    Sampling: params.yaml's sample section, then <tune.out_dir>/best_sampling.yaml if present,
+    then --temperature / --top-p. Writes <out>/<name>_seed<S>.mid (+ .mp3, .png), generate.json.
+    """
+    import dataclasses
+
+    from musegen import generate as stage
+    from musegen.midi import MidiError
+
+    p = load_section(stage.GenerateParams, "generate", params)
+    given = {"num_samples": n, "max_bars": bars, "max_minutes": minutes, "max_words": words}
+    given |= {"prompt_bars": prompt_bars, "out_dir": out and str(out)}
+    p = dataclasses.replace(p, **{k: v for k, v in given.items() if v is not None})
+    if checkpoint and model:
+        _fail("give --checkpoint or --model, not both")
+    try:
+        sample = stage.sampling_for(params).with_overrides(temperature or (), top_p or ())
+        path = stage.resolve_checkpoint(model or checkpoint or p.checkpoint)
+        loaded = stage.load_model(path, p.device)
+        typer.echo(f"model: {path} (step {loaded.step}, {loaded.config.max_len}-word window)")
+        paths = stage.write_samples(
+            loaded, sample, p, Path(p.out_dir), prompt=prompt,
+            seed=sample.seed if seed is None else seed, mp3=mp3, roll=roll,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, MidiError) as exc:
+        _fail(str(exc))
+    for path in paths:
+        typer.echo(f"wrote {path}")
+
+
 def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
     try:
