@@ -125,12 +125,17 @@ def open_session(params_path: Path | str, pairwise: bool = False) -> Session:
     loaded = load_model(tn.checkpoint_path(tp, params_path))
     repr_dir = Path(data.tokens_dir) / loaded.vocab["representation"]
     storage = tn.open_storage(tp.storage)
+    name = tp.listen_study + ("-pairwise" if pairwise else "")
+    # one listener process per study: a seed that moves with the history, so a restarted
+    # session neither repeats its random startup points nor differs between identical runs
+    done = next(
+        (x.n_trials for x in optuna.get_all_study_summaries(storage) if x.study_name == name), 0
+    )
+    sampler = optuna.samplers.TPESampler(
+        n_startup_trials=tp.num_startup_trials, seed=tp.seed + done
+    )
     study = optuna.create_study(
-        storage=storage,
-        study_name=tp.listen_study + ("-pairwise" if pairwise else ""),
-        direction="maximize",
-        sampler=optuna.samplers.TPESampler(n_startup_trials=tp.num_startup_trials),
-        load_if_exists=True,
+        storage=storage, study_name=name, direction="maximize", sampler=sampler, load_if_exists=True
     )
     register_forms(study, pairwise)
     Path(tp.artifact_dir).mkdir(parents=True, exist_ok=True)
@@ -305,12 +310,12 @@ def listen(
         if "clips" not in t.user_attrs:  # a run died while generating it
             s.study.tell(t.number, state=TrialState.FAIL)
     server = None
-    if serve:
-        server, _ = start_dashboard(s.storage, s.tp.artifact_dir, port)
-        echo(f"optuna-dashboard: http://127.0.0.1:{server.server_port}/dashboard/")
     told = skipped = 0
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
+        if serve:
+            server, _ = start_dashboard(s.storage, s.tp.artifact_dir, port)
+            echo(f"optuna-dashboard: http://127.0.0.1:{server.server_port}/dashboard/")
         while told < n_trials and (deadline is None or time.monotonic() < deadline):
             new, skip = collect(s)
             told, skipped = told + new, skipped + skip
