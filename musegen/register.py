@@ -156,7 +156,7 @@ def _signature() -> Any:
 
     inputs = Schema([
         ColSpec("long", "seed"), ColSpec("long", "bars"),
-        ColSpec("string", "prompt", required=False), ColSpec("long", "prompt_bars", required=False),
+        ColSpec("string", "prompt", required=False), ColSpec("double", "prompt_bars", required=False),
     ])  # fmt: skip
     outputs = Schema([ColSpec("string", "midi_base64"), ColSpec("long", "n_words"),
                       ColSpec("long", "n_notes")])  # fmt: skip
@@ -217,16 +217,24 @@ def register(
         torch.save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, slim)
         sampling = Path(tmp) / "sampling.yaml"
         sampling.write_text(yaml.safe_dump(_plain(sample), sort_keys=False))
+        # models from code: MLflow stores this script, not a pickle of Composer
+        script = Path(tmp) / "composer.py"
+        script.write_text(
+            "import mlflow\nfrom musegen.register import Composer\n\n"
+            "mlflow.models.set_model(Composer())\n"
+        )
         run_name = f"register STEP {ckpt['step']}"
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
             mlflow.log_params({"choose": params.choose, "step": ckpt["step"]})
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=Composer(),
+                python_model=str(script),
                 artifacts={"checkpoint": str(slim), "sampling": str(sampling)},
                 code_paths=[str(Path(__file__).parent)],  # musegen itself: self-contained
                 pip_requirements=_requirements(),
                 signature=_signature(),
+                # documents the input in the UI; MLflow runs it once, a 1-bar check
+                input_example=pd.DataFrame({"seed": [0], "bars": [1]}),
             )
     version = mlflow.register_model(info.model_uri, params.name, tags={
         "step": str(ckpt["step"]), "choose": params.choose, "checkpoint": str(path),

@@ -1,0 +1,276 @@
+"""The checkpoint sweep: checkpoint choice, the page (in headless Chromium), blind mode, MLflow.
+
+Checkpoints are tiny randomly initialised CP models saved in train.py's format, with a real
+parent training run in a temporary MLflow sqlite store. Prompts come from the real test split
+(data/prepared/manifest.csv, read only).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from musegen import sweep as stage
+from musegen.config import DataParams, load_section
+from musegen.evaluate import EvaluateParams
+from musegen.model import ModelConfig, MusicTransformer
+from musegen.sampling import SampleParams
+
+ROOT = Path(__file__).resolve().parents[1]
+PARAMS = ROOT / "params.yaml"
+VOCAB = ROOT / "data/tokens/cp/vocab.json"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROME_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+)
+
+pytestmark = pytest.mark.skipif(
+    not VOCAB.is_file() or not (ROOT / "data/prepared/manifest.csv").is_file(),
+    reason="needs the tokenized corpus: run `dvc repro tokenize` (or make data)",
+)
+
+
+def make_checkpoint(path: Path, step: int, seed: int, run_id: str | None) -> Path:
+    """A random tiny CP model in train.py's checkpoint format (EOS made unlikely)."""
+    vocab = json.loads(VOCAB.read_text())
+    n = len(vocab["fields"])
+    config = ModelConfig(
+        vocab_sizes=vocab["sizes"],
+        emb_sizes=[8] * n,
+        d_model=32,
+        n_layer=1,
+        n_head=2,
+        d_ff=64,
+        dropout=0.0,
+        max_len=512,
+        attention="relative",
+    )
+    torch.manual_seed(seed)
+    model = MusicTransformer(config)
+    with torch.no_grad():  # priors like train's unigram init, else random pieces end at once
+        for head in model.heads:  # model init zeroes the heads: every seed would agree
+            head.weight.normal_(0.0, 0.5)
+        model.heads[0].bias[1] = -20.0  # type id 1 = EOS
+        model.heads[-1].bias[0] = 20.0  # rest id 0 = no empty bars (a random Rest_k ends it)
+    history = [{"step": s, "valid_loss": 10.0 - s / 10} for s in range(1, step + 1)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(
+        {
+            "step": step,
+            "model": model.state_dict(),
+            "model_config": dataclasses.asdict(config),
+            "vocab": vocab,
+            "mlflow_run_id": run_id,
+            "params_hash": f"h{seed}",
+            "history": history,
+            "best": history[-1],
+        },
+        path,
+    )
+    return path
+
+
+def sweep_params(tmp: Path, **changes: object) -> stage.SweepParams:
+    base = load_section(stage.SweepParams, "sweep", PARAMS)
+    small = {
+        "num_prompts": 2,
+        "prompt_bars": 2,
+        "continue_bars": 2,
+        "max_words": 120,
+        "renderer": "auto",
+        "out_dir": str(tmp),
+        "metrics_file": str(tmp / "metrics.json"),
+    }
+    return dataclasses.replace(base, **(small | changes))
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A real sqlite MLflow store with one training run; three checkpoints pointing at it.
+
+    step_2 holds the same weights as step_1 (seed 1 both): same prompts + same seeds must
+    then give the same music in both columns.
+    """
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("sweep")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("musegen", artifact_location=(tmp / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp, run_name="train") as run:
+        pass
+    ckpts = tmp / "models/checkpoints"
+    for step, seed in ((1, 1), (2, 1), (3, 7)):
+        make_checkpoint(ckpts / f"step_{step}.pt", step, seed, run.info.run_id)
+    yield {"tmp": tmp, "ckpts": ckpts, "run_id": run.info.run_id, "experiment": exp}
+    mp.undo()
+
+
+def run_sweep(store: dict, out: Path, **changes: object) -> dict:
+    data = load_section(DataParams, "data", PARAMS)
+    sample = load_section(SampleParams, "sample", PARAMS)
+    return stage.sweep(
+        sweep_params(out, **changes),
+        store["ckpts"],
+        ROOT / data.manifest,
+        ROOT / data.raw_dir,
+        sample=sample,
+        eval_params=load_section(EvaluateParams, "evaluate", PARAMS),
+        progress=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def open_sweep(store: dict) -> dict:
+    out = store["tmp"] / "open"
+    return {"out": out, "result": run_sweep(store, out)}
+
+
+@pytest.fixture(scope="module")
+def blind_sweep(store: dict) -> dict:
+    out = store["tmp"] / "blind"
+    return {"out": out, "result": run_sweep(store, out, use_blind=True, steps=(1, 3))}
+
+
+def test_choose_checkpoints_all_every_k_and_list(tmp_path: Path) -> None:
+    for s in (100, 200, 300, 400, 500):
+        (tmp_path / f"step_{s}.pt").touch()
+    (tmp_path / "best.pt").touch()  # never swept: it repeats a STEP
+    steps = lambda paths: [int(p.stem[5:]) for p in paths]  # noqa: E731
+    assert steps(stage.choose_checkpoints(tmp_path, "all", 1)) == [100, 200, 300, 400, 500]
+    assert steps(stage.choose_checkpoints(tmp_path, "all", 2)) == [100, 300, 500]
+    assert steps(stage.choose_checkpoints(tmp_path, "all", 3)) == [200, 500]  # last kept
+    assert steps(stage.choose_checkpoints(tmp_path, (300, 100), 1)) == [100, 300]
+    with pytest.raises(FileNotFoundError, match=r"sweep.steps \[250\].*found \[100, 200"):
+        stage.choose_checkpoints(tmp_path, (250,), 1)
+    with pytest.raises(FileNotFoundError, match="run `musegen train`"):
+        stage.choose_checkpoints(tmp_path / "none", "all", 1)
+
+
+def test_params_reject_bad_steps() -> None:
+    from musegen.config import ParamsError
+
+    with pytest.raises(ParamsError, match="sweep.steps"):
+        dataclasses.replace(load_section(stage.SweepParams, "sweep", PARAMS), steps="some")
+
+
+def test_metrics_json_columns_scores_and_prompts(open_sweep: dict) -> None:
+    import pandas as pd
+
+    result = open_sweep["result"]
+    saved = json.loads(Path(result["page"]).with_name("metrics.json").read_text())
+    assert saved["columns"] == result["columns"]
+    assert list(saved["columns"]) == ["real", "step_1", "step_2", "step_3"]
+    manifest = pd.read_csv(ROOT / "data/prepared/manifest.csv")
+    test_songs = set(manifest.path[manifest.split == "test"])
+    assert len(saved["prompts"]) == 2 and set(saved["prompts"]) <= test_songs
+    for key, step in (("step_1", 1), ("step_3", 3)):
+        # valid loss from the checkpoint's history at that STEP (make_checkpoint: 10 - s/10)
+        assert saved["columns"][key]["valid_loss"] == pytest.approx(10 - step / 10)
+    scores = {k: v["sweep_score"] for k, v in saved["columns"].items() if k != "real"}
+    assert saved["best_step"] == int(max(scores, key=scores.get)[5:])
+    # the real anchor scores like the real reference; random models do not
+    assert saved["columns"]["real"]["sweep_score"] > max(scores.values())
+
+
+def test_same_weights_same_seed_same_music(open_sweep: dict) -> None:
+    """step_1 and step_2 hold the same weights: every row's MIDI is byte-identical."""
+    assets = open_sweep["out"] / "assets"
+    for row in range(2):
+        one = (assets / f"p{row}_step_1.mid").read_bytes()
+        assert one == (assets / f"p{row}_step_2.mid").read_bytes()
+        assert one != (assets / f"p{row}_step_3.mid").read_bytes()
+
+
+def test_page_links_are_relative_and_complete(open_sweep: dict) -> None:
+    page = (open_sweep["out"] / "index.html").read_text()
+    links = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert len(links) == 2 * 4 * 3  # rows x columns x (mp3, png, mid)
+    for link in links:
+        assert not re.match(r"^(/|[a-z]+:)", link), link  # no absolute path, no URL
+        assert (open_sweep["out"] / link).is_file(), link
+    assert page.count('<audio controls preload="none"') == 8
+    assert "STEP 3" in page and "valid loss 9.700" in page
+
+
+def test_mlflow_child_runs_per_checkpoint(store: dict, open_sweep: dict) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    runs = client.search_runs(
+        [store["experiment"]], f"tags.mlflow.parentRunId = '{store['run_id']}'"
+    )
+    runs = [r for r in runs if r.data.tags.get("musegen.stage") == "sweep"]
+    by_step = {int(r.data.params["step"]): r for r in runs}
+    assert set(by_step) >= {1, 2, 3}
+    cols = open_sweep["result"]["columns"]
+    for step, run in by_step.items():
+        assert run.data.metrics["sweep_score"] == pytest.approx(cols[f"step_{step}"]["sweep_score"])
+        names = {Path(a.path).name for a in client.list_artifacts(run.info.run_id, "sweep")}
+        assert {f"p0_step_{step}.mp3", f"p1_step_{step}.mid"} <= names
+
+
+def test_blind_page_hides_steps(blind_sweep: dict) -> None:
+    out = blind_sweep["out"]
+    page = (out / "index.html").read_text()
+    names = [p.name for p in (out / "assets").iterdir()]
+    assert len(names) == 2 * 3 * 3
+    for text in [page, *names]:  # no STEP label, column key, valid loss or "real" column
+        assert not re.search(r"step[ _]?\d|valid loss|>real<|_real", text, re.I), text[:200]
+    assert not re.search(r"step|real", " ".join(names), re.I)
+    alts = re.findall(r'alt="([^"]+)"', page)
+    assert len(alts) == 6 and all(
+        re.fullmatch(r"piano roll, prompt \d, Sample [A-C]", a) for a in alts
+    )
+    assert "<title>" in page and "title=" not in page.replace('title="z = ', "")
+    reveal = json.loads(re.search(r"=\s*(\{.*\});", (out / "reveal.js").read_text(), re.S)[1])
+    assert sorted(reveal) == ["Sample A", "Sample B", "Sample C"]
+    assert sorted(str(v["step"]) for v in reveal.values()) == ["1", "3", "None"]
+
+
+def _chromium(url: str, tmp: Path) -> str:
+    """Chromium's DOM of `url` after up to 10 s of virtual time (players load metadata)."""
+    proc = subprocess.run(
+        [
+            CHROMIUM,
+            *CHROME_FLAGS,
+            f"--user-data-dir={tmp}",
+            "--virtual-time-budget=10000",
+            "--dump-dom",
+            url,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
+    )
+    return proc.stdout
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: apt-get install chromium")
+@pytest.mark.parametrize("mode", ["open_sweep", "blind_sweep"])
+def test_chromium_loads_every_player_and_roll(
+    mode: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    out = request.getfixturevalue(mode)["out"]
+    dom = _chromium((out / "index.html").as_uri() + "?selftest", tmp_path / "profile")
+    found = re.search(r'<pre id="selftest"[^>]*>([^<]*)</pre>', dom)
+    assert found and found[1], dom[-500:]
+    check = json.loads(found[1])
+    cells = 2 * (4 if mode == "open_sweep" else 3)
+    assert check == {"audio": cells, "audio_ok": cells, "img": cells, "img_ok": cells}
