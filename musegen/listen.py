@@ -335,3 +335,17 @@ def listen(
             server.shutdown()
             server.server_close()
     return summary(s.study) | {"told": told, "skipped": skipped}
+
+
+def markdown(result: Mapping[str, Any]) -> str:
+    """A short markdown report of a `listen` result (for the Prefect UI)."""
+    lines = [
+        f"**{result['study']}**: {result.get('told', 0)} rated this run, "
+        f"{result.get('skipped', 0)} skipped, {result['n_rated']} rated in all",
+    ]
+    if "best_params" in result:
+        lines.append(f"best trial {result['best_trial']} ({result['best_value']:.2f}):")
+        lines += [f"- `{k}` = {v:.3f}" for k, v in sorted(result["best_params"].items())]
+    for item, strength in result.get("bradley_terry", {}).items():
+        lines.append(f"- BT {strength:+.2f}: `{item}`")
+    return "\n".join(lines)

@@ -213,3 +213,29 @@ def test_cli_serve_real_audio_and_ctrl_c(params: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_flow_session_task_serves_and_collects(params: Path) -> None:
+    """flows/listen.py's session task (called through .fn) rates and its report names the best."""
+    from flows.listen import session
+
+    tp = load_section(tn.TuneParams, "tune", params)
+
+    def rate_one() -> None:  # a person who rates the first ready trial 4
+        storage = optuna.storages.RDBStorage(tp.storage)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            for study in optuna.get_all_studies(storage):
+                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                    if "clips" in t.user_attrs:
+                        storage.set_trial_user_attr(t._trial_id, ls.RATING_KEY, 4)
+                        return
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=rate_one, daemon=True)
+    thread.start()
+    result = session.fn(params, n_trials=1, pairwise=False, port=0, timeout_s=60)
+    thread.join(5)
+    assert result["told"] == 1 and result["best_value"] == 4
+    text = ls.markdown(result)
+    assert "`temperature.pitch`" in text and "1 rated this run" in text

@@ -223,14 +223,19 @@ def test_learned_listener_takes_over_after_min_ratings(
 
 
 @pytest.mark.slow
-def test_two_tune_processes_share_one_storage(real_midi_files: list[Path], tmp_path: Path) -> None:
+def test_two_tune_processes_share_one_storage(
+    real_midi_files: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Two `musegen tune` workers on one sqlite file: no trial lost, artifacts belong to their
     trial (each MIDI re-generates bit for bit from the trial's params and seeds)."""
     params = make_workspace(tmp_path, real_midi_files, num_startup_trials=1)
     tp = load_section(tn.TuneParams, "tune", params)
     env = os.environ | {"MUSEGEN_RENDERER": "numpy"}
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    tn.open_storage(tp.storage)  # create the schema once, as an existing repository has it
+    # both stores exist in a working repository; creating them is a one-off, not the race here
+    tn.open_storage(tp.storage)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
+    tn.connect_mlflow(tp.experiment)
     cmd = [sys.executable, "-m", "musegen", "tune", "--params", str(params), "--trials", "3"]
     procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in "ab"]
     for p in procs:
