@@ -38,8 +38,18 @@ from musegen.sampling import SampleParams
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 #: checkpoint keys a generating model needs; optimizer, scheduler and RNG state are dropped.
-SLIM_KEYS = ("step", "model", "model_config", "vocab", "params", "params_hash", "vocab_hash",
-             "mlflow_run_id", "history", "best")  # fmt: skip
+SLIM_KEYS = (
+    "step",
+    "model",
+    "model_config",
+    "vocab",
+    "params",
+    "params_hash",
+    "vocab_hash",
+    "mlflow_run_id",
+    "history",
+    "best",
+)
 #: what the served model imports; explicit, so log_model does not spend ~4 s inferring them.
 REQUIREMENTS = ("torch", "numpy", "pandas", "miditoolkit", "pyyaml", "mlflow", "symusic")
 DEFAULT_PROMPT_BARS = 4
@@ -142,11 +152,13 @@ class Composer(mlflow.pyfunc.PythonModel):
             midi = self.loaded.tokenizer.decode(tokens)
             buf = io.BytesIO()
             midi.dump(file=buf)
-            rows.append({
-                "midi_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
-                "n_words": len(tokens),
-                "n_notes": sum(len(i.notes) for i in midi.instruments),
-            })  # fmt: skip
+            rows.append(
+                {
+                    "midi_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
+                    "n_words": len(tokens),
+                    "n_notes": sum(len(i.notes) for i in midi.instruments),
+                }
+            )
         return pd.DataFrame(rows, columns=["midi_base64", "n_words", "n_notes"])
 
 
@@ -154,12 +166,22 @@ def _signature() -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, Schema
 
-    inputs = Schema([
-        ColSpec("long", "seed"), ColSpec("long", "bars"),
-        ColSpec("string", "prompt", required=False), ColSpec("double", "prompt_bars", required=False),
-    ])  # fmt: skip
-    outputs = Schema([ColSpec("string", "midi_base64"), ColSpec("long", "n_words"),
-                      ColSpec("long", "n_notes")])  # fmt: skip
+    inputs = Schema(
+        [
+            ColSpec("long", "seed"),
+            ColSpec("long", "bars"),
+            ColSpec("string", "prompt", required=False),
+            # double: pandas holds an int column with gaps (rows without a prompt) as float64
+            ColSpec("double", "prompt_bars", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec("string", "midi_base64"),
+            ColSpec("long", "n_words"),
+            ColSpec("long", "n_notes"),
+        ]
+    )
     return ModelSignature(inputs, outputs)
 
 
@@ -236,11 +258,18 @@ def register(
                 # documents the input in the UI; MLflow runs it once, a 1-bar check
                 input_example=pd.DataFrame({"seed": [0], "bars": [1]}),
             )
-    version = mlflow.register_model(info.model_uri, params.name, tags={
-        "step": str(ckpt["step"]), "choose": params.choose, "checkpoint": str(path),
-        "params_hash": str(ckpt.get("params_hash")), "training_run_id": str(parent),
-        "register_run_id": run.info.run_id,
-    })  # fmt: skip
+    version = mlflow.register_model(
+        info.model_uri,
+        params.name,
+        tags={
+            "step": str(ckpt["step"]),
+            "choose": params.choose,
+            "checkpoint": str(path),
+            "params_hash": str(ckpt.get("params_hash")),
+            "training_run_id": str(parent),
+            "register_run_id": run.info.run_id,
+        },
+    )
     client.set_registered_model_alias(params.name, params.alias, version.version)
     return version
 

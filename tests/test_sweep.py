@@ -158,14 +158,14 @@ def test_choose_checkpoints_all_every_k_and_list(tmp_path: Path) -> None:
     assert steps(stage.choose_checkpoints(tmp_path, (300, 100), 1)) == [100, 300]
     with pytest.raises(FileNotFoundError, match=r"sweep.steps \[250\].*found \[100, 200"):
         stage.choose_checkpoints(tmp_path, (250,), 1)
-    with pytest.raises(FileNotFoundError, match="run `musegen train`"):
+    with pytest.raises(FileNotFoundError, match=r"run `musegen train`"):
         stage.choose_checkpoints(tmp_path / "none", "all", 1)
 
 
 def test_params_reject_bad_steps() -> None:
     from musegen.config import ParamsError
 
-    with pytest.raises(ParamsError, match="sweep.steps"):
+    with pytest.raises(ParamsError, match=r"sweep\.steps"):
         dataclasses.replace(load_section(stage.SweepParams, "sweep", PARAMS), steps="some")
 
 
