@@ -253,10 +253,11 @@ def train(
         *load_split(repr_dir, "valid"), vocab, params.seq_len, params.num_valid_windows
     )
     # unigram baseline: entropy (nats) of each field's train distribution, padding ids included
-    entropy = []
+    entropy, unigram = [], []
     for f in range(len(fields)):
         p = np.bincount(np.asarray(rows[:, f]), minlength=vocab["sizes"][f]) / len(rows)
         entropy.append(float(-(p[p > 0] * np.log(p[p > 0])).sum()))
+        unigram.append(torch.tensor(np.log(p + 1e-6), dtype=torch.float32))  # (V_f,)
     # same keys as the valid rows: valid_loss (weighted sum), valid_loss_<field>
     baseline = {"valid_loss": float(np.dot(weights, entropy))}
     baseline |= {f"valid_loss_{n}": h for n, h in zip(fields, entropy, strict=True)}
@@ -277,7 +278,13 @@ def train(
     config = ModelConfig.from_params(model_params, vocab)
     if params.seq_len > config.max_len:
         raise TrainError(f"train.seq_len {params.seq_len} > model.max_len {config.max_len}")
-    raw_model = MusicTransformer(config).to(device)
+    raw_model = MusicTransformer(config)
+    with torch.no_grad():
+        # output biases start at the train unigram log-prior (Karpathy, "init well"): step 0
+        # already scores the baseline, so near-constant fields (rest, tempo) only improve
+        for head, prior in zip(raw_model.heads, unigram, strict=True):
+            head.bias.copy_(prior)
+    raw_model.to(device)
     if ckpt:
         raw_model.load_state_dict(ckpt["model"])
     model = raw_model
