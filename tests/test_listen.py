@@ -225,12 +225,15 @@ def test_flow_session_task_serves_and_collects(params: Path) -> None:
         storage = optuna.storages.RDBStorage(tp.storage)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            for study in optuna.get_all_studies(storage):
-                for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-                    if "clips" in t.user_attrs:
-                        storage.set_trial_user_attr(t._trial_id, ls.RATING_KEY, 4)
-                        return
             time.sleep(0.05)
+            try:
+                study = optuna.load_study(study_name=tp.listen_study, storage=storage)
+            except KeyError:  # the session has not created it yet
+                continue
+            for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+                if "clips" in t.user_attrs:
+                    storage.set_trial_user_attr(t._trial_id, ls.RATING_KEY, 4)
+                    return
 
     thread = threading.Thread(target=rate_one, daemon=True)
     thread.start()
