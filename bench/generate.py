@@ -1,16 +1,17 @@
 """Generation speed, real-time factor and a 36-minute piece, against a recompute peer.
 
-1. Words/s of one decoding step at 256, 1k and 4k words of context on the params.yaml model
+1. Real-time factor of `generate()` end to end (sampling and grammar masks included): seconds
+   of music per second of compute, with --checkpoint (a trained model gives a realistic
+   music-per-word rate; without it, a random-init model of the params.yaml shape).
+2. A 36-minute piece (max_minutes=36, EOS suppressed so only the cap ends it): wall time,
+   peak RSS (getrusage; tracemalloc would miss tensors and slows Python ~2x), and per
+   2-minute window the duplicate-bar rate and pitch-class entropy (metrics.piece_metrics).
+3. Words/s of one decoding step at 256, 1k and 4k words of context on the params.yaml model
    shape (random init, max_len = context): the KV cache (one new word against a cache trimmed
    to max_len - 1, as `musegen.generate` runs it) vs recomputing the whole window each step
    (what a cache-less sampler such as netpi's CP port does). The peer gets its best thread
    count (1 or all); the cached path runs on 1 thread, as `generate` does on CPU.
-2. Real-time factor of `generate()` end to end (sampling and grammar masks included): seconds
-   of music per second of compute, with --checkpoint (a trained model gives a realistic
-   music-per-word rate; random init writes few words per bar).
-3. A 36-minute piece (max_minutes=36, EOS suppressed so only the cap ends it): wall time,
-   peak RSS (getrusage; tracemalloc would miss tensors and slows Python ~2x), and per
-   2-minute window the duplicate-bar rate and pitch-class entropy (metrics.piece_metrics).
+   Runs last, so the 4k-word peer's memory does not show in part 2's peak RSS.
 
     .venv/bin/python -m bench.generate --checkpoint models/cp/checkpoints/best.pt
 
@@ -106,7 +107,7 @@ def windows(score: Score, seconds: float) -> list[dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--checkpoint", type=Path, help="trained checkpoint for parts 2 and 3")
+    ap.add_argument("--checkpoint", type=Path, help="trained checkpoint for parts 1 and 2")
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--steps", type=int, default=64, help="cached steps timed per context")
     ap.add_argument("--minutes", type=float, default=36.0)
@@ -115,13 +116,6 @@ def main() -> None:
     shape = load_section(ModelParams, "model", "params.yaml")
     sample = load_section(SampleParams, "sample", "params.yaml")
     vocab = get_tokenizer("cp").vocab
-
-    print(f"1. one decoding step, d_model {shape.d_model}, {shape.n_layer} layers, CPU")
-    print(f"{'context':>8} {'cached w/s':>11} {'recompute w/s':>14} {'speed-up':>9}")
-    for context in (int(c) for c in args.contexts.split(",")):
-        r = step_rates(shape, vocab, context, args.steps)
-        print(f"{context:>8} {r['cached']:>11.1f} {r['recompute']:>14.2f} "
-              f"{r['cached'] / r['recompute']:>8.1f}x")  # fmt: skip
 
     if args.checkpoint:
         loaded = gen.load_model(args.checkpoint, device="cpu")
@@ -135,7 +129,7 @@ def main() -> None:
     with torch.no_grad():  # only the caps end a piece here
         loaded.model.heads[0].bias[EOS] = float("-inf")
 
-    print(f"\n2. real-time factor of generate(), {what}")
+    print(f"1. real-time factor of generate(), {what}")
     t = time.perf_counter()
     out = gen.generate(loaded, sample, max_words=args.rtf_words, seed=0)
     took = time.perf_counter() - t
@@ -143,7 +137,7 @@ def main() -> None:
     print(f"{len(out) - 2} words in {took:.2f} s = {(len(out) - 2) / took:.0f} words/s; "
           f"{music:.0f} s of music -> real-time factor {music / took:.0f}x")  # fmt: skip
 
-    print(f"\n3. a {args.minutes:g}-minute piece (max_minutes), {what}")
+    print(f"\n2. a {args.minutes:g}-minute piece (max_minutes), {what}")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t = time.perf_counter()
     out = gen.generate(loaded, sample, max_minutes=args.minutes, max_words=500_000, seed=1)
@@ -162,6 +156,14 @@ def main() -> None:
                   f"{row['pitch_class_entropy']:>11.3f}")  # fmt: skip
         else:
             print(f"{row['window'] * 2:>4}m      0  (silent)")
+
+    # last: the 4k-word recompute peer would otherwise set the peak RSS of part 2
+    print(f"\n3. one decoding step, d_model {shape.d_model}, {shape.n_layer} layers, CPU")
+    print(f"{'context':>8} {'cached w/s':>11} {'recompute w/s':>14} {'speed-up':>9}")
+    for context in (int(c) for c in args.contexts.split(",")):
+        r = step_rates(shape, vocab, context, args.steps)
+        print(f"{context:>8} {r['cached']:>11.1f} {r['recompute']:>14.2f} "
+              f"{r['cached'] / r['recompute']:>8.1f}x")  # fmt: skip
 
 
 if __name__ == "__main__":

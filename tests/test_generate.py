@@ -126,7 +126,7 @@ def test_cached_steps_equal_full_recompute(
     trace: list[torch.Tensor] = []
     out = gen.generate(loaded, SAMPLE, prompt=prompt, max_words=48, seed=3, trace=trace)
     start = 1 if prompt is None else len(prompt)
-    x = torch.as_tensor(out[:-1].astype(np.int64))  # without the closing EOS
+    x = torch.as_tensor(out[:-1].astype(np.int64), device=loaded.device)  # drop the EOS
     x = x[None] if rep == "cp" else x[None, :, None]
     with torch.no_grad():
         h, _ = loaded.model.hidden(x, window=loaded.config.max_len)
