@@ -176,6 +176,9 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     best = yaml.safe_load((Path(tp.out_dir) / "best_sampling.yaml").read_text())
     best_trial = study.trials[summary["best_trial"]]
     assert best == tn.as_section(best_trial.params)
+    from musegen.generate import sampling_for  # generation reads the file back
+
+    assert sampling_for(workspace).temperature["pitch"] == best["temperature"]["pitch"]
     metrics = json.loads((Path(tp.out_dir) / "metrics.json").read_text())
     assert metrics["objective"] == "proxy" and metrics["seconds_per_trial"] > 0
     for t in trials:  # constraints recorded, one scalar each; clips uploaded with blind names
