@@ -6,6 +6,7 @@ params.yaml (or --params FILE) and prints progress on anything that takes over a
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -207,6 +208,13 @@ def register(
         )
     except FileNotFoundError as exc:
         _fail(str(exc))
+    report = {
+        "version": int(version.version),
+        "step": int(version.tags["step"]),
+        "uri": f"models:/{p.name}@{p.alias}",
+    }
+    Path(p.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(p.report).write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(
         f"registered: models:/{p.name}/{version.version} (STEP {version.tags['step']}), "
         f"alias {p.alias} -> version {version.version}"
@@ -320,6 +328,38 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
         _fail(str(exc))
     for path in paths:
         typer.echo(f"wrote {path}")
+
+
+@app.command()
+def evaluate(
+    samples: Annotated[Path | None, typer.Option(help="folder of generated MIDI")] = None,
+    reference: Annotated[Path | None, typer.Option(help="folder of real MIDI")] = None,
+    out: Annotated[Path | None, typer.Option(help="result JSON (with --samples)")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Objective metrics and MGEval overlap of generated music against real music.
+
+    With --samples and --reference: any two folders (bad files are rejected with reasons).
+    Without them (the DVC stage): best.pt with the tuned sampling against the test split.
+    """
+    from musegen import evaluate as stage
+    from musegen.generate import sampling_for
+    from musegen.train import TrainParams
+
+    p = load_section(stage.EvaluateParams, "evaluate", params)
+    if samples is not None or reference is not None:
+        if samples is None or reference is None:
+            _fail("give both --samples and --reference (or neither, for the pipeline stage)")
+        result = stage.evaluate(samples, reference, out or Path(p.out_dir) / "metrics.json", p)
+        typer.echo(f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}")
+        return
+    data = load_section(DataParams, "data", params)
+    ckpt = Path(load_section(TrainParams, "train", params).out_dir) / "checkpoints" / "best.pt"
+    headline = stage.evaluate_model(ckpt, sampling_for(params), data.manifest, data.raw_dir, p)
+    typer.echo(
+        f"evaluate: {headline['n_samples']} samples vs {headline['n_reference']} held-out:"
+        f" proxy {headline['proxy_score']:.3f}, mean OA {headline['mean_oa']:.3f}"
+    )
 
 
 def main() -> None:

@@ -36,6 +36,8 @@ class EvaluateParams:
     crop_bars: int
     loop_percentile: float
     loop_margin: float
+    num_samples: int
+    out_dir: str
 
     def __post_init__(self) -> None:
         if self.max_files < 0 or self.crop_bars < 0:
@@ -195,3 +197,60 @@ def evaluate(samples: Path, reference: Path, out: Path, params: EvaluateParams) 
     tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
     tmp.replace(out)  # atomic: DVC never sees a half-written metrics file
     return result
+
+
+def evaluate_model(
+    checkpoint: Path,
+    sample: Any,
+    manifest: Path,
+    raw_dir: Path,
+    params: EvaluateParams,
+) -> dict[str, Any]:
+    """The DVC stage: generated music from `checkpoint` against the held-out test split.
+
+    Generates `num_samples` pieces of `crop_bars` bars (seeds seed .. seed + n - 1) with the
+    sampling settings `sample` (the tuned ones when the tune stage wrote them) into
+    out_dir/samples/, copies the manifest's test-split files to out_dir/reference/, runs
+    `evaluate`, and writes the full result to out_dir/details.json and the headline numbers
+    (mean OA/KL, proxy score, per-feature OA, loop flags) to out_dir/metrics.json for
+    `dvc metrics show`.
+
+    Returns:
+        The headline metrics.
+    """
+    import shutil
+
+    import pandas as pd
+
+    from musegen.generate import GenerateParams, load_model, write_samples
+
+    out = Path(params.out_dir)
+    samples, reference = out / "samples", out / "reference"
+    for folder in (samples, reference):
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+    rows = pd.read_csv(manifest, keep_default_na=False)
+    held_out = rows[(rows.status == "ok") & (rows.split == "test")]
+    if held_out.empty:
+        raise FileNotFoundError(f"{manifest}: no ok test-split file to compare against")
+    for rel in held_out.path:
+        shutil.copy(Path(raw_dir) / rel, reference / rel.replace("/", "__"))
+    loaded = load_model(checkpoint)
+    caps = GenerateParams(
+        checkpoint=str(checkpoint), num_samples=params.num_samples, max_bars=params.crop_bars,
+        max_minutes=0, max_words=64 * params.crop_bars, prompt_bars=0, out_dir=str(samples),
+        device="auto",
+    )  # fmt: skip
+    write_samples(loaded, sample, caps, samples, seed=params.seed, progress=False)
+    result = evaluate(samples, reference, out / "details.json", params)
+    headline = {
+        "checkpoint_step": loaded.step,
+        "n_samples": result["samples"]["n_ok"],
+        "n_reference": result["reference"]["n_ok"],
+        "proxy_score": result["proxy_score"],
+        "mean_oa": result["mean_oa"],
+        "mean_kl": result["mean_kl"],
+        "oa": {k: v["oa"] for k, v in result["mgeval"].items()},
+    }
+    (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    return headline

@@ -63,6 +63,7 @@ class RegisterParams:
     step: int
     name: str
     alias: str
+    report: str
 
     def __post_init__(self) -> None:
         if self.choose not in ("best_valid", "best_sweep", "step"):
