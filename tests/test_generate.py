@@ -332,7 +332,11 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
     ckpt_dir.mkdir()
     (ckpt_dir / "step_5.pt").write_bytes(ckpts["cp"].read_bytes())
     params = register.RegisterParams(
-        choose="step", step=5, name="musegen-test", alias="champion", report=str(tmp_path / "r.json")
+        choose="step",
+        step=5,
+        name="musegen-test",
+        alias="champion",
+        report=str(tmp_path / "r.json"),
     )
     with pytest.warns(UserWarning, match="training run"):
         register.register(params, ckpt_dir, SAMPLE, experiment="gen-test")
