@@ -26,13 +26,16 @@ import time
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from musegen.config import flatten
+
+if TYPE_CHECKING:
+    from musegen.model import ModelParams
 
 #: train.* keys that do not change the weights: a resume may change them.
 UNHASHED = ("out_dir", "metrics_file", "plots_file", "experiment", "device")
@@ -193,7 +196,7 @@ def train(
     tokens_dir: Path,
     out_dir: Path,
     params: TrainParams,
-    model_params: Any,
+    model_params: ModelParams,
     *,
     all_params: Mapping[str, Any] | None = None,
     resume: bool = False,
@@ -255,9 +258,9 @@ def train(
     # unigram baseline: entropy (nats) of each field's train distribution, padding ids included
     entropy, unigram = [], []
     for f in range(len(fields)):
-        p = np.bincount(np.asarray(rows[:, f]), minlength=vocab["sizes"][f]) / len(rows)
-        entropy.append(float(-(p[p > 0] * np.log(p[p > 0])).sum()))
-        unigram.append(torch.tensor(np.log(p + 1e-6), dtype=torch.float32))  # (V_f,)
+        freq = np.bincount(np.asarray(rows[:, f]), minlength=vocab["sizes"][f]) / len(rows)
+        entropy.append(float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()))
+        unigram.append(torch.tensor(np.log(freq + 1e-6), dtype=torch.float32))  # (V_f,)
     # same keys as the valid rows: valid_loss (weighted sum), valid_loss_<field>
     baseline = {"valid_loss": float(np.dot(weights, entropy))}
     baseline |= {f"valid_loss_{n}": h for n, h in zip(fields, entropy, strict=True)}
