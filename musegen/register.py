@@ -21,7 +21,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
-import os
 import tempfile
 import warnings
 from pathlib import Path
@@ -32,11 +31,11 @@ import pandas as pd
 import yaml
 
 import mlflow
+from musegen import tracking
 from musegen.config import ParamsError
 from musegen.sampling import SampleParams
 
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
-DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 #: checkpoint keys a generating model needs; optimizer, scheduler and RNG state are dropped.
 SLIM_KEYS = (
     "step",
@@ -71,19 +70,6 @@ class RegisterParams:
                 f"params.yaml: register.choose = {self.choose!r}; expected best_valid, "
                 "best_sweep or step"
             )
-
-
-def connect(uri: str | None = None) -> Any:
-    """Point MLflow at `uri` (default: $MLFLOW_TRACKING_URI, else DEFAULT_TRACKING_URI).
-
-    Returns:
-        An MlflowClient on that store (a sqlite file's folder is created when missing).
-    """
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-    if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    return mlflow.MlflowClient()
 
 
 def choose_checkpoint(params: RegisterParams, ckpt_dir: Path, sweep_metrics: Path) -> Path:
@@ -219,22 +205,17 @@ def register(
 
     path = choose_checkpoint(params, ckpt_dir, sweep_metrics)
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    client = connect()
     parent = ckpt.get("mlflow_run_id")
     tags = {"musegen.stage": "register", "step": str(ckpt["step"]), "checkpoint": str(path)}
-    try:
-        exp_id = client.get_run(parent).info.experiment_id if parent else None
-        tags["mlflow.parentRunId"] = parent
-    except mlflow.exceptions.MlflowException:
-        exp_id = None
-    if exp_id is None:
+    exp_id, nesting = tracking.child_of(parent, experiment)
+    if not nesting:
         warnings.warn(
             f"{path}: training run {parent!r} is not in {mlflow.get_tracking_uri()}; the "
             f"registering run goes to the top level of experiment {experiment!r}",
             stacklevel=2,
         )
-        found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags |= nesting
+    client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:
         slim = Path(tmp) / "checkpoint.pt"
         torch.save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, slim)

@@ -358,24 +358,17 @@ def _log_child(
 ) -> str:
     """One MLflow run per checkpoint, a child of its training run; returns its run id."""
     import mlflow
-    from musegen.register import connect
+    from musegen import tracking
 
-    client = connect()
-    tags = {"musegen.stage": "sweep", "step": str(col["step"])}
-    try:
-        exp_id = client.get_run(parent).info.experiment_id if parent else None
-    except mlflow.exceptions.MlflowException:
-        exp_id = None
-    if exp_id is None:
+    exp_id, nesting = tracking.child_of(parent, experiment)
+    if not nesting:
         warnings.warn(
             f"training run {parent!r} of STEP {col['step']} is not in {mlflow.get_tracking_uri()}; "
             f"logging the sweep run at the top level of experiment {experiment!r}",
             stacklevel=2,
         )
-        found = client.get_experiment_by_name(experiment)
-        exp_id = found.experiment_id if found else client.create_experiment(experiment)
-    else:
-        tags["mlflow.parentRunId"] = parent  # MLflow's own nesting tag: compare view groups them
+    # MLflow's own nesting tag: the compare view groups a training run's sweep runs
+    tags = {"musegen.stage": "sweep", "step": str(col["step"])} | nesting
     with mlflow.start_run(experiment_id=exp_id, run_name=f"sweep {col['label']}", tags=tags) as run:
         mlflow.log_params(
             {

@@ -23,7 +23,6 @@ import random
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from musegen import tracking
 from musegen.config import flatten
 
 if TYPE_CHECKING:
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 #: train.* keys that do not change the weights: a resume may change them.
 UNHASHED = ("out_dir", "metrics_file", "plots_file", "experiment", "device")
 UNHASHED += ("eval_every", "save_every", "keep_last", "log_every")
-DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
 
 
 class TrainError(RuntimeError):
@@ -331,8 +330,10 @@ def train(
     if master:
         import mlflow
 
-        uri = os.environ.get("MLFLOW_TRACKING_URI", DEFAULT_TRACKING_URI)
-        experiment_id = _connect_mlflow(uri, params.experiment)
+        try:
+            experiment_id = tracking.connect(params.experiment)
+        except tracking.TrackingError as exc:
+            raise TrainError(str(exc)) from exc
         run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id)
         if not run_id:  # a resumed run keeps its params (MLflow forbids changing them)
             run_id = run.info.run_id
@@ -556,33 +557,6 @@ def _write_reports(params: TrainParams, history: list[dict], best: dict, baselin
         out = csv.DictWriter(fh, ["step", "train_loss", *losses], extrasaction="ignore")
         out.writeheader()
         out.writerows(history)
-
-
-def _connect_mlflow(uri: str, experiment: str) -> str:
-    """Reach the tracking store or raise naming the URI and the fix; return the experiment id."""
-    import mlflow
-
-    fix = (
-        f"MLflow tracking store {uri!r} is unreachable ({{why}}). Start the server "
-        f"(`mlflow server ...`), or unset MLFLOW_TRACKING_URI to use {DEFAULT_TRACKING_URI}"
-    )
-    try:
-        if uri.startswith(("http://", "https://")):
-            # MLflow's own client retries for minutes; one short probe fails fast instead
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
-        elif uri.startswith("sqlite:///"):
-            db = Path(uri.removeprefix("sqlite:///"))
-            db.parent.mkdir(parents=True, exist_ok=True)
-        mlflow.set_tracking_uri(uri)
-        client = mlflow.MlflowClient()
-        found = client.get_experiment_by_name(experiment)
-        if found:
-            return found.experiment_id
-        # a local store keeps artifacts beside its database (mlflow/artifacts)
-        where = (db.parent / "artifacts").resolve().as_uri() if uri.startswith("sqlite") else None
-        return client.create_experiment(experiment, artifact_location=where)
-    except Exception as exc:  # any failure here means: no run can be recorded
-        raise TrainError(fix.format(why=f"{type(exc).__name__}: {str(exc)[:200]}")) from exc
 
 
 def _git_commit() -> str:

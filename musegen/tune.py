@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -35,10 +34,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import optuna
 import yaml
 
-from musegen import metrics
+import optuna
+from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
 from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
 from musegen.midi import Score, to_score
@@ -354,27 +353,6 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise AssertionError("unreachable")
 
 
-def tracking_uri() -> str:
-    """MLFLOW_TRACKING_URI, else the repository's local store."""
-    from musegen.train import DEFAULT_TRACKING_URI
-
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
-
-
-def connect_mlflow(experiment: str) -> str:
-    """The experiment id; concurrent workers may race to create it, so retry once or twice."""
-    from musegen.train import TrainError, _connect_mlflow
-
-    for attempt in range(3):
-        try:
-            return _connect_mlflow(tracking_uri(), experiment)
-        except TrainError:
-            if attempt == 2:
-                raise
-            time.sleep(1.0 + attempt)
-    raise AssertionError("unreachable")
-
-
 def checkpoint_path(params: TuneParams, params_path: Path) -> Path:
     """tune.checkpoint, or best.pt of train.out_dir when it is empty."""
     if params.checkpoint:
@@ -400,9 +378,8 @@ def upload_clips(
     MIDI goes up as application/octet-stream: optuna-dashboard would guess audio/sp-midi and
     show a player that cannot play it (research/evaluation-and-audio.md section 3).
     """
-    from optuna.artifacts import upload_artifact
-
     from musegen.render import render_audio
+    from optuna.artifacts import upload_artifact
 
     out = []
     for clip in clips:
@@ -452,10 +429,9 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         The metrics.json content: best value and settings, objective kind, ratings used,
         Spearman rho of proxy vs ratings, trials run, seconds per trial.
     """
-    from optuna.artifacts import FileSystemArtifactStore
-
     import mlflow
     from musegen.generate import load_model
+    from optuna.artifacts import FileSystemArtifactStore
 
     params_path = Path(params_path)
     tp = load_section(TuneParams, "tune", params_path)
@@ -485,7 +461,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
     )
     store = FileSystemArtifactStore(tp.artifact_dir)
     Path(tp.artifact_dir).mkdir(parents=True, exist_ok=True)
-    experiment_id = connect_mlflow(tp.experiment)
+    experiment_id = tracking.connect(tp.experiment)
     seconds: list[float] = []
 
     def objective(trial: optuna.Trial) -> float:

@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
 import torch
 import yaml
 
 import mlflow
+import optuna
+from musegen import tracking
 from musegen import tune as tn
 from musegen.config import ParamsError, load_section
 from musegen.generate import generate, load_model
@@ -238,7 +239,7 @@ def test_two_tune_processes_share_one_storage(
     # both stores exist in a working repository; creating them is a one-off, not the race here
     tn.open_storage(tp.storage)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", env["MLFLOW_TRACKING_URI"])
-    tn.connect_mlflow(tp.experiment)
+    tracking.connect(tp.experiment)
     cmd = [sys.executable, "-m", "musegen", "tune", "--params", str(params), "--trials", "3"]
     procs = [subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True) for _ in "ab"]
     for p in procs:

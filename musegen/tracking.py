@@ -1,0 +1,84 @@
+"""The MLflow connection every stage shares: one tracking-URI rule, one experiment rule.
+
+The tracking URI is $MLFLOW_TRACKING_URI, else the repository's local store
+`sqlite:///mlflow/mlflow.db`. Experiments created on a local sqlite store keep their
+artifacts beside the database (`mlflow/artifacts/`), never in a `./mlruns` of whatever folder
+the command ran from. Any other store (an MLflow server, Postgres) keeps its own default.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import urllib.request
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be reached or written."""
+
+
+def tracking_uri() -> str:
+    """$MLFLOW_TRACKING_URI, else the repository's local sqlite store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+
+
+def connect(experiment: str, attempts: int = 3) -> str:
+    """Point MLflow at the tracking store and return `experiment`'s id, creating it if needed.
+
+    Fails fast (before any work is done) when the store is unreachable. Concurrent workers may
+    race to create the database or the experiment, so a failure is retried `attempts` times.
+
+    Raises:
+        TrackingError: naming the URI, the cause and the fix.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    for attempt in range(attempts):
+        try:
+            db = None
+            if uri.startswith(("http://", "https://")):
+                # MLflow's client retries for minutes; one short probe fails fast instead
+                urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5).close()
+            elif uri.startswith("sqlite:///"):
+                db = Path(uri.removeprefix("sqlite:///"))
+                db.parent.mkdir(parents=True, exist_ok=True)
+            mlflow.set_tracking_uri(uri)
+            client = mlflow.MlflowClient()
+            found = client.get_experiment_by_name(experiment)
+            if found:
+                return found.experiment_id
+            where = (db.parent / "artifacts").resolve().as_uri() if db else None
+            return client.create_experiment(experiment, artifact_location=where)
+        except Exception as exc:  # any failure here means no run can be recorded
+            if attempt + 1 < attempts and not uri.startswith(("http://", "https://")):
+                time.sleep(1.0 + attempt)
+                continue
+            raise TrackingError(
+                f"MLflow tracking store {uri!r} is unreachable ({type(exc).__name__}: "
+                f"{str(exc)[:200]}). Start the server (`mlflow server ...`), or unset "
+                f"MLFLOW_TRACKING_URI to use {DEFAULT_TRACKING_URI}"
+            ) from exc
+    raise AssertionError("unreachable")
+
+
+def child_of(run_id: str | None, experiment: str) -> tuple[str, dict[str, str]]:
+    """Where a run belonging to training run `run_id` goes: (experiment id, tags).
+
+    The child shares the training run's experiment and carries MLflow's nesting tag, so the
+    compare view groups them. When the training run is not in this store (another store, a
+    deleted run) the child goes to the top level of `experiment` instead.
+    """
+    import mlflow
+
+    exp_id = connect(experiment)
+    if run_id:
+        try:
+            parent = mlflow.MlflowClient().get_run(run_id)
+            return parent.info.experiment_id, {"mlflow.parentRunId": run_id}
+        except mlflow.exceptions.MlflowException:
+            pass
+    return exp_id, {}
