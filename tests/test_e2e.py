@@ -25,6 +25,7 @@ pytestmark = pytest.mark.slow
 
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the repo's own store: sqlite:///mlflow/mlflow.db
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     assert proc.returncode == 0, (
         f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -45,9 +46,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
         else:
             shutil.copy(src, dst)
     params = yaml.safe_load((repo / "params.yaml").read_text())
+    # the small profile: 24 pieces, a short training run, cheap tuning/sweep/evaluation
     params["corpus"]["max_files"] = 24  # 19 piano/voice pieces + 5 chorales
     # hash splits on 24 files: wider shares so valid and test are not empty
     params["prepare"].update(valid_percent=15, test_percent=15)
+    params["train"].update(
+        max_steps=180, eval_every=60, save_every=60, batch_size=8, seq_len=128,
+        warmup_steps=10, num_valid_windows=16,
+    )  # fmt: skip
+    params["tune"].update(
+        num_trials=2, num_startup_trials=2, num_clips=2, clip_bars=4, num_reference=8
+    )
+    params["sweep"].update(num_prompts=2, continue_bars=4)
+    params["evaluate"].update(num_samples=4, crop_bars=8)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", "-b", "main", cwd=repo)
     sh(
@@ -100,3 +111,41 @@ def test_second_repro_is_a_fast_noop(repo: Path) -> None:
 def test_metrics_show(repo: Path) -> None:
     out = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
     assert "summary.json" in out
+
+
+def test_training_learns_below_unigram_baseline(repo: Path) -> None:
+    """Each field's best valid loss is clearly below its unigram (train-frequency) entropy."""
+    m = json.loads((repo / "reports/train/metrics.json").read_text())
+    best, base = m["best"], m["baseline"]
+    print(json.dumps(m, indent=1))
+    assert best["valid_loss"] < 0.7 * base["valid_loss"], (best, base)
+    for key, entropy in base.items():
+        assert best[key] <= entropy, f"{key}: {best[key]:.4f} vs unigram {entropy:.4f}"
+        if entropy > 0.05:  # a real margin where the field varies (rests, tempo barely do)
+            assert best[key] < 0.9 * entropy, f"{key}: {best[key]:.3f} vs unigram {entropy:.3f}"
+    checkpoints = sorted((repo / "models/cp/checkpoints").glob("step_*.pt"))
+    assert [c.name for c in checkpoints] == [f"step_{s}.pt" for s in (60, 120, 180)]
+
+
+def test_mlflow_holds_runs_and_champion(repo: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow/mlflow.db'}")
+    champion = client.get_model_version_by_alias("musegen", "champion")
+    report = json.loads((repo / "reports/register/champion.json").read_text())
+    assert int(champion.version) == report["version"]
+    train_runs = client.search_runs(
+        [client.get_experiment_by_name("musegen").experiment_id],
+        filter_string="tags.musegen.stage = 'sweep'",
+    )
+    assert sorted(int(r.data.params["step"]) for r in train_runs) == [60, 120, 180]
+    assert (repo / "reports/sweep/index.html").is_file()
+    assert (repo / "reports/tune/best_sampling.yaml").is_file()
+
+
+def test_experiment_run_with_a_changed_param(repo: Path) -> None:
+    sh("git", "add", "-A", cwd=repo)
+    sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", cwd=repo)
+    sh("dvc", "exp", "run", "-n", "short", "-S", "sweep.num_prompts=1", cwd=repo)
+    shown = sh("dvc", "exp", "show", "--json", cwd=repo).stdout
+    assert '"short"' in shown
