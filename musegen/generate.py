@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,7 @@ from musegen.tokenizer import (
     TYPE,
     VELOCITY,
     Tokenizer,
-    get_tokenizer,
+    from_vocab,
 )
 
 DEFAULT_BPM = 120.0  # MIDI's tempo until a Position word sets one
@@ -115,28 +114,6 @@ class Loaded:
         return list(self.vocab["fields"])
 
 
-def tokenizer_from_vocab(vocab: Mapping[str, Any], where: Path | str) -> Tokenizer:
-    """Rebuild the tokenizer a vocab.json dict describes (no tokens folder needed).
-
-    Raises:
-        ValueError: the dict is not a musegen vocab or its events differ from this version's.
-    """
-    rep, cfg = vocab.get("representation"), vocab.get("config")
-    if rep not in ("cp", "remi") or not isinstance(cfg, Mapping):
-        raise ValueError(
-            f"{where}: its vocab has representation {rep!r} and no tokenizer config; "
-            "expected the vocab.json the tokenize stage writes (retrain on `musegen tokenize` "
-            "output)"
-        )
-    tok = get_tokenizer(rep, use_chords=cfg["use_chords"], num_rest_bars=cfg["num_rest_bars"])
-    if tok.vocab["events"] != vocab["events"]:
-        raise ValueError(
-            f"{where}: the vocab's events differ from what this musegen version builds from "
-            "the same config; generate with the musegen version that trained it"
-        )
-    return tok
-
-
 def load_model(checkpoint: Path | str, device: str = "auto") -> Loaded:
     """Load a training checkpoint (step_<STEP>.pt or best.pt) for generation.
 
@@ -169,7 +146,7 @@ def load_model(checkpoint: Path | str, device: str = "auto") -> Loaded:
             "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
         )
     config = ModelConfig(**ckpt["model_config"])
-    tokenizer = tokenizer_from_vocab(ckpt["vocab"], path)
+    tokenizer = from_vocab(ckpt["vocab"], path)
     if list(config.vocab_sizes) != list(ckpt["vocab"]["sizes"]):
         raise ValueError(f"{path}: model vocab sizes differ from its vocab; the file is corrupt")
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else device

@@ -103,16 +103,22 @@ def read_header(data: bytes, path: Path | str) -> tuple[int, int, int]:
     return fmt, n_tracks, division
 
 
-def load_midi(path: Path | str, max_bytes: int | None = None):  # -> miditoolkit.MidiFile
-    """Parse a MIDI file with miditoolkit after header checks; errors become MidiError."""
-    import miditoolkit
-
-    path = Path(path)
+def read_checked(path: Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes after the size limit (checked before reading) and the header checks."""
     size = path.stat().st_size
     if max_bytes is not None and size > max_bytes:
         raise MidiError(path, "too_large", f"{size / 1e6:.1f} MB exceeds {max_bytes / 1e6:.1f} MB")
     data = path.read_bytes()
     read_header(data, path)
+    return data
+
+
+def load_midi(path: Path | str, max_bytes: int | None = None):  # -> miditoolkit.MidiFile
+    """Parse a MIDI file with miditoolkit after header checks; errors become MidiError."""
+    import miditoolkit
+
+    path = Path(path)
+    data = read_checked(path, max_bytes)
     try:
         return miditoolkit.MidiFile(file=io.BytesIO(data))
     except (EOFError, struct.error, IndexError) as exc:
@@ -182,11 +188,7 @@ def read_score(path: Path | str, max_bytes: int | None = None) -> Score:
     import symusic
 
     path = Path(path)
-    size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
-        raise MidiError(path, "too_large", f"{size / 1e6:.1f} MB exceeds {max_bytes / 1e6:.1f} MB")
-    data = path.read_bytes()
-    read_header(data, path)
+    data = read_checked(path, max_bytes)
     try:
         sm = symusic.Score.from_midi(data)
     except Exception as exc:  # symusic raises RuntimeError('MiniMidi: ...') on any bad body

@@ -39,6 +39,7 @@ note-offs first-in first-out, so the file cannot say which of the two ends first
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -495,24 +496,34 @@ def get_tokenizer(representation: str, **params: Any) -> Tokenizer:
     return _CLASSES[representation](**params)
 
 
+def from_vocab(vocab: Mapping[str, Any], where: Path | str) -> Tokenizer:
+    """Rebuild the tokenizer a vocab dict describes (a vocab.json, or a checkpoint's copy).
+
+    Raises:
+        ValueError: naming `where`: the dict is not a musegen vocab, or its events differ from
+            what this version builds from the same config (an incompatible version wrote it).
+    """
+    rep, cfg = vocab.get("representation"), vocab.get("config")
+    if rep not in _CLASSES or not isinstance(cfg, Mapping):
+        raise ValueError(
+            f"{where}: representation {rep!r} with no tokenizer config is not a musegen vocab; "
+            f"expected one of {list(_CLASSES)} as written by `musegen tokenize`"
+        )
+    tok = get_tokenizer(rep, use_chords=cfg["use_chords"], num_rest_bars=cfg["num_rest_bars"])
+    if tok.vocab["events"] != vocab["events"]:
+        raise ValueError(
+            f"{where}: its event list differs from the one this musegen version builds from "
+            "the same config; re-run `musegen tokenize` (and retrain) with this version"
+        )
+    return tok
+
+
 def load_tokenizer(path: Path | str) -> Tokenizer:
     """Rebuild the tokenizer saved in `path` (a folder with vocab.json, or the file).
 
     Raises:
-        ValueError: the file is not a musegen vocab, or its events differ from what this
-            version builds from its config (it was written by an incompatible version).
+        ValueError: see `from_vocab`.
     """
     path = Path(path)
     path = path / "vocab.json" if path.is_dir() else path
-    vocab = json.loads(path.read_text())
-    rep = vocab.get("representation")
-    if rep not in _CLASSES:
-        raise ValueError(f"{path}: representation {rep!r} is not one of {list(_CLASSES)}")
-    cfg = vocab["config"]
-    tok = get_tokenizer(rep, use_chords=cfg["use_chords"], num_rest_bars=cfg["num_rest_bars"])
-    if tok.vocab["events"] != vocab["events"]:
-        raise ValueError(
-            f"{path}: its event list differs from the one this musegen version builds from "
-            "the same config; re-run `musegen tokenize` to rewrite the tokens and vocab"
-        )
-    return tok
+    return from_vocab(json.loads(path.read_text()), path)
