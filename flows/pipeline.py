@@ -1,89 +1,187 @@
-"""The musegen DAG as a Prefect flow: one task per dvc.yaml stage, in the same order.
+"""The musegen DAG as a Prefect flow: one task per dvc.yaml stage, wired like dvc.yaml.
 
 How Prefect and DVC share state: every task runs its stage through DVC
 (`dvc repro --single-item <stage>`), which runs the stage's `musegen` command and records
 its inputs and outputs in dvc.lock. So dvc.lock stays the single truth: a stage whose deps
 and params did not change is skipped by DVC inside the task, a Prefect run followed by
-`dvc repro` does nothing, and the two can never disagree. Each task then publishes a small
-artifact read from the stage's outputs, so the Prefect UI tells the story.
+`dvc repro` does nothing, and the two can never disagree.
+
+Caching lets DVC decide. A task's cache key is computed when it starts (after its upstream
+tasks finished): if `dvc status <stage>` reports anything (a changed dep, param or out, or no
+lock entry yet) there is no key, so the task runs; if DVC says the stage is up to date, the
+key is a hash of (repo, stage, the stage's dvc.lock entry: deps' and outs' content hashes,
+params values, cmd). A hit therefore means "DVC would skip this stage and an earlier Prefect
+run finished it in this very state", and the UI shows the stage as Cached. The key never
+holds anything DVC does not hash, so Prefect cannot skip a stage that DVC would run.
+
+DAG and concurrency: `UPSTREAM` lists each stage's upstream stages (a test checks it equals
+`dvc dag`); tasks are submitted with `wait_for` on them, so independent stages (sweep and
+evaluate after tune) run at once when the task runner allows it. DVC releases its repo lock
+while a stage's command runs and keeps per-path read/write locks, so two sibling stages run
+in parallel; `--wait-for-lock` queues their short lock/commit phases. The runner comes from
+params.yaml `serve.task_runner`: sequential (one task at a time) or dask (a LocalCluster, or
+the scheduler at `serve.dask_address`). Remote Dask workers need the repo and the DVC remote
+(`dvc pull`), as any DVC runner does.
+
+Retries only for transient failures: a sqlite "database is locked" (MLflow and Optuna
+stores under concurrent writers) for every stage, and a SIGKILL (preemption, OOM killer) for
+train, which resumes from its last checkpoint. A stage's deterministic errors are not retried.
 
 Run: `python -m flows.pipeline` (a temporary Prefect server starts unless PREFECT_API_URL
-points at one).
+points at one); `python -m flows.serve` for the scheduled deployments.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
-from prefect import flow, task
+import yaml
+from prefect import Flow, Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.context import TaskRunContext
+from prefect.states import State
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from musegen.config import DEFAULT_PARAMS, DataParams, load_section, read_yaml
+from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, read_yaml
+from musegen.ui import ServeParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
+#: each stage's upstream stages, as in dvc.yaml (tests/test_dag.py checks it against `dvc dag`)
+UPSTREAM: dict[str, tuple[str, ...]] = {
+    "corpus": (),
+    "prepare": ("corpus",),
+    "tokenize": ("corpus", "prepare"),
+    "train": ("tokenize",),
+    "tune": ("tokenize", "train"),
+    "sweep": ("corpus", "prepare", "train", "tune"),
+    "evaluate": ("corpus", "prepare", "train", "tune"),
+    "register": ("train", "tune", "sweep"),
+}
+
+#: stage failures worth a retry: what they print, whatever the stage
+LOCKED = ("database is locked",)
+KILLED = ("exited with -9", "exit code -9")
+
 
 class StageError(RuntimeError):
-    """A DVC stage exited non-zero; deterministic, so never retried."""
+    """A DVC stage exited non-zero; retried only when its output says the cause was transient."""
 
 
-def repro(stage: str) -> None:
-    """Run one dvc.yaml stage (skipped by DVC when nothing it depends on changed)."""
+def _dvc(root: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `dvc --wait-for-lock ARGS` in `root`, with this venv's `musegen` on PATH."""
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
+    return subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
+
+
+def repro(stage: str, root: Path = ROOT, force: bool = False) -> None:
+    """Run one dvc.yaml stage (skipped by DVC when nothing it depends on changed).
+
+    Raises:
+        StageError: DVC or the stage's command failed; the message holds DVC's output tail.
+    """
+    proc = _dvc(root, "repro", "--single-item", *(["--force"] if force else []), stage)
     print(proc.stdout[-4000:], proc.stderr[-4000:], sep="\n")
     if proc.returncode:
-        raise StageError(f"stage {stage!r} failed ({' '.join(cmd)}):\n{proc.stderr[-2000:]}")
+        raise StageError(
+            f"stage {stage!r} failed in {root} (dvc exit code {proc.returncode}):\n"
+            f"{proc.stdout[-1000:]}\n{proc.stderr[-2000:]}"
+        )
 
 
-def _data(params: Path) -> DataParams:
-    return load_section(DataParams, "data", ROOT / params)
+def stage_state(stage: str, root: Path = ROOT) -> dict[str, Any] | None:
+    """The stage's dvc.lock entry when `dvc status` finds it up to date, else None."""
+    proc = _dvc(root, "status", "--json", stage)
+    if proc.returncode or json.loads(proc.stdout or "{}"):
+        return None  # changed (or DVC could not tell): the stage must run
+    lock = root / "dvc.lock"
+    entry = yaml.safe_load(lock.read_text())["stages"].get(stage) if lock.is_file() else None
+    return entry or None
 
 
-def _section(params: Path, name: str) -> dict:
+def dvc_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
+    """Prefect cache key: None unless DVC says the stage is up to date (see module docstring)."""
+    if parameters.get("force"):
+        return None
+    root = Path(parameters.get("root", ROOT)).resolve()
+    stage = context.task.name
+    entry = stage_state(stage, root)
+    if entry is None:
+        return None
+    blob = json.dumps([str(root), stage, entry], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def transient(*markers: str) -> Callable[[Task, Any, State], bool]:
+    """A retry condition: retry when the failure message contains one of `markers`."""
+
+    def retry(task: Task, task_run: Any, state: State) -> bool:
+        return any(marker in str(state.message) for marker in markers)
+
+    return retry
+
+
+#: options every stage task shares: DVC-keyed cache kept across runs, sqlite-lock retries
+STAGE = {
+    "cache_key_fn": dvc_cache_key,
+    "persist_result": True,
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": transient(*LOCKED),
+}
+
+
+def _data(params: Path, root: Path) -> DataParams:
+    return load_section(DataParams, "data", root / params)
+
+
+def _section(params: Path, root: Path, name: str) -> dict:
     """A params section as a mapping (paths the task reads back for its artifact)."""
-    return read_yaml(ROOT / params)[name]
+    return read_yaml(root / params)[name]
 
 
-def _preempted(state: object) -> bool:
-    """Retry training only when it was killed from outside (it resumes from its checkpoint)."""
-    return "SIGKILL" in str(state) or "-9" in str(state)
+def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
+    """Table rows with NaN as null (the UI's JSON has no NaN)."""
+    return df.astype(object).where(df.notna(), None).to_dict(orient="records")
 
 
-@task(name="corpus")
-def corpus(params: Path) -> Path:
+@task(name="corpus", **STAGE)
+def corpus(params: Path, root: Path = ROOT) -> Path:
     """Build the embedded default corpus."""
-    repro("corpus")
-    out = ROOT / _data(params).raw_root / "m21-keyboard"
+    repro("corpus", root)
+    out = root / _data(params, root).raw_root / "m21-keyboard"
     rows = json.loads((out / "manifest.json").read_text())
     create_markdown_artifact(
-        key="corpus", markdown=f"**m21-keyboard**: {len(rows)} files in `{out.relative_to(ROOT)}`"
+        key="corpus", markdown=f"**m21-keyboard**: {len(rows)} files in `{out.relative_to(root)}`"
     )
     return out
 
 
-@task(name="prepare")
-def prepare(params: Path) -> Path:
+@task(name="prepare", **STAGE)
+def prepare(params: Path, root: Path = ROOT) -> Path:
     """Validate the corpus; publish the manifest summary table."""
-    repro("prepare")
-    manifest = ROOT / _data(params).manifest
+    repro("prepare", root)
+    manifest = root / _data(params, root).manifest
     df = pd.read_csv(manifest, keep_default_na=False)
     summary = df.groupby(["status", "reason", "split"]).size().reset_index(name="files")
-    create_table_artifact(key="manifest-summary", table=summary.to_dict(orient="records"))
+    create_table_artifact(key="manifest-summary", table=_records(summary))
     return manifest
 
 
-@task(name="tokenize")
-def tokenize(params: Path) -> Path:
+@task(name="tokenize", **STAGE)
+def tokenize(params: Path, root: Path = ROOT) -> Path:
     """Tokenize to CP and REMI arrays; publish the per-split token counts."""
-    repro("tokenize")
-    stats = json.loads((ROOT / _section(params, "tokenize")["metrics"]).read_text())
+    repro("tokenize", root)
+    stats = json.loads((root / _section(params, root, "tokenize")["metrics"]).read_text())
     rows = [
         {"representation": rep, "split": split, **counts}
         for rep in ("cp", "remi")
@@ -91,35 +189,35 @@ def tokenize(params: Path) -> Path:
         for split, counts in stats[rep].items()
     ]
     create_table_artifact(key="tokens", table=rows)
-    return ROOT / _data(params).tokens_dir
+    return root / _data(params, root).tokens_dir
 
 
-@task(name="train", retries=1, retry_condition_fn=lambda t, r, s: _preempted(s))
-def train(params: Path) -> Path:
-    """Train with STEP checkpoints; publish STEP -> valid loss per field."""
-    repro("train")
-    section = _section(params, "train")
-    loss = pd.read_csv(ROOT / section["plots_file"])
-    create_table_artifact(key="valid-loss", table=loss.round(4).to_dict(orient="records"))
-    return ROOT / section["out_dir"]
+@task(name="train", **STAGE | {"retry_condition_fn": transient(*LOCKED, *KILLED)})
+def train(params: Path, root: Path = ROOT) -> Path:
+    """Train with STEP checkpoints (resumes after a kill); publish STEP -> valid loss per field."""
+    repro("train", root)
+    section = _section(params, root, "train")
+    loss = pd.read_csv(root / section["plots_file"])
+    create_table_artifact(key="valid-loss", table=_records(loss.round(4)))
+    return root / section["out_dir"]
 
 
-@task(name="tune")
-def tune(params: Path) -> Path:
-    """Tune per-field sampling against the proxy; publish the best settings."""
-    repro("tune")
-    out = ROOT / _section(params, "tune")["out_dir"] / "best_sampling.yaml"
+@task(name="tune", **STAGE)
+def tune(params: Path, root: Path = ROOT, force: bool = False) -> Path:
+    """Tune per-field sampling against the proxy (force: more trials); publish the best."""
+    repro("tune", root, force=force)
+    out = root / _section(params, root, "tune")["out_dir"] / "best_sampling.yaml"
     create_markdown_artifact(key="best-sampling", markdown=f"```yaml\n{out.read_text()}```")
     return out
 
 
-@task(name="sweep")
-def sweep(params: Path) -> Path:
+@task(name="sweep", **STAGE)
+def sweep(params: Path, root: Path = ROOT) -> Path:
     """Same prompts x every chosen STEP; publish a link to the side-by-side report."""
-    repro("sweep")
-    section = _section(params, "sweep")
-    page = ROOT / section["out_dir"] / "index.html"
-    result = json.loads((ROOT / section["metrics_file"]).read_text())
+    repro("sweep", root)
+    section = _section(params, root, "sweep")
+    page = root / section["out_dir"] / "index.html"
+    result = json.loads((root / section["metrics_file"]).read_text())
     create_markdown_artifact(
         key="sweep-report",
         markdown=f"[checkpoint sweep]({page.as_uri()}) (`{page}`)\n\n"
@@ -128,20 +226,20 @@ def sweep(params: Path) -> Path:
     return page
 
 
-@task(name="evaluate")
-def evaluate(params: Path) -> Path:
+@task(name="evaluate", **STAGE)
+def evaluate(params: Path, root: Path = ROOT) -> Path:
     """Generated vs held-out metrics; publish the headline numbers."""
-    repro("evaluate")
-    out = ROOT / _section(params, "evaluate")["out_dir"] / "metrics.json"
+    repro("evaluate", root)
+    out = root / _section(params, root, "evaluate")["out_dir"] / "metrics.json"
     create_markdown_artifact(key="evaluate", markdown=f"```json\n{out.read_text()}```")
     return out
 
 
-@task(name="register", retries=2, retry_delay_seconds=[2, 8])
-def register(params: Path) -> Path:
+@task(name="register", **STAGE)
+def register(params: Path, root: Path = ROOT) -> Path:
     """Register the chosen checkpoint; the `champion` alias moves to it."""
-    repro("register")
-    report = ROOT / _section(params, "register")["report"]
+    repro("register", root)
+    report = root / _section(params, root, "register")["report"]
     info = json.loads(report.read_text())
     create_markdown_artifact(
         key="champion",
@@ -155,11 +253,46 @@ TASKS = (corpus, prepare, tokenize, train, tune, sweep, evaluate, register)
 
 
 @flow(name="musegen-pipeline", log_prints=True)
-def pipeline(params: Path = DEFAULT_PARAMS) -> None:
-    """The whole DAG: each stage after the one it depends on."""
+def pipeline(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> dict[str, Path]:
+    """The whole DAG: each stage once its upstream stages finish; siblings at once."""
+    futures: dict[str, Any] = {}
     for stage_task in TASKS:
-        stage_task(params)
+        upstream = [futures[name] for name in UPSTREAM[stage_task.name]]
+        futures[stage_task.name] = stage_task.submit(params, root, wait_for=upstream)
+    return {name: future.result() for name, future in futures.items()}
+
+
+@flow(name="musegen-tune", log_prints=True)
+def tune_flow(params: Path = DEFAULT_PARAMS, root: Path = ROOT, force: bool = True) -> Path:
+    """Just the tune stage: with force, another tune.num_trials trials on the shared study."""
+    return tune(params, root, force=force)
+
+
+def task_runner(p: ServeParams) -> TaskRunner:
+    """The runner `serve.task_runner` names: sequential, or dask (LocalCluster or an address).
+
+    Raises:
+        ParamsError: an unknown runner name.
+    """
+    if p.task_runner == "sequential":
+        return ThreadPoolTaskRunner(max_workers=1)
+    if p.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if p.dask_address:
+            return DaskTaskRunner(address=p.dask_address)
+        cluster = {"n_workers": p.num_dask_workers, "threads_per_worker": 1, "host": p.host}
+        return DaskTaskRunner(cluster_kwargs=cluster | {"dashboard_address": f"{p.host}:0"})
+    raise ParamsError(
+        f"serve.task_runner: expected sequential or dask, found {p.task_runner!r} (params.yaml)"
+    )
+
+
+def configured(pipeline_flow: Flow, params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> Flow:
+    """`pipeline_flow` with the task runner params.yaml's serve section asks for."""
+    p = load_section(ServeParams, "serve", root / params)
+    return pipeline_flow.with_options(task_runner=task_runner(p))
 
 
 if __name__ == "__main__":
-    pipeline()
+    configured(pipeline)()

@@ -362,6 +362,32 @@ def evaluate(
     )
 
 
+@app.command()
+def ui(
+    host: Annotated[str | None, typer.Option(help="bind address (default serve.host)")] = None,
+    prefect_port: Annotated[int | None, typer.Option(help="default serve.prefect_port")] = None,
+    mlflow_port: Annotated[int | None, typer.Option(help="default serve.mlflow_port")] = None,
+    optuna_port: Annotated[int | None, typer.Option(help="default serve.optuna_port")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Start the MLflow UI, the Prefect server and optuna-dashboard on the project's stores.
+
+    Waits until each answers, prints the URLs, and stops them all on Ctrl-C.
+    """
+    import dataclasses
+
+    from musegen import ui as stage
+
+    p = load_section(stage.ServeParams, "serve", params)
+    given = {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port}
+    given |= {"optuna_port": optuna_port}
+    p = dataclasses.replace(p, **{k: v for k, v in given.items() if v is not None})
+    try:
+        stage.ui(params, Path.cwd(), p)
+    except stage.ServerError as exc:
+        _fail(str(exc))
+
+
 def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
     try:
