@@ -29,6 +29,7 @@ REAL_SOURCES = (
     "schoenberg/opus19/movement2.mxl",
     "bach/bwv269",
     "bach/bwv347",
+    "bach/bwv355",
 )
 
 
@@ -62,3 +63,22 @@ def prefect_server():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="session")
+def prepared_corpus(real_midi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The real pieces run through the real prepare stage (wide hash splits: 9 files).
+
+    Returns paths: raw_dir, manifest (test split non-empty).
+    """
+    import dataclasses
+
+    from musegen import prepare
+    from musegen.config import load_section
+
+    out = tmp_path_factory.mktemp("prepared")
+    params = load_section(prepare.PrepareParams, "prepare", ROOT / "params.yaml")
+    params = dataclasses.replace(params, valid_percent=20, test_percent=45, num_workers=1)
+    manifest = prepare.prepare(real_midi_dir, out, params)
+    assert (manifest.split == "test").sum() >= 2, manifest[["path", "split"]]
+    return {"raw_dir": real_midi_dir, "manifest": out / "manifest.csv"}

@@ -18,14 +18,13 @@ import pytest
 import torch
 
 from musegen import sweep as stage
-from musegen.config import DataParams, load_section
+from musegen.config import load_section
 from musegen.evaluate import EvaluateParams
 from musegen.model import ModelConfig, MusicTransformer
 from musegen.sampling import SampleParams
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
-VOCAB = ROOT / "data/tokens/cp/vocab.json"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROME_FLAGS = (
     "--headless",
@@ -37,15 +36,19 @@ CHROME_FLAGS = (
     "--disable-sync",
 )
 
-pytestmark = pytest.mark.skipif(
-    not VOCAB.is_file() or not (ROOT / "data/prepared/manifest.csv").is_file(),
-    reason="needs the tokenized corpus: run `dvc repro tokenize` (or make data)",
-)
+
+def cp_vocab() -> dict:
+    """The CP vocab the tokenize stage writes with this params.yaml (it depends on config only)."""
+    from musegen.tokenize import TokenizeParams
+    from musegen.tokenizer import get_tokenizer
+
+    p = load_section(TokenizeParams, "tokenize", PARAMS)
+    return get_tokenizer("cp", use_chords=p.use_chords, num_rest_bars=p.num_rest_bars).vocab
 
 
 def make_checkpoint(path: Path, step: int, seed: int, run_id: str | None) -> Path:
     """A random tiny CP model in train.py's checkpoint format (EOS made unlikely)."""
-    vocab = json.loads(VOCAB.read_text())
+    vocab = cp_vocab()
     n = len(vocab["fields"])
     config = ModelConfig(
         vocab_sizes=vocab["sizes"],
@@ -98,7 +101,7 @@ def sweep_params(tmp: Path, **changes: object) -> stage.SweepParams:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def store(tmp_path_factory: pytest.TempPathFactory, prepared_corpus: dict) -> dict:
     """A real sqlite MLflow store with one training run; three checkpoints pointing at it.
 
     step_2 holds the same weights as step_1 (seed 1 both): same prompts + same seeds must
@@ -117,18 +120,23 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
     ckpts = tmp / "models/checkpoints"
     for step, seed in ((1, 1), (2, 1), (3, 7)):
         make_checkpoint(ckpts / f"step_{step}.pt", step, seed, run.info.run_id)
-    yield {"tmp": tmp, "ckpts": ckpts, "run_id": run.info.run_id, "experiment": exp}
+    yield {
+        "tmp": tmp,
+        "ckpts": ckpts,
+        "run_id": run.info.run_id,
+        "experiment": exp,
+        "corpus": prepared_corpus,
+    }
     mp.undo()
 
 
 def run_sweep(store: dict, out: Path, **changes: object) -> dict:
-    data = load_section(DataParams, "data", PARAMS)
     sample = load_section(SampleParams, "sample", PARAMS)
     return stage.sweep(
         sweep_params(out, **changes),
         store["ckpts"],
-        ROOT / data.manifest,
-        ROOT / data.raw_dir,
+        store["corpus"]["manifest"],
+        store["corpus"]["raw_dir"],
         sample=sample,
         eval_params=load_section(EvaluateParams, "evaluate", PARAMS),
         progress=False,
@@ -169,14 +177,14 @@ def test_params_reject_bad_steps() -> None:
         dataclasses.replace(load_section(stage.SweepParams, "sweep", PARAMS), steps="some")
 
 
-def test_metrics_json_columns_scores_and_prompts(open_sweep: dict) -> None:
+def test_metrics_json_columns_scores_and_prompts(open_sweep: dict, store: dict) -> None:
     import pandas as pd
 
     result = open_sweep["result"]
     saved = json.loads(Path(result["page"]).with_name("metrics.json").read_text())
     assert saved["columns"] == result["columns"]
     assert list(saved["columns"]) == ["real", "step_1", "step_2", "step_3"]
-    manifest = pd.read_csv(ROOT / "data/prepared/manifest.csv")
+    manifest = pd.read_csv(store["corpus"]["manifest"], keep_default_na=False)
     test_songs = set(manifest.path[manifest.split == "test"])
     assert len(saved["prompts"]) == 2 and set(saved["prompts"]) <= test_songs
     for key, step in (("step_1", 1), ("step_3", 3)):
