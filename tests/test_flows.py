@@ -1,0 +1,300 @@
+"""The Prefect flows on a real server: DAG wiring, DVC-keyed caching, retries, Dask, deployments.
+
+Most tests run the real pipeline flow (the tasks of flows/pipeline.py, each running
+`dvc repro --single-item`) in a fresh git+DVC repo whose dvc.yaml has the same stages and DAG
+but tiny stand-in commands (`python stage.py NAME`) that write the files each task reads for
+its artifact; so a whole flow run takes seconds. test_prefect_e2e runs the flow on the real
+stages' outputs from tests/test_e2e.py's repo.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prefect import flow, task
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+from prefect.states import State
+
+from flows.pipeline import LOCKED, UPSTREAM, configured, pipeline, transient
+from tests.test_e2e import repo  # noqa: F401 (the real pipeline, run once per session)
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: seconds the stand-in sweep and evaluate sleep (to see whether they overlap)
+SLEEP = 3.0
+
+#: the files each task reads back, written by the stand-in stage (first path = its out in DVC)
+STAND_IN = r"""
+import json, pathlib, sys, time, yaml
+name, start = sys.argv[1], time.time()
+params = yaml.safe_load(open("params.yaml"))
+if name in ("sweep", "evaluate"):
+    time.sleep(float(sys.argv[2]))
+files = {
+    "corpus": {"data/raw/m21-keyboard/manifest.json": json.dumps([{"file": "a.mid"}])},
+    "prepare": {"data/prepared/manifest.csv":
+                "path,status,reason,split\na.mid,ok,,train\nb.mid,rejected,no_notes,\n"},
+    "tokenize": {"data/tokens/cp/vocab.json": "{}",
+                 "reports/tokenize/metrics.json": json.dumps({"cp": {"train": {"total": 9}}})},
+    "train": {"models/cp/checkpoints/step_1.pt": "w",
+              "reports/train/loss.csv": "step,train_loss,valid_loss\n1,2.5,\n2,2.0,1.9\n"},
+    "tune": {"reports/tune/best_sampling.yaml": "temperature: {pitch: 1.1}\n"},
+    "sweep": {"reports/sweep/index.html": "<html></html>",
+              "reports/sweep/metrics.json": json.dumps({"seed": params["sweep"]["seed"]})},
+    "evaluate": {"reports/evaluate/metrics.json": json.dumps({"proxy_score": 0.5})},
+    "register": {"reports/register/champion.json":
+                 json.dumps({"uri": "models:/musegen@champion", "version": 1, "step": 1})},
+}[name]
+for path, text in files.items():
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    pathlib.Path(path).write_text(text)
+with open(".runs.log", "a") as log:
+    log.write(json.dumps({"stage": name, "start": start, "end": time.time()}) + "\n")
+"""
+
+#: each stand-in stage's DVC outs (dirs where the real stage writes a dir)
+OUTS = {
+    "corpus": ["data/raw/m21-keyboard"],
+    "prepare": ["data/prepared/manifest.csv"],
+    "tokenize": ["data/tokens", "reports/tokenize/metrics.json"],
+    "train": ["models/cp", "reports/train/loss.csv"],
+    "tune": ["reports/tune/best_sampling.yaml"],
+    "sweep": ["reports/sweep/metrics.json", "reports/sweep/index.html"],
+    "evaluate": ["reports/evaluate/metrics.json"],
+    "register": ["reports/register/champion.json"],
+}
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, f"{' '.join(cmd)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+    return proc.stdout
+
+
+def make_repo(path: Path, task_runner: str = "sequential") -> Path:
+    """A git+DVC tiny with the pipeline's stage names and DAG and stand-in commands."""
+    path.mkdir(parents=True)
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["serve"]["task_runner"] = task_runner
+    (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (path / "stage.py").write_text(STAND_IN)
+    stages = {
+        name: {
+            "cmd": f"python stage.py {name} {SLEEP}",
+            "deps": ["stage.py", *(OUTS[up][0] for up in ups)],
+            **({"params": ["sweep.seed"]} if name == "sweep" else {}),
+            "outs": OUTS[name],
+        }
+        for name, ups in UPSTREAM.items()
+    }
+    (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
+    (path / ".gitignore").write_text(".runs.log\n")
+    sh("git", "init", "-q", "-b", "main", cwd=path)
+    sh("dvc", "init", "-q", cwd=path)
+    return path
+
+
+def runs(tiny: Path) -> list[dict[str, Any]]:
+    """The stand-in stages' executions so far (what DVC actually ran)."""
+    log = tiny / ".runs.log"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def task_states(state: State, n: int = len(UPSTREAM)) -> dict[str, str]:
+    """{stage: final state name} of the flow run's task runs (polled: states land async)."""
+    flow_run = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        for _ in range(100):
+            task_runs = client.read_task_runs(flow_run_filter=flow_run)
+            if len(task_runs) == n and all(tr.state and tr.state.is_final() for tr in task_runs):
+                break
+            time.sleep(0.2)
+    return {tr.name.rsplit("-", 1)[0]: tr.state.name for tr in task_runs}
+
+
+def artifacts(state: State) -> dict[str, Any]:
+    """{key: artifact} the flow run published."""
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return {a.key: a for a in found}
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(tmp_path_factory.mktemp("flows") / "tiny")
+
+
+def test_stand_in_repo_has_the_pipeline_dag(stand_in: Path) -> None:
+    dot = sh(sys.executable, "-m", "dvc", "dag", "--dot", cwd=stand_in)
+    assert dot.count("->") == sum(len(ups) for ups in UPSTREAM.values())
+    for name, ups in UPSTREAM.items():
+        for up in ups:
+            assert f'"{up}" -> "{name}"' in dot
+
+
+def test_rerun_skips_unchanged_stages_as_dvc_does(prefect_server: None, stand_in: Path) -> None:
+    tiny = stand_in
+    run = configured(pipeline, Path("params.yaml"), tiny)
+    first = run(Path("params.yaml"), tiny, return_state=True)
+    assert first.is_completed(), first
+    assert [r["stage"] for r in runs(tiny)][:5] == list(UPSTREAM)[:5]
+    assert sorted(r["stage"] for r in runs(tiny)) == sorted(UPSTREAM)
+    assert set(task_states(first).values()) == {"Completed"}
+
+    # artifacts render: tables are lists of rows (NaN as null), markdown holds the link
+    published = artifacts(first)
+    assert {"corpus", "manifest-summary", "tokens", "valid-loss", "best-sampling"} <= set(published)
+    assert {"sweep-report", "evaluate", "champion"} <= set(published)
+    loss = json.loads(published["valid-loss"].data)
+    assert loss[0] == {"step": 1, "train_loss": 2.5, "valid_loss": None}
+    summary = json.loads(published["manifest-summary"].data)
+    assert {"status": "rejected", "reason": "no_notes", "split": "", "files": 1} in summary
+    assert "](file://" in published["sweep-report"].data
+    assert "pitch: 1.1" in published["best-sampling"].data
+
+    # nothing changed: DVC skips every stage; now that Prefect has seen each stage up to date
+    # (a key exists only then), the run after that is served from Prefect's cache
+    for expected in ("Completed", "Cached"):
+        again = run(Path("params.yaml"), tiny, return_state=True)
+        assert again.is_completed(), again
+        assert len(runs(tiny)) == len(UPSTREAM)  # no stage command ran
+        assert set(task_states(again).values()) == {expected}
+
+    # a sweep param changes: sweep reruns, and register (its metrics changed); the rest cached
+    params = yaml.safe_load((tiny / "params.yaml").read_text())
+    params["sweep"]["seed"] += 1
+    (tiny / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    third = run(Path("params.yaml"), tiny, return_state=True)
+    assert [r["stage"] for r in runs(tiny)[len(UPSTREAM) :]] == ["sweep", "register"]
+    states = task_states(third)
+    assert {s for s, name in states.items() if name != "Cached"} == {"sweep", "register"}
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
+
+
+def test_failed_stage_is_not_retried_and_stops_downstream(prefect_server: None, tmp_path: Path):
+    tiny = make_repo(tmp_path / "repo")
+    (tiny / "stage.py").write_text(
+        "import sys\nif sys.argv[1] == 'tokenize': sys.exit('bad input')\n" + STAND_IN
+    )
+    state = pipeline(Path("params.yaml"), tiny, return_state=True)
+    assert state.is_failed()
+    assert "bad input" in str(state.message) or "tokenize" in str(state.message)
+    assert [r["stage"] for r in runs(tiny)] == ["corpus", "prepare"]  # one attempt, no train
+    states = task_states(state, n=len(UPSTREAM))
+    assert states["tokenize"] == "Failed" and states["train"] != "Completed"
+
+
+def test_retries_only_transient_failures(prefect_server: None) -> None:
+    attempts: dict[str, int] = {"locked": 0, "bug": 0}
+
+    @task(retries=2, retry_delay_seconds=0, retry_condition_fn=transient(*LOCKED))
+    def flaky(kind: str) -> str:
+        attempts[kind] += 1
+        if kind == "locked" and attempts[kind] < 3:
+            raise RuntimeError("sqlite3.OperationalError: database is locked")
+        if kind == "bug":
+            raise ValueError("deterministic")
+        return kind
+
+    @flow
+    def both() -> tuple[State, State]:
+        return flaky("locked", return_state=True), flaky("bug", return_state=True)
+
+    locked, bug = both()
+    assert locked.is_completed() and attempts["locked"] == 3
+    assert bug.is_failed() and attempts["bug"] == 1
+
+
+@pytest.mark.slow
+def test_dask_runner_runs_independent_stages_at_once(prefect_server: None, tmp_path: Path):
+    tiny = make_repo(tmp_path / "repo", task_runner="dask")
+    run = configured(pipeline, Path("params.yaml"), tiny)
+    assert type(run.task_runner).__name__ == "DaskTaskRunner"
+    state = run(Path("params.yaml"), tiny, return_state=True)
+    assert state.is_completed(), state
+    done = {r["stage"]: r for r in runs(tiny)}
+    assert sorted(done) == sorted(UPSTREAM)
+    sweep, evaluate = done["sweep"], done["evaluate"]
+    # both sleep SLEEP s; on one worker they would take 2 x SLEEP back to back
+    assert max(sweep["start"], evaluate["start"]) < min(sweep["end"], evaluate["end"]), done
+    for name, ups in UPSTREAM.items():  # and never before an upstream stage finished
+        assert all(done[up]["end"] <= done[name]["start"] for up in ups), name
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
+
+
+@pytest.mark.slow
+def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_path: Path):
+    """`python -m flows.serve` registers both deployments; a triggered tune run completes."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_URL
+
+    tiny = make_repo(tmp_path / "repo")
+    sh(sys.executable, "-m", "dvc", "repro", cwd=tiny)  # tune's upstream stages, as after a run
+    before = len(runs(tiny))
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    cmd = [sys.executable, "-m", "flows.serve", "--params", "params.yaml", "--root", str(tiny)]
+    serve = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        with get_client(sync_client=True) as client:
+            for _ in range(120):
+                try:
+                    nightly = client.read_deployment_by_name("musegen-pipeline/nightly")
+                    hourly = client.read_deployment_by_name("musegen-tune/hourly-tune")
+                    break
+                except Exception:  # not registered yet
+                    assert serve.poll() is None, serve.stdout and serve.stdout.read()
+                    time.sleep(0.5)
+        params = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
+        assert nightly.schedules[0].schedule.cron == params["pipeline_cron"]
+        assert hourly.schedules[0].schedule.cron == params["tune_cron"]
+        assert hourly.parameters["root"] == str(tiny)
+
+        flow_run = run_deployment("musegen-tune/hourly-tune", timeout=120)
+        assert flow_run.state and flow_run.state.is_completed(), flow_run.state
+        assert [r["stage"] for r in runs(tiny)[before:]] == ["tune"]  # forced: more trials
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(30)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+
+
+@pytest.mark.slow
+def test_prefect_e2e_on_the_real_pipeline(prefect_server: None, repo: Path) -> None:  # noqa: F811
+    """The flow over tests/test_e2e.py's tiny (real stages, already reproduced by DVC).
+
+    DVC finds every stage up to date, so the first flow run publishes each artifact from the
+    real outputs and the second is all Cached; DVC still agrees afterwards.
+    """
+    real = repo
+    first = pipeline(Path("params.yaml"), real, return_state=True)
+    assert first.is_completed(), first
+    published = artifacts(first)
+    loss = json.loads(published["valid-loss"].data)
+    assert [row["step"] for row in loss][-1] == 180 and "valid_loss_pitch" in loss[0]
+    assert any(row["status"] == "ok" for row in json.loads(published["manifest-summary"].data))
+    assert "models:/musegen@champion" in published["champion"].data
+    second = pipeline(Path("params.yaml"), real, return_state=True)
+    assert set(task_states(second).values()) == {"Cached"}  # DVC found them up to date before
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=real)) == {}
