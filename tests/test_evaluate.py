@@ -20,7 +20,15 @@ from tests import badmidi
 from tests.test_metrics import loop_piece, score, varied_piece
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = EvaluateParams(max_files=0, seed=0, crop_bars=32, loop_percentile=95, loop_margin=0.1)
+PARAMS = EvaluateParams(
+    max_files=0,
+    seed=0,
+    crop_bars=32,
+    loop_percentile=95,
+    loop_margin=0.1,
+    num_samples=4,
+    out_dir="reports/evaluate",
+)
 BAR = 1920
 
 
