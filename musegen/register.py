@@ -22,7 +22,6 @@ import base64
 import dataclasses
 import io
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -207,13 +206,7 @@ def register(
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     parent = ckpt.get("mlflow_run_id")
     tags = {"musegen.stage": "register", "step": str(ckpt["step"]), "checkpoint": str(path)}
-    exp_id, nesting = tracking.child_of(parent, experiment)
-    if not nesting:
-        warnings.warn(
-            f"{path}: training run {parent!r} is not in {mlflow.get_tracking_uri()}; the "
-            f"registering run goes to the top level of experiment {experiment!r}",
-            stacklevel=2,
-        )
+    exp_id, nesting = tracking.child_of(parent, experiment, f"{path}: the registering run")
     tags |= nesting
     client = mlflow.MlflowClient()
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,6 @@ import json
 import logging
 import shutil
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -360,13 +359,7 @@ def _log_child(
     import mlflow
     from musegen import tracking
 
-    exp_id, nesting = tracking.child_of(parent, experiment)
-    if not nesting:
-        warnings.warn(
-            f"training run {parent!r} of STEP {col['step']} is not in {mlflow.get_tracking_uri()}; "
-            f"logging the sweep run at the top level of experiment {experiment!r}",
-            stacklevel=2,
-        )
+    exp_id, nesting = tracking.child_of(parent, experiment, f"sweep run of STEP {col['step']}")
     # MLflow's own nesting tag: the compare view groups a training run's sweep runs
     tags = {"musegen.stage": "sweep", "step": str(col["step"])} | nesting
     with mlflow.start_run(experiment_id=exp_id, run_name=f"sweep {col['label']}", tags=tags) as run:

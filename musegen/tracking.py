@@ -65,13 +65,15 @@ def connect(experiment: str, attempts: int = 3) -> str:
     raise AssertionError("unreachable")
 
 
-def child_of(run_id: str | None, experiment: str) -> tuple[str, dict[str, str]]:
-    """Where a run belonging to training run `run_id` goes: (experiment id, tags).
+def child_of(run_id: str | None, experiment: str, what: str) -> tuple[str, dict[str, str]]:
+    """Where `what` (a run belonging to training run `run_id`) goes: (experiment id, tags).
 
     The child shares the training run's experiment and carries MLflow's nesting tag, so the
     compare view groups them. When the training run is not in this store (another store, a
-    deleted run) the child goes to the top level of `experiment` instead.
+    deleted run) the child goes to the top level of `experiment` instead, with a warning.
     """
+    import warnings
+
     import mlflow
 
     exp_id = connect(experiment)
@@ -81,4 +83,9 @@ def child_of(run_id: str | None, experiment: str) -> tuple[str, dict[str, str]]:
             return parent.info.experiment_id, {"mlflow.parentRunId": run_id}
         except mlflow.exceptions.MlflowException:
             pass
+    warnings.warn(
+        f"{what}: training run {run_id!r} is not in {tracking_uri()}; logging it at the top "
+        f"level of experiment {experiment!r}",
+        stacklevel=3,
+    )
     return exp_id, {}
