@@ -47,3 +47,15 @@ lint: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
+
+.PHONY: ui prefect
+
+# MLflow UI (:5000), Prefect server (:4200) and optuna-dashboard (:8080) on this repo's stores,
+# bound to 127.0.0.1 (ports: params.yaml serve:); Ctrl-C stops all three.
+ui: setup
+	musegen ui
+
+# A Prefect server on 127.0.0.1:4200 (PREFECT_HOME=.prefect) plus the scheduled deployments
+# (nightly pipeline, hourly tune) served against it; Ctrl-C stops both.
+prefect: setup
+	PREFECT_HOME=$(CURDIR)/.prefect $(BIN)/python -m flows.serve --start-server

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from prefect import serve
 from prefect.deployments.runner import RunnerDeployment
+from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import ROOT, configured, pipeline, tune_flow
@@ -33,16 +34,14 @@ def deployments(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> list[Runner
     return [
         configured(pipeline, params, root).to_deployment(
             name="nightly",
-            cron=p.pipeline_cron,
-            timezone=p.timezone,
+            schedules=[Cron(p.pipeline_cron, timezone=p.timezone)],
             parameters=args,
             description="The whole DAG; DVC runs only the stages whose inputs changed.",
             tags=["musegen"],
         ),
         tune_flow.to_deployment(
             name="hourly-tune",
-            cron=p.tune_cron,
-            timezone=p.timezone,
+            schedules=[Cron(p.tune_cron, timezone=p.timezone)],
             parameters=args | {"force": True},
             description="More proxy-scored Optuna trials; rewrites best_sampling.yaml.",
             tags=["musegen"],

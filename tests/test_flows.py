@@ -151,6 +151,7 @@ def test_stand_in_repo_has_the_pipeline_dag(stand_in: Path) -> None:
             assert f'"{up}" -> "{name}"' in dot
 
 
+@pytest.mark.slow
 def test_rerun_skips_unchanged_stages_as_dvc_does(prefect_server: None, stand_in: Path) -> None:
     tiny = stand_in
     run = configured(pipeline, Path("params.yaml"), tiny)
@@ -252,7 +253,8 @@ def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_pat
     before = len(runs(tiny))
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     cmd = [sys.executable, "-m", "flows.serve", "--params", "params.yaml", "--root", str(tiny)]
-    serve = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    log = (tmp_path / "serve.log").open("w")
+    serve = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with get_client(sync_client=True) as client:
             for _ in range(120):
@@ -261,12 +263,13 @@ def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_pat
                     hourly = client.read_deployment_by_name("musegen-tune/hourly-tune")
                     break
                 except Exception:  # not registered yet
-                    assert serve.poll() is None, serve.stdout and serve.stdout.read()
+                    assert serve.poll() is None, (tmp_path / "serve.log").read_text()
                     time.sleep(0.5)
         params = yaml.safe_load((ROOT / "params.yaml").read_text())["serve"]
         assert nightly.schedules[0].schedule.cron == params["pipeline_cron"]
         assert hourly.schedules[0].schedule.cron == params["tune_cron"]
         assert hourly.parameters["root"] == str(tiny)
+        assert hourly.schedules[0].schedule.timezone == params["timezone"]
 
         flow_run = run_deployment("musegen-tune/hourly-tune", timeout=120)
         assert flow_run.state and flow_run.state.is_completed(), flow_run.state
@@ -278,6 +281,7 @@ def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_pat
         except subprocess.TimeoutExpired:
             serve.kill()
             serve.wait()
+        log.close()
 
 
 @pytest.mark.slow
