@@ -191,6 +191,7 @@ def test_rerun_skips_unchanged_stages_as_dvc_does(prefect_server: None, stand_in
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
 
 
+@pytest.mark.slow
 def test_failed_stage_is_not_retried_and_stops_downstream(prefect_server: None, tmp_path: Path):
     tiny = make_repo(tmp_path / "repo")
     (tiny / "stage.py").write_text(
