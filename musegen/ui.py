@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -123,6 +124,20 @@ def _stop(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 
 
 @contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM inside the block (main thread only; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    saved = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
 def running(
     servers: list[Server], root: Path, timeout_s: float = 180.0
 ) -> Iterator[list[subprocess.Popen]]:
@@ -166,8 +181,9 @@ def running(
             time.sleep(0.5)
         yield procs
     finally:
-        for proc in procs:
-            _stop(proc)
+        with _signals_held():  # a second Ctrl-C must not leave a server half-stopped
+            for proc in procs:
+                _stop(proc)
 
 
 def ui(params: Path, root: Path, p: ServeParams) -> None:
@@ -182,8 +198,10 @@ def ui(params: Path, root: Path, p: ServeParams) -> None:
         prefect_server(p, root),
         optuna_dashboard(p, root, tune["storage"], tune["artifact_dir"]),
     ]
-    # SIGTERM (a supervisor, `kill`) stops the servers the same way Ctrl-C does
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # Ctrl-C and SIGTERM (a supervisor, `kill`) stop the servers; also when started from a
+    # script that left SIGINT ignored (`cmd &` in a non-interactive shell)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
     print("starting MLflow, Prefect and optuna-dashboard (MLflow takes ~15-35 s) ...", flush=True)
     with contextlib.suppress(KeyboardInterrupt), running(servers, root) as procs:
         print("all up; Ctrl-C stops them", flush=True)
