@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 # Prefect and MLflow read their settings at import: isolate them before any test imports them.
 _HOME = Path(tempfile.mkdtemp(prefix="musegen-test-"))
@@ -82,3 +86,64 @@ def prepared_corpus(real_midi_dir: Path, tmp_path_factory: pytest.TempPathFactor
     manifest = prepare.prepare(real_midi_dir, out, params)
     assert (manifest.split == "test").sum() >= 2, manifest[["path", "split"]]
     return {"raw_dir": real_midi_dir, "manifest": out / "manifest.csv"}
+
+
+BIN = Path(sys.executable).parent
+#: what a fresh clone has (besides data, which the pipeline makes)
+PROJECT = ("musegen", "flows", "dvc.yaml", "params.yaml", "pyproject.toml")
+
+
+def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    env.pop("MLFLOW_TRACKING_URI", None)  # the repo's own store: sqlite:///mlflow/mlflow.db
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, (
+        f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A new git+DVC repo holding the project, with `dvc repro` run once on a small profile."""
+    repo = tmp_path_factory.mktemp("e2e") / "musegen"
+    repo.mkdir()
+    for name in PROJECT:
+        src, dst = ROOT / name, repo / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    # the small profile: 24 pieces, a short training run, cheap tuning/sweep/evaluation
+    params["corpus"]["max_files"] = 24  # 19 piano/voice pieces + 5 chorales
+    # hash splits on 24 files: wider shares so valid and test are not empty
+    params["prepare"].update(valid_percent=15, test_percent=15)
+    params["train"].update(
+        max_steps=180, eval_every=60, save_every=60, batch_size=8, seq_len=128,
+        warmup_steps=10, num_valid_windows=16,
+    )  # fmt: skip
+    params["tune"].update(
+        num_trials=2, num_startup_trials=2, num_clips=2, clip_bars=4, num_reference=8
+    )
+    params["sweep"].update(num_prompts=2, continue_bars=4)
+    params["evaluate"].update(num_samples=4, crop_bars=8)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", "-b", "main", cwd=repo)
+    sh(
+        "git",
+        "-c",
+        "user.email=t@t",
+        "-c",
+        "user.name=t",
+        "commit",
+        "-q",
+        "--allow-empty",
+        "-m",
+        "0",
+        cwd=repo,
+    )
+    sh("dvc", "init", "-q", cwd=repo)
+    sh("dvc", "repro", cwd=repo)
+    return repo

@@ -31,7 +31,6 @@ from prefect.client.schemas.filters import (
 from prefect.states import State
 
 from flows.pipeline import LOCKED, UPSTREAM, configured, pipeline, transient
-from tests.test_e2e import repo  # noqa: F401 (the real pipeline, run once per session)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -286,7 +285,7 @@ def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_pat
 
 
 @pytest.mark.slow
-def test_prefect_e2e_on_the_real_pipeline(prefect_server: None, repo: Path) -> None:  # noqa: F811
+def test_prefect_e2e_on_the_real_pipeline(prefect_server: None, repo: Path) -> None:
     """The flow over tests/test_e2e.py's tiny (real stages, already reproduced by DVC).
 
     DVC finds every stage up to date, so the first flow run publishes each artifact from the
