@@ -12,6 +12,18 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup apt demo test lint clean
 
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or run make PYTHON=/path/to/python3.11"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@$(BIN)/python -m pip install -q --upgrade pip
+	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
+	@$(BIN)/pip install -q -e ".[dev]"
+	@$(MAKE) --no-print-directory apt
+	@touch $(STAMP)
+	@echo "setup: $(VENV) ready ($$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'))"
+
 # FluidSynth + a General MIDI soundfont for real audio (render.py falls back to a numpy
 # synthesiser without them) and Chromium for the sweep report's browser test (skipped
 # without it). Installed where apt is usable (root); skipped with a note elsewhere.
