@@ -48,8 +48,8 @@ demo: setup
 	@echo "  tuned sampling      reports/tune/best_sampling.yaml"
 	@echo "  champion            models:/musegen@champion   (reports/register/champion.json)"
 	@echo "  curves              dvc plots show  -> dvc_plots/index.html"
+	@echo "  metrics             dvc metrics show   (or: dvc metrics diff after dvc exp run -S ...)"
 	@echo "  UIs                 make ui  (MLflow, Prefect, optuna-dashboard)"
-	@dvc metrics show || true
 
 test: setup
 	$(BIN)/python -m pytest -q
