@@ -25,7 +25,9 @@ the scheduler at `serve.dask_address`). Remote Dask workers need the repo and th
 
 Retries only for transient failures: a sqlite "database is locked" (MLflow and Optuna
 stores under concurrent writers) for every stage, and a SIGKILL (preemption, OOM killer) for
-train, which resumes from its last checkpoint. A stage's deterministic errors are not retried.
+train. Under DVC a retried train starts over (DVC clears a stage's outputs before it runs, so
+no stale STEP checkpoint can leak into the sweep); resuming a killed run by hand is
+`musegen train --resume`. A stage's deterministic errors are not retried.
 
 Run: `python -m flows.pipeline` (a temporary Prefect server starts unless PREFECT_API_URL
 points at one); `python -m flows.serve` for the scheduled deployments.
@@ -194,7 +196,7 @@ def tokenize(params: Path, root: Path = ROOT) -> Path:
 
 @task(name="train", **STAGE | {"retry_condition_fn": transient(*LOCKED, *KILLED)})
 def train(params: Path, root: Path = ROOT) -> Path:
-    """Train with STEP checkpoints (resumes after a kill); publish STEP -> valid loss per field."""
+    """Train with STEP checkpoints (retried after a kill); publish STEP -> valid loss per field."""
     repro("train", root)
     section = _section(params, root, "train")
     loss = pd.read_csv(root / section["plots_file"])
