@@ -147,3 +147,23 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     sh("dvc", "init", "-q", cwd=repo)
     sh("dvc", "repro", cwd=repo)
     return repo
+
+
+@pytest.fixture(scope="module")
+def training_run(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh sqlite MLflow store (MLFLOW_TRACKING_URI points at it) with one training run.
+
+    Yields: tmp (the store's folder), run_id, experiment (id).
+    """
+    import mlflow
+
+    tmp = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("musegen", artifact_location=(tmp / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=exp, run_name="train") as run:
+        pass
+    yield {"tmp": tmp, "run_id": run.info.run_id, "experiment": exp}
+    mp.undo()

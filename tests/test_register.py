@@ -37,25 +37,15 @@ def params(**changes: object) -> stage.RegisterParams:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """A fresh sqlite store with a training run; step_1, step_2 and best.pt (= step_1)."""
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("register")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("musegen", artifact_location=(tmp / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp, run_name="train") as run:
-        pass
+def store(training_run: dict) -> dict:
+    """The training run's store with step_1, step_2 and best.pt (= step_1)."""
+    tmp, run_id = training_run["tmp"], training_run["run_id"]
     ckpts = tmp / "checkpoints"
-    make_checkpoint(ckpts / "step_1.pt", 1, 1, run.info.run_id)
-    make_checkpoint(ckpts / "step_2.pt", 2, 2, run.info.run_id)
-    make_checkpoint(ckpts / "best.pt", 1, 1, run.info.run_id)
+    make_checkpoint(ckpts / "step_1.pt", 1, 1, run_id)
+    make_checkpoint(ckpts / "step_2.pt", 2, 2, run_id)
+    make_checkpoint(ckpts / "best.pt", 1, 1, run_id)
     (tmp / "sweep.json").write_text(json.dumps({"best_step": 2}))
-    yield {"tmp": tmp, "ckpts": ckpts, "run_id": run.info.run_id, "sweep": tmp / "sweep.json"}
-    mp.undo()
+    return {"tmp": tmp, "ckpts": ckpts, "run_id": run_id, "sweep": tmp / "sweep.json"}
 
 
 @pytest.fixture(scope="module")

@@ -101,33 +101,16 @@ def sweep_params(tmp: Path, **changes: object) -> stage.SweepParams:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, prepared_corpus: dict) -> dict:
-    """A real sqlite MLflow store with one training run; three checkpoints pointing at it.
+def store(training_run: dict, prepared_corpus: dict) -> dict:
+    """The training run's store with three checkpoints pointing at it.
 
     step_2 holds the same weights as step_1 (seed 1 both): same prompts + same seeds must
     then give the same music in both columns.
     """
-    import mlflow
-
-    tmp = tmp_path_factory.mktemp("sweep")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MLFLOW_TRACKING_URI", uri)
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("musegen", artifact_location=(tmp / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp, run_name="train") as run:
-        pass
-    ckpts = tmp / "models/checkpoints"
+    ckpts = training_run["tmp"] / "models/checkpoints"
     for step, seed in ((1, 1), (2, 1), (3, 7)):
-        make_checkpoint(ckpts / f"step_{step}.pt", step, seed, run.info.run_id)
-    yield {
-        "tmp": tmp,
-        "ckpts": ckpts,
-        "run_id": run.info.run_id,
-        "experiment": exp,
-        "corpus": prepared_corpus,
-    }
-    mp.undo()
+        make_checkpoint(ckpts / f"step_{step}.pt", step, seed, training_run["run_id"])
+    return training_run | {"ckpts": ckpts, "corpus": prepared_corpus}
 
 
 def run_sweep(store: dict, out: Path, **changes: object) -> dict:
