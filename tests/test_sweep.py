@@ -259,9 +259,14 @@ def test_chromium_loads_every_player_and_roll(
     mode: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     out = request.getfixturevalue(mode)["out"]
-    dom = _chromium((out / "index.html").as_uri() + "?selftest", tmp_path / "profile")
-    found = re.search(r'<pre id="selftest"[^>]*>([^<]*)</pre>', dom)
-    assert found and found[1], dom[-500:]
-    check = json.loads(found[1])
     cells = 2 * (4 if mode == "open_sweep" else 3)
+    # media decode runs in real time, not Chromium's virtual time: on a loaded machine the
+    # budget can end first, so a short-loaded page gets two more tries before it fails
+    for attempt in range(3):
+        dom = _chromium((out / "index.html").as_uri() + "?selftest", tmp_path / f"p{attempt}")
+        found = re.search(r'<pre id="selftest"[^>]*>([^<]*)</pre>', dom)
+        assert found and found[1], dom[-500:]
+        check = json.loads(found[1])
+        if check["audio_ok"] == cells:
+            break
     assert check == {"audio": cells, "audio_ok": cells, "img": cells, "img_ok": cells}
