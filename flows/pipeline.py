@@ -15,19 +15,25 @@ run finished it in this very state", and the UI shows the stage as Cached. The k
 holds anything DVC does not hash, so Prefect cannot skip a stage that DVC would run.
 
 DAG and concurrency: `UPSTREAM` lists each stage's upstream stages (a test checks it equals
-`dvc dag`); tasks are submitted with `wait_for` on them, so independent stages (sweep and
-evaluate after tune) run at once when the task runner allows it. DVC releases its repo lock
-while a stage's command runs and keeps per-path read/write locks, so two sibling stages run
-in parallel; `--wait-for-lock` queues their short lock/commit phases. The runner comes from
-params.yaml `serve.task_runner`: sequential (one task at a time) or dask (a LocalCluster, or
-the scheduler at `serve.dask_address`). Remote Dask workers need the repo and the DVC remote
-(`dvc pull`), as any DVC runner does.
+`dvc dag`); tasks are submitted with `wait_for` on them, so independent stages (none since
+the select stage made the DAG a chain, but any a DAG adds) run at once when the task runner
+allows it. DVC releases its repo lock while a stage's command runs and keeps per-path
+read/write locks, so two sibling stages run in parallel; `--wait-for-lock` queues their
+short lock/commit phases. The runner comes from params.yaml `serve.task_runner`: sequential
+(one task at a time) or dask (a LocalCluster, or the scheduler at `serve.dask_address`).
+Remote Dask workers need the repo and the DVC remote (`dvc pull`), as any DVC runner does.
 
 Retries only for transient failures: a sqlite "database is locked" (MLflow and Optuna
 stores under concurrent writers) for every stage, and a SIGKILL (preemption, OOM killer) for
 train. Under DVC a retried train starts over (DVC clears a stage's outputs before it runs, so
 no stale STEP checkpoint can leak into the sweep); resuming a killed run by hand is
 `musegen train --resume`. A stage's deterministic errors are not retried.
+
+A person decides: with `select.wait_minutes` > 0 the flow pauses after select and the
+Prefect UI shows a form (each swept STEP's valid loss, proxy score and ratings; the automatic
+choice preselected). A different STEP is recorded as the select stage's input and select runs
+again, so tune, evaluate and register follow it; no answer in time keeps the automatic choice.
+`dvc repro` never pauses (only this flow asks).
 
 Run: `python -m flows.pipeline` (a temporary Prefect server starts unless PREFECT_API_URL
 points at one); `python -m flows.serve` for the scheduled deployments.
@@ -42,14 +48,19 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
+import pydantic
 import yaml
 from prefect import Flow, Task, flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
-from prefect.context import TaskRunContext
-from prefect.states import State
+from prefect.client.orchestration import get_client
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.exceptions import FlowPauseTimeout
+from prefect.flow_runs import pause_flow_run
+from prefect.input import RunInput
+from prefect.states import Running, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, read_yaml
@@ -63,10 +74,11 @@ UPSTREAM: dict[str, tuple[str, ...]] = {
     "prepare": ("corpus",),
     "tokenize": ("corpus", "prepare"),
     "train": ("tokenize",),
-    "tune": ("tokenize", "train"),
-    "sweep": ("corpus", "prepare", "train", "tune"),
-    "evaluate": ("corpus", "prepare", "train", "tune"),
-    "register": ("train", "tune", "sweep"),
+    "sweep": ("corpus", "prepare", "train"),
+    "select": ("sweep",),
+    "tune": ("tokenize", "train", "select"),
+    "evaluate": ("corpus", "prepare", "train", "select", "tune"),
+    "register": ("train", "select", "tune", "evaluate"),
 }
 
 #: stage failures worth a retry: what they print, whatever the stage
@@ -204,6 +216,25 @@ def train(params: Path, root: Path = ROOT) -> Path:
     return root / section["out_dir"]
 
 
+@task(name="select", **STAGE)
+def select(params: Path, root: Path = ROOT) -> Path:
+    """Pick the STEP the later stages use; publish each STEP's numbers and the choice."""
+    repro("select", root)
+    report = root / _section(params, root, "select")["report"]
+    choice = json.loads(report.read_text())
+    rows = [
+        {"step": int(s), "valid_loss": v["valid_loss"], "proxy": v["proxy"]}
+        | {f"ratings_{k}": v["ratings"][k] for k in ("n", "mean")}
+        for s, v in choice["steps"].items()
+    ]
+    create_table_artifact(
+        key="select",
+        table=rows,
+        description=f"STEP {choice['step']} ({choice['decided_by']}: {choice['reason']})",
+    )
+    return report
+
+
 @task(name="tune", **STAGE)
 def tune(params: Path, root: Path = ROOT, force: bool = False) -> Path:
     """Tune per-field sampling against the proxy (force: more trials); publish the best."""
@@ -239,28 +270,100 @@ def evaluate(params: Path, root: Path = ROOT) -> Path:
 
 @task(name="register", **STAGE)
 def register(params: Path, root: Path = ROOT) -> Path:
-    """Register the chosen checkpoint; the `champion` alias moves to it."""
+    """Register the bundle (selected STEP, its sampling, its evaluation); move `champion`."""
     repro("register", root)
     report = root / _section(params, root, "register")["report"]
     info = json.loads(report.read_text())
     create_markdown_artifact(
         key="champion",
-        markdown=f"`{info['uri']}` -> version {info['version']} (STEP {info['step']})",
+        markdown=f"`{info['uri']}` -> version {info['version']} (STEP {info['step']}, "
+        f"{info['selected_by']})\n\n```json\n{json.dumps(info['sampling'], indent=1)}\n```",
     )
     return report
 
 
+class StepChoice(RunInput):
+    """The form a paused pipeline shows: which swept STEP to keep (see `ask_person`)."""
+
+    step: int
+
+
+def choice_form(report: dict[str, Any]) -> tuple[type[RunInput], str]:
+    """A StepChoice whose `step` lists the swept STEPs (a dropdown in the UI), and its text:
+    each STEP's valid loss, proxy score and ratings, the automatic choice, the report path."""
+    steps = tuple(int(s) for s in report["steps"])
+    form = pydantic.create_model(
+        "StepChoice",
+        __base__=StepChoice,
+        step=(Literal[steps], pydantic.Field(default=report["step"], title="STEP to keep")),
+    )
+    lines = [
+        f"**Which STEP should be tuned, evaluated and registered?** Automatic choice: STEP "
+        f"{report['step']} ({report['decided_by']}: {report['reason']}). Listen first: "
+        f"`{report.get('sweep_page')}` (blind: `musegen sweep --blind`).",
+        "",
+        "| STEP | valid loss | proxy score | ratings | mean (95% CI) |",
+        "|---:|---:|---:|---:|---|",
+    ]
+    for s, row in report["steps"].items():
+        r = row["ratings"]
+        mean = "" if r["mean"] is None else f"{r['mean']:.2f}"
+        if r.get("ci95"):
+            mean += f" ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})"
+        loss = "" if row["valid_loss"] is None else f"{row['valid_loss']:.4f}"
+        lines.append(f"| {s} | {loss} | {row['proxy']:.4f} | {r['n']} | {mean} |")
+    return form, "\n".join(lines)
+
+
+def ask_person(params: Path, root: Path, report_path: Path) -> bool:
+    """Pause for a person's STEP (select.wait_minutes; 0 = never); True when they changed it.
+
+    A different STEP is recorded with `musegen.select.record_decision` (the select stage's
+    DVC dependency), so re-running select makes it the choice and dvc.lock records it. With
+    no answer in time, the run goes on with the automatic choice.
+    """
+    from musegen.select import SelectParams, record_decision
+
+    p = load_section(SelectParams, "select", root / params)
+    if p.wait_minutes <= 0:
+        return False
+    report = json.loads(Path(report_path).read_text())
+    form, text = choice_form(report)
+    timeout = max(1, round(p.wait_minutes * 60))
+    try:
+        answer = pause_flow_run(
+            wait_for_input=form.with_initial_data(description=text, step=report["step"]),
+            timeout=timeout,
+            poll_interval=min(10, timeout),
+        )
+    except FlowPauseTimeout:
+        # the server still holds the run as Paused: set it running before the next task
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(FlowRunContext.get().flow_run.id, Running(), force=True)
+        print(f"no answer in {p.wait_minutes} min: STEP {report['step']} stands")
+        return False
+    if answer.step == report["step"]:
+        return False
+    sweep = root / _section(params, root, "sweep")["metrics_file"]
+    record_decision(root / p.ratings_dir, sweep, answer.step, "a person in the Prefect UI")
+    print(f"a person chose STEP {answer.step} (automatic: STEP {report['step']})")
+    return True
+
+
 #: the tasks in DAG order; tests check this equals dvc.yaml's stages.
-TASKS = (corpus, prepare, tokenize, train, tune, sweep, evaluate, register)
+TASKS = (corpus, prepare, tokenize, train, sweep, select, tune, evaluate, register)
 
 
 @flow(name="musegen-pipeline", log_prints=True)
 def pipeline(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> dict[str, Path]:
-    """The whole DAG: each stage once its upstream stages finish; siblings at once."""
+    """The whole DAG: each stage once its upstream stages finish; siblings at once. After
+    select, it may pause for a person's choice of STEP (`ask_person`)."""
     futures: dict[str, Any] = {}
     for stage_task in TASKS:
         upstream = [futures[name] for name in UPSTREAM[stage_task.name]]
         futures[stage_task.name] = stage_task.submit(params, root, wait_for=upstream)
+        if stage_task is select and ask_person(params, root, futures["select"].result()):
+            futures["select"] = select.submit(params, root)  # DVC: the decision is new input
     return {name: future.result() for name, future in futures.items()}
 
 

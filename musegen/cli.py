@@ -21,6 +21,8 @@ app = typer.Typer(
 )
 corpus_app = typer.Typer(no_args_is_help=True, help="Build or fetch a raw MIDI corpus.")
 app.add_typer(corpus_app, name="corpus")
+ratings_app = typer.Typer(no_args_is_help=True, help="People's ratings of the sweep's clips.")
+app.add_typer(ratings_app, name="ratings")
 
 #: every command takes --params FILE (default params.yaml, or $MUSEGEN_PARAMS)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
@@ -147,12 +149,12 @@ def sweep(
     ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Continue the same test prompts with every chosen STEP checkpoint: HTML page + metrics."""
+    """Continue the same valid prompts with every kept STEP (base sampling): page + metrics."""
     import dataclasses
 
     from musegen import sweep as stage
     from musegen.evaluate import EvaluateParams
-    from musegen.generate import sampling_for
+    from musegen.sampling import SampleParams
     from musegen.train import TrainParams
 
     p = load_section(stage.SweepParams, "sweep", params)
@@ -166,7 +168,7 @@ def sweep(
             Path(train_p.out_dir) / "checkpoints",
             data.manifest,
             data.raw_dir,
-            sample=sampling_for(params),
+            sample=load_section(SampleParams, "sample", params),  # never one STEP's tuning
             eval_params=load_section(EvaluateParams, "evaluate", params),
             experiment=train_p.experiment,
         )
@@ -179,45 +181,116 @@ def sweep(
 
 
 @app.command()
-def register(
-    choose: Annotated[
-        str | None, typer.Option(help="override register.choose: best_valid|best_sweep|step")
+def select(
+    step: Annotated[
+        int | None,
+        typer.Option(help="a person's choice (ratings/decision.json): beats select.by until retrain"),
     ] = None,
-    step: Annotated[int | None, typer.Option(help="override register.step")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Register the chosen checkpoint as MLflow model `register.name`; move the alias to it."""
-    import dataclasses
-
-    from musegen import register as stage
-    from musegen.generate import sampling_for
+    """Pick the STEP tune, evaluate and register use (select.by: ratings|proxy|valid_loss|step)."""
+    from musegen import select as stage
     from musegen.sweep import SweepParams
     from musegen.train import TrainParams
 
-    p = load_section(stage.RegisterParams, "register", params)
-    changes = {k: v for k, v in (("choose", choose), ("step", step)) if v is not None}
-    p = dataclasses.replace(p, **changes)
-    train_p = load_section(TrainParams, "train", params)
+    p = load_section(stage.SelectParams, "select", params)
     try:
+        report = stage.select(
+            p,
+            Path(load_section(SweepParams, "sweep", params).metrics_file),
+            Path(load_section(TrainParams, "train", params).out_dir) / "checkpoints",
+            step=step,
+        )
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"select: STEP {report['step']} ({report['decided_by']}: {report['reason']}) -> {p.report}"
+    )
+
+
+@ratings_app.command("add")
+def ratings_add(
+    files: Annotated[list[Path], typer.Argument(help="ratings JSON exported by the blind page")],
+    use_dvc: Annotated[
+        bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the table (in a DVC repo)")
+    ] = True,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Merge blind-page ratings into the ratings table; log counts and means to the sweep runs."""
+    from musegen import ratings as stage
+    from musegen.select import SelectParams
+    from musegen.sweep import SweepParams
+
+    p = load_section(SelectParams, "select", params)
+    sweep_metrics = Path(load_section(SweepParams, "sweep", params).metrics_file)
+    try:
+        counts = stage.add(files, Path(p.ratings_dir), sweep_metrics)
+    except stage.RatingsError as exc:
+        _fail(str(exc))
+    table = Path(p.ratings_dir) / stage.TABLE
+    if use_dvc and Path(".dvc").is_dir():
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "add", "-q", str(table)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if proc.returncode:
+            _fail(f"{table}: `dvc add` failed: {proc.stderr.strip()[-300:]}")
+    sweep = json.loads(sweep_metrics.read_text())
+    stats = stage.summary(stage.read_table(Path(p.ratings_dir)), sweep)
+    logged = stage.log_to_sweep_runs(stats, sweep)
+    typer.echo(
+        f"ratings: {counts['added']} added, {counts['duplicates']} duplicates ignored, "
+        f"{counts['total']} in {table}; counts and means logged to {logged} sweep runs"
+    )
+    for key, s in stats.items():
+        if s["n"]:
+            typer.echo(f"  {key}: {s['n']} ratings, mean {s['mean']:.2f}")
+
+
+@app.command()
+def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+    """Register the bundle (selected STEP + its tuned sampling + its evaluation) as one version."""
+    from musegen import register as stage
+    from musegen.evaluate import EvaluateParams
+    from musegen.generate import sampling_for
+    from musegen.select import selected
+    from musegen.train import TrainParams
+    from musegen.tune import TuneParams
+
+    p = load_section(stage.RegisterParams, "register", params)
+    choice = selected(params)
+    sample = sampling_for(params)
+    try:
+        evaluation = stage.check_bundle(
+            choice["step"],
+            Path(load_section(TuneParams, "tune", params).out_dir) / "metrics.json",
+            Path(load_section(EvaluateParams, "evaluate", params).out_dir) / "metrics.json",
+        )
         version = stage.register(
             p,
-            Path(train_p.out_dir) / "checkpoints",
-            sampling_for(params),
-            sweep_metrics=Path(load_section(SweepParams, "sweep", params).metrics_file),
-            experiment=train_p.experiment,
+            Path(choice["checkpoint"]),
+            sample,
+            evaluation=evaluation,
+            selection=choice,
+            experiment=load_section(TrainParams, "train", params).experiment,
         )
-    except FileNotFoundError as exc:
+    except stage.BundleError as exc:
         _fail(str(exc))
     report = {
         "version": int(version.version),
         "step": int(version.tags["step"]),
         "uri": f"models:/{p.name}@{p.alias}",
+        "selected_by": choice["decided_by"],
+        "sampling": json.loads(version.tags["sampling"]),
+        "evaluate_proxy_score": evaluation.get("proxy_score"),
     }
     Path(p.report).parent.mkdir(parents=True, exist_ok=True)
     Path(p.report).write_text(json.dumps(report, indent=2) + "\n")
     typer.echo(
-        f"registered: models:/{p.name}/{version.version} (STEP {version.tags['step']}), "
-        f"alias {p.alias} -> version {version.version}"
+        f"registered: models:/{p.name}/{version.version} (STEP {version.tags['step']}, its "
+        f"tuned sampling and test-split evaluation), alias {p.alias} -> version {version.version}"
     )
 
 
@@ -301,8 +374,9 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
 ) -> None:
     """Compose MIDI from a checkpoint or a registered model, from scratch or continuing --prompt.
 
-    Sampling: params.yaml's sample section, then <tune.out_dir>/best_sampling.yaml if present,
-    then --temperature / --top-p. Writes <out>/<name>_seed<S>.mid (+ .mp3, .png), generate.json.
+    Sampling: a registered model's own (--model), else params.yaml's sample section overlaid by
+    <tune.out_dir>/best_sampling.yaml if present; then --temperature / --top-p.
+    Writes <out>/<name>_seed<S>.mid (+ .mp3, .png), generate.json.
     """
     import dataclasses
 
@@ -316,8 +390,10 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     if checkpoint and model:
         _fail("give --checkpoint or --model, not both")
     try:
-        sample = stage.sampling_for(params).with_overrides(temperature or (), top_p or ())
         path = stage.resolve_checkpoint(model or checkpoint or p.checkpoint)
+        # a registered bundle composes with the sampling it was tuned and evaluated with
+        sample = stage.bundled_sampling(path) or stage.sampling_for(params)
+        sample = sample.with_overrides(temperature or (), top_p or ())
         loaded = stage.load_model(path, p.device)
         typer.echo(f"model: {path} (step {loaded.step}, {loaded.config.max_len}-word window)")
         paths = stage.write_samples(
@@ -340,11 +416,12 @@ def evaluate(
     """Objective metrics and MGEval overlap of generated music against real music.
 
     With --samples and --reference: any two folders (bad files are rejected with reasons).
-    Without them (the DVC stage): best.pt with the tuned sampling against the test split.
+    Without them (the DVC stage): the selected STEP with its tuned sampling against the test
+    split.
     """
     from musegen import evaluate as stage
     from musegen.generate import sampling_for
-    from musegen.train import TrainParams
+    from musegen.select import selected
 
     p = load_section(stage.EvaluateParams, "evaluate", params)
     if samples is not None or reference is not None:
@@ -354,7 +431,7 @@ def evaluate(
         typer.echo(f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}")
         return
     data = load_section(DataParams, "data", params)
-    ckpt = Path(load_section(TrainParams, "train", params).out_dir) / "checkpoints" / "best.pt"
+    ckpt = Path(selected(params)["checkpoint"])
     headline = stage.evaluate_model(ckpt, sampling_for(params), data.manifest, data.raw_dir, p)
     typer.echo(
         f"evaluate: {headline['n_samples']} samples vs {headline['n_reference']} held-out:"

@@ -208,12 +208,12 @@ def evaluate_model(
 ) -> dict[str, Any]:
     """The DVC stage: generated music from `checkpoint` against the held-out test split.
 
-    Generates `num_samples` pieces of `crop_bars` bars (seeds seed .. seed + n - 1) with the
-    sampling settings `sample` (the tuned ones when the tune stage wrote them) into
-    out_dir/samples/, copies the manifest's test-split files to out_dir/reference/, runs
-    `evaluate`, and writes the full result to out_dir/details.json and the headline numbers
-    (mean OA/KL, proxy score, per-feature OA, loop flags) to out_dir/metrics.json for
-    `dvc metrics show`.
+    The only stage that reads the test split; `checkpoint` is the STEP `musegen select` chose
+    (on the valid split) and `sample` its tuned sampling. Generates `num_samples` pieces of
+    `crop_bars` bars (seeds seed .. seed + n - 1) with `sample` into out_dir/samples/, copies
+    the manifest's test-split files to out_dir/reference/, runs `evaluate`, and writes the
+    full result to out_dir/details.json and the headline numbers (mean OA/KL, proxy score,
+    per-feature OA, loop flags, the manifest rows read) to out_dir/metrics.json.
 
     Returns:
         The headline metrics.
@@ -251,6 +251,8 @@ def evaluate_model(
         "mean_oa": result["mean_oa"],
         "mean_kl": result["mean_kl"],
         "oa": {k: v["oa"] for k, v in result["mgeval"].items()},
+        "split": "test",
+        "pieces": sorted(held_out.path),  # the manifest rows read
     }
     (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
     return headline

@@ -638,6 +638,18 @@ def sampling_for(params_path: Path | str) -> SampleParams:
     return SampleParams(**{n: section[n] for n in names})
 
 
+def bundled_sampling(checkpoint: Path) -> SampleParams | None:
+    """The sampling a registered bundle holds beside its checkpoint (None for a bare .pt).
+
+    A model version downloaded by `resolve_checkpoint` has artifacts/checkpoint.pt and
+    artifacts/sampling.yaml (musegen.register): the settings tuned for that STEP.
+    """
+    path = Path(checkpoint).with_name("sampling.yaml")
+    if not path.is_file():
+        return None
+    return SampleParams(**read_yaml(path))
+
+
 def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:
     """A checkpoint file from a path or an MLflow URI (`models:/musegen@champion`, `runs:/…`).
 

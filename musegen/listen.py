@@ -3,7 +3,8 @@
 `listen` keeps `tune.num_pending` trials of the listen study open. Each trial draws per-field
 temperature / top-p from the same space as `musegen tune`, continues the same held-out prompts
 (fixed seeds), renders MP3 and uploads MP3 + MIDI as trial artifacts named by content hash
-(blind: no parameter or checkpoint in a file name). A person plays them in the dashboard and
+(blind: no parameter or checkpoint in a file name). The proxy score and clip metrics go to
+trial system attrs, which optuna-dashboard does not show: raters see audio and the form. A person plays them in the dashboard and
 picks a score in the trial's form; this process reads the choice and tells Optuna, so the next
 trials move toward what people like. Ratings live in the study storage (any RDB URL).
 
@@ -166,8 +167,9 @@ def prepare(s: Session, trial: optuna.Trial) -> None:
         clips = tn.make_clips(s.loaded, tn.to_sampling(s.base, values), s.bench, s.tp, work / "a")
         result = tn.measure([c.score for c in clips], s.bench, s.ev)
         trial.set_user_attr("mode", "preference" if s.pairwise else "rating")
-        trial.set_user_attr("proxy_score", result["proxy_score"])
-        trial.set_user_attr("metrics", result["metrics"])
+        # system attrs: kept for the learned listener, never shown to the rater by the dashboard
+        s.storage.set_trial_system_attr(trial._trial_id, tn.PROXY_KEY, result["proxy_score"])
+        s.storage.set_trial_system_attr(trial._trial_id, tn.METRICS_KEY, result["metrics"])
         if not s.pairwise:
             trial.set_user_attr("clips", tn.upload_clips(clips, trial, s.store, work))
             return

@@ -1,10 +1,14 @@
-"""The `register` stage: put the chosen checkpoint in the MLflow registry as a composing model.
+"""The `register` stage: the chosen bundle as ONE version of a composing model in MLflow.
 
-The checkpoint (best valid loss, best sweep score, or a given STEP) is logged as an MLflow
-pyfunc model in a child run of its training run, registered as a new version of model
-`register.name` (``musegen``), and alias `register.alias` (``champion``) moves to it. Older
-versions stay, with their history. Facts and traps: research/mlops-stack.md section 2
-(explicit pip_requirements, no pt2 serialization, aliases instead of stages).
+The bundle is what the DAG decided: the STEP `musegen select` chose, the sampling `musegen
+tune` tuned for that STEP, and what `musegen evaluate` measured for both on the test split
+(`check_bundle` refuses a bundle whose parts name different STEPs). It is logged as an MLflow
+pyfunc model in a child run of its training run (checkpoint + sampling as artifacts; STEP,
+sampling, evaluation and rating counts as run params/metrics and version tags), registered as
+a new version of model `register.name` (``musegen``), and alias `register.alias`
+(``champion``) moves to it. Older versions stay, with their history. Facts and traps:
+research/mlops-stack.md section 2 (explicit pip_requirements, no pt2 serialization, aliases
+instead of stages).
 
 Using it::
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,7 +36,6 @@ import yaml
 
 import mlflow
 from musegen import tracking
-from musegen.config import ParamsError
 from musegen.sampling import SampleParams
 
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
@@ -57,50 +61,33 @@ DEFAULT_PROMPT_BARS = 4
 class RegisterParams:
     """The `register` section of params.yaml (every key documented there)."""
 
-    choose: str
-    step: int
     name: str
     alias: str
     report: str
 
-    def __post_init__(self) -> None:
-        if self.choose not in ("best_valid", "best_sweep", "step"):
-            raise ParamsError(
-                f"params.yaml: register.choose = {self.choose!r}; expected best_valid, "
-                "best_sweep or step"
-            )
+
+class BundleError(ValueError):
+    """The selected STEP, its tuned sampling and its evaluation do not belong together."""
 
 
-def choose_checkpoint(params: RegisterParams, ckpt_dir: Path, sweep_metrics: Path) -> Path:
-    """The checkpoint `params.choose` names.
-
-    best_valid: checkpoints/best.pt (lowest valid loss seen in training); best_sweep: the
-    STEP with the highest sweep score in `sweep_metrics`; step: step_<register.step>.pt.
+def check_bundle(step: int, tune_metrics: Path, evaluate_metrics: Path) -> dict[str, Any]:
+    """Evaluate's headline metrics, once tune and evaluate are shown to have used STEP `step`.
 
     Raises:
-        FileNotFoundError: the checkpoint or the sweep metrics file is missing.
+        FileNotFoundError: a metrics file is missing. BundleError: a STEP differs (the fix:
+        `dvc repro`, which re-runs the stale stage).
     """
-    ckpt_dir = Path(ckpt_dir)
-    if params.choose == "best_valid":
-        path = ckpt_dir / "best.pt"
-    elif params.choose == "best_sweep":
-        if not Path(sweep_metrics).is_file():
-            raise FileNotFoundError(
-                f"{sweep_metrics}: not found; run `musegen sweep` first or set "
-                "register.choose to best_valid or step"
+    found = {}
+    for stage, path in (("tune", tune_metrics), ("evaluate", evaluate_metrics)):
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: not found; run `musegen {stage}` first")
+        found[stage] = json.loads(Path(path).read_text())
+        if found[stage].get("checkpoint_step") != step:
+            raise BundleError(
+                f"{path}: {stage} used STEP {found[stage].get('checkpoint_step')}, but select "
+                f"chose STEP {step}; run `dvc repro` (or `musegen {stage}`) to bring it up to date"
             )
-        import json
-
-        best = json.loads(Path(sweep_metrics).read_text())["best_step"]
-        path = ckpt_dir / f"step_{best}.pt"
-    else:
-        path = ckpt_dir / f"step_{params.step}.pt"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path}: checkpoint not found (register.choose = {params.choose}); train first, "
-            f"or pick a STEP from {sorted(p.name for p in ckpt_dir.glob('step_*.pt'))}"
-        )
-    return path
+    return found["evaluate"]
 
 
 class Composer(mlflow.pyfunc.PythonModel):
@@ -181,19 +168,22 @@ def _requirements() -> list[str]:
 
 def register(
     params: RegisterParams,
-    ckpt_dir: Path,
+    checkpoint: Path,
     sample: SampleParams,
     *,
-    sweep_metrics: Path = Path("reports/sweep/metrics.json"),
+    evaluation: dict[str, Any] | None = None,
+    selection: dict[str, Any] | None = None,
     experiment: str = "musegen",
 ) -> Any:
-    """Register the chosen checkpoint as a new version of `params.name`; move the alias to it.
+    """Register one bundle as a new version of `params.name`; move the alias to it.
 
     Args:
         params: the `register` section.
-        ckpt_dir: train.out_dir/checkpoints.
-        sample: the sampling settings the model composes with (stored with the version).
-        sweep_metrics: the sweep's metrics.json (for choose = best_sweep).
+        checkpoint: the selected STEP's checkpoint.
+        sample: the sampling settings tuned for it (stored with the version; the pyfunc and
+            `musegen generate --model` compose with them unless overridden).
+        evaluation: evaluate's headline metrics for this STEP and sampling (`check_bundle`).
+        selection: select's report (what decided, ratings per STEP).
         experiment: MLflow experiment used when the checkpoint's training run is not in the
             store (the run is then top level, with a warning).
 
@@ -202,10 +192,28 @@ def register(
     """
     import torch
 
-    path = choose_checkpoint(params, ckpt_dir, sweep_metrics)
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found; run `musegen select` first")
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    step = int(ckpt["step"])
     parent = ckpt.get("mlflow_run_id")
-    tags = {"musegen.stage": "register", "step": str(ckpt["step"]), "checkpoint": str(path)}
+    plain = _plain(sample)
+    tuned = {f"{k}.{f}": v for k in ("temperature", "top_p") for f, v in plain[k].items()}
+    numbers = {f"evaluate_{k}": float(v) for k, v in (evaluation or {}).items() if _number(v)}
+    selection = selection or {}
+    rated = selection.get("steps", {}).get(str(step), {}).get("ratings", {})
+    numbers |= {"ratings_total": float(selection.get("num_ratings", 0))}
+    numbers |= {"ratings_step": float(rated.get("n", 0))}
+    if rated.get("mean") is not None:
+        numbers["rating_mean"] = float(rated["mean"])
+    about = {
+        "step": str(step),
+        "checkpoint": str(path),
+        "selected_by": str(selection.get("decided_by", "")),
+        "sampling": json.dumps({k: plain[k] for k in ("temperature", "top_p")}, sort_keys=True),
+    }
+    tags = {"musegen.stage": "register"} | about
     exp_id, nesting = tracking.child_of(parent, experiment, f"{path}: the registering run")
     tags |= nesting
     client = mlflow.MlflowClient()
@@ -213,16 +221,17 @@ def register(
         slim = Path(tmp) / "checkpoint.pt"
         torch.save({k: ckpt[k] for k in SLIM_KEYS if k in ckpt}, slim)
         sampling = Path(tmp) / "sampling.yaml"
-        sampling.write_text(yaml.safe_dump(_plain(sample), sort_keys=False))
+        sampling.write_text(yaml.safe_dump(plain, sort_keys=False))
         # models from code: MLflow stores this script, not a pickle of Composer
         script = Path(tmp) / "composer.py"
         script.write_text(
             "import mlflow\nfrom musegen.register import Composer\n\n"
             "mlflow.models.set_model(Composer())\n"
         )
-        run_name = f"register STEP {ckpt['step']}"
+        run_name = f"register STEP {step}"
         with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=tags) as run:
-            mlflow.log_params({"choose": params.choose, "step": ckpt["step"]})
+            mlflow.log_params({"step": step, "selected_by": about["selected_by"]} | tuned)
+            mlflow.log_metrics(numbers)
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(script),
@@ -236,10 +245,9 @@ def register(
     version = mlflow.register_model(
         info.model_uri,
         params.name,
-        tags={
-            "step": str(ckpt["step"]),
-            "choose": params.choose,
-            "checkpoint": str(path),
+        tags=about
+        | {k: f"{v:.6g}" for k, v in numbers.items()}
+        | {
             "params_hash": str(ckpt.get("params_hash")),
             "training_run_id": str(parent),
             "register_run_id": run.info.run_id,
@@ -247,6 +255,10 @@ def register(
     )
     client.set_registered_model_alias(params.name, params.alias, version.version)
     return version
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _plain(sample: SampleParams) -> dict[str, Any]:

@@ -1,16 +1,25 @@
 """The `sweep` stage: the same prompts continued by every chosen STEP checkpoint, side by side.
 
-For each prompt (a test-split song's first `prompt_bars` bars) and each STEP checkpoint, the
-model continues the prompt with the same seed; the real song's next `continue_bars` bars are
-the anchor column. Every cell gets an MP3 (`render.render_audio`), a piano roll
-(`render.piano_roll`), the MIDI file and `metrics.piece_metrics` of the continuation, z-scored
-against the real continuations of every usable test song. Clips play prompt + continuation;
-metrics measure the continuation only.
+For each prompt (a valid-split song's first `prompt_bars` bars) and each STEP checkpoint, the
+model continues the prompt with the same seed and the base sampling (params.yaml's `sample:`,
+never settings tuned for one STEP); the real song's next `continue_bars` bars are the anchor
+column. Every cell gets an MP3 (`render.render_audio`), a piano roll (`render.piano_roll`),
+the MIDI file and `metrics.piece_metrics` of the continuation. Clips play prompt +
+continuation; metrics measure the continuation only.
+
+The reference (sweep score, z-scores) is the real continuations of the usable valid songs
+that are NOT shown as prompts, so the real anchor is never scored against itself, and every
+column is scored against the same set. The test split is never read (it is evaluate's).
+
+Each clip has a content hash (`clip`: sha256 of column, row and MIDI bytes): the blind page's
+file names, the key `musegen ratings add` maps ratings back to STEPs with, and what makes
+ratings of an older model's clips stop counting once the model changes.
 
 Outputs (under `out_dir`): index.html (works from disk: relative links, inline CSS/JS),
-assets/, reveal.js in blind mode, and `metrics_file` (per-STEP numbers and the sweep score for
-`dvc metrics`). Each checkpoint's clips and numbers are also logged to MLflow as a child run
-of its training run. Page design: research/evaluation-and-audio.md sections 2 and 5.
+assets/, reveal.js in blind mode, and `metrics_file` (per-STEP numbers, clip hashes, MLflow
+child run ids and the manifest rows used, for `dvc metrics` and `musegen select`). Each
+checkpoint's clips and numbers are also logged to MLflow as a child run of its training run.
+Page design: research/evaluation-and-audio.md sections 2 and 5.
 """
 
 from __future__ import annotations
@@ -135,21 +144,27 @@ def window(midi: miditoolkit.MidiFile, start_bar: int, end_bar: int) -> miditool
     return out
 
 
+#: the split the sweep reads (valid chooses; test is evaluate's alone)
+SPLIT = "valid"
+#: fewest reference songs the set-level score can use (MGEval needs pairs within a set)
+MIN_REFERENCE = 2
+
+
 def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepParams) -> list[dict]:
-    """Test-split songs long enough for prompt + continuation, encoded and decoded once.
+    """Valid-split songs long enough for prompt + continuation, encoded and decoded once.
 
     Returns:
-        One dict per usable test song, sorted by path: path, midi (the decoded, i.e.
+        One dict per usable valid song, sorted by path: path, midi (the decoded, i.e.
         quantized, song), real (its continuation Score). The first `num_prompts` of a seeded
-        shuffle are flagged ``shown``; all of them are the z-score and sweep-score reference.
+        shuffle are flagged ``shown`` (the rows); the others are the reference.
 
     Raises:
-        FileNotFoundError: no manifest. ValueError: no test song is long enough.
+        FileNotFoundError: no manifest. ValueError: too few valid songs are long enough.
     """
     if not Path(manifest).is_file():
         raise FileNotFoundError(f"{manifest}: manifest not found; run `musegen prepare`")
     table = pd.read_csv(manifest)
-    rows = table[(table.split == "test") & (table.status == "ok")].sort_values("path")
+    rows = table[(table.split == SPLIT) & (table.status == "ok")].sort_values("path")
     need = params.prompt_bars + params.continue_bars
     songs = []
     for rel in rows.path:
@@ -158,10 +173,12 @@ def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepPar
         if to_score(midi).end_tick > (need - 1) * BAR:  # notes reach the last bar
             real = window(midi, params.prompt_bars, need)
             songs.append({"path": rel, "midi": midi, "real": to_score(real)})
-    if not songs:
+    if len(songs) < params.num_prompts + MIN_REFERENCE:
         raise ValueError(
-            f"{manifest}: no test song has {need} bars (sweep.prompt_bars + continue_bars); "
-            "lower them in params.yaml"
+            f"{manifest}: {len(songs)} {SPLIT}-split songs have {need} bars (sweep.prompt_bars "
+            f"+ continue_bars); the sweep needs sweep.num_prompts ({params.num_prompts}) + "
+            f"{MIN_REFERENCE} (the reference, never the prompts' own songs): lower them, or "
+            "raise prepare.valid_percent, in params.yaml"
         )
     order = np.random.default_rng(params.seed).permutation(len(songs))
     for rank, i in enumerate(order):
@@ -185,11 +202,9 @@ def _valid_loss(history: list[dict], step: int) -> float | None:
     return float(rows[-1]["valid_loss"]) if rows else None
 
 
-def _name(params: SweepParams, col: str, row: int) -> str:
-    """Asset stem: readable, or in blind mode a hash that names no STEP."""
-    if not params.use_blind:
-        return f"p{row}_{col}"
-    return hashlib.sha256(f"musegen-sweep:{params.seed}:{col}:{row}".encode()).hexdigest()[:12]
+def clip_hash(midi_bytes: bytes, col: str, row: int) -> str:
+    """A cell's id: its column, row and MIDI content (a new model gives new ids)."""
+    return hashlib.sha256(f"musegen-sweep:{col}:{row}:".encode() + midi_bytes).hexdigest()[:16]
 
 
 def sweep(
@@ -231,9 +246,12 @@ def sweep(
     timing = {"generate": 0.0, "render": 0.0, "mlflow": 0.0}
 
     def cell(midi: miditoolkit.MidiFile, col: str, row: int, cont: Score) -> dict:
-        stem = _name(params, col, row)
         clip = window(midi, 0, params.prompt_bars + params.continue_bars)
-        clip.dump(str(assets / f"{stem}.mid"))
+        tmp = assets / ".clip.mid"
+        clip.dump(str(tmp))
+        digest = clip_hash(tmp.read_bytes(), col, row)
+        stem = digest if params.use_blind else f"p{row}_{col}"  # blind: names no STEP
+        tmp.replace(assets / f"{stem}.mid")
         t0 = time.perf_counter()
         audio = render.render_audio(
             assets / f"{stem}.mid", assets / f"{stem}.mp3", renderer=params.renderer
@@ -242,6 +260,7 @@ def sweep(
         timing["render"] += time.perf_counter() - t0
         return {
             "stem": stem,
+            "clip": digest,
             "seconds": round(audio.seconds, 2),
             "renderer": audio.renderer,
             "metrics": metrics.piece_metrics(cont, eval_params.seed),
@@ -250,7 +269,8 @@ def sweep(
     loaded = load_model(chosen[0])  # its tokenizer encodes the prompts (same for every STEP)
     songs = pick_prompts(manifest, raw_dir, loaded.tokenizer, params)
     shown = [s for s in songs if s["shown"]]
-    reference = [s["real"] for s in songs]
+    others = [s for s in songs if not s["shown"]]  # never a prompt's own song
+    reference = [s["real"] for s in others]
     columns: list[dict[str, Any]] = [
         {
             "key": "real",
@@ -299,10 +319,10 @@ def sweep(
                 f"{col['valid_loss']}, {i + 1}/{len(chosen)} checkpoints"
             )
 
-    result = _summarize(columns, shown, songs, params)
+    result = _summarize(columns, shown, others, params)
     result["seconds"] = {k: round(v, 2) for k, v in timing.items()}
     result["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
-    ref = _mean_sd([{"metrics": metrics.piece_metrics(s["real"], eval_params.seed)} for s in songs])
+    ref = _mean_sd([{"metrics": metrics.piece_metrics(r, eval_params.seed)} for r in reference])
     result["reference"] = {k: v["mean"] for k, v in ref.items()}
     result["page"] = str(write_page(out, columns, shown, ref, params))
     Path(params.metrics_file).parent.mkdir(parents=True, exist_ok=True)
@@ -324,8 +344,9 @@ def _mean_sd(cells: list[dict]) -> dict[str, dict[str, float]]:
     }
 
 
-def _summarize(columns: list[dict], shown: list[dict], songs: list[dict], p: SweepParams) -> dict:
-    """metrics.json: per-STEP numbers, the real anchor's, and the best STEP by sweep score."""
+def _summarize(columns: list[dict], shown: list[dict], others: list[dict], p: SweepParams) -> dict:
+    """metrics.json: per-STEP numbers, the real anchor's, the best STEP by sweep score, each
+    column's clip hashes (row order) and MLflow run, and the manifest rows read."""
     per_step = {}
     for col in columns:
         stats = _mean_sd(col["cells"])
@@ -335,6 +356,9 @@ def _summarize(columns: list[dict], shown: list[dict], songs: list[dict], p: Swe
             "mean_oa": col["mean_oa"],
             **({"valid_loss": col["valid_loss"]} if col.get("valid_loss") is not None else {}),
             **{k: stats[k]["mean"] for k in metrics.PIECE_METRICS},
+            "clips": [c["clip"] for c in col["cells"]],
+            **({"mlflow_run_id": col["mlflow_run_id"]} if col.get("mlflow_run_id") else {}),
+            **({"step": col["step"]} if col["step"] is not None else {}),
         }
         per_step[col["key"]] = entry
     steps = [c for c in columns if c["step"] is not None]
@@ -344,8 +368,10 @@ def _summarize(columns: list[dict], shown: list[dict], songs: list[dict], p: Swe
         "best_sweep_score": best["sweep_score"],
         "num_checkpoints": len(steps),
         "num_prompts": len(shown),
-        "num_reference": len(songs),
+        "num_reference": len(others),
+        "split": SPLIT,
         "prompts": [s["path"] for s in shown],
+        "reference": [s["path"] for s in others],
         "prompt_bars": p.prompt_bars,
         "continue_bars": p.continue_bars,
         "columns": per_step,
@@ -391,35 +417,58 @@ table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:6px;vertical-
 th{background:#f4f4f4;text-align:left;font-weight:normal}th b{font-size:15px}
 img{display:block;width:360px}audio{width:360px}.m{font:12px monospace;margin-top:4px}
 .m span{display:inline-block;margin-right:8px}.z1{background:#fde6b0}.z2{background:#f7a8a8}
-.rate button{min-width:2em}.rate button.on{background:#2a6;color:#fff}
-body.blind:not(.revealed) .hide{display:none}
+.rate button{min-width:2em}.rate button.on{background:#2a6;color:#fff}.who b{color:#a30}
 """
 
-JS = """
-const PAGE = document.body.dataset.page, KEY = 'musegen-sweep/' + PAGE + '/';
-function paint(div){const v = localStorage.getItem(KEY + div.dataset.cell);
-  div.querySelectorAll('button').forEach(b => b.classList.toggle('on', b.textContent === v));}
+#: the blind page's script: ratings in this page's own localStorage keys, export, reveal
+BLIND_JS = """
+const PAGE = document.body.dataset.page, KEY = 'musegen-sweep-blind/' + PAGE + '/';
+const rater = document.getElementById('rater');
+rater.value = localStorage.getItem(KEY + 'rater') || '';
+rater.oninput = () => localStorage.setItem(KEY + 'rater', rater.value.trim());
+function stored(clip){ try { return JSON.parse(localStorage.getItem(KEY + clip)); }
+  catch (e) { return null; } }
+function paint(div){ const v = stored(div.dataset.clip);
+  div.querySelectorAll('button').forEach(b =>
+    b.classList.toggle('on', v !== null && b.textContent === String(v.score))); }
 document.querySelectorAll('.rate').forEach(div => {
   div.querySelectorAll('button').forEach(b => b.onclick = () => {
-    localStorage.setItem(KEY + div.dataset.cell, b.textContent); paint(div);});
-  paint(div);});
+    localStorage.setItem(KEY + div.dataset.clip,
+      JSON.stringify({score: Number(b.textContent), time: new Date().toISOString()}));
+    paint(div); });
+  paint(div); });
+function exportRatings(){
+  const ratings = [];
+  document.querySelectorAll('.rate').forEach(div => { const v = stored(div.dataset.clip);
+    if (v) ratings.push({clip: div.dataset.clip, prompt: Number(div.dataset.prompt),
+                         score: v.score, time: v.time}); });
+  return {format: 'musegen-sweep-ratings/1', page: PAGE, blind: true,
+          rater: rater.value.trim(), ratings}; }
 document.getElementById('export').onclick = () => {
-  const ratings = [...document.querySelectorAll('.rate')].map(div => ({
-    cell: div.dataset.cell, prompt: div.dataset.prompt, column: div.dataset.col,
-    step: window.REVEAL ? window.REVEAL[div.dataset.col].step : undefined,
-    rating: Number(localStorage.getItem(KEY + div.dataset.cell)) || null}));
-  const blob = new Blob([JSON.stringify({page: PAGE, ratings}, null, 1)],
-                        {type: 'application/json'});
+  const data = exportRatings();
+  if (!data.rater) { alert('type your name in "rater" first'); rater.focus(); return; }
+  const blob = new Blob([JSON.stringify(data, null, 1)], {type: 'application/json'});
   const a = document.createElement('a'); a.href = URL.createObjectURL(blob);
-  a.download = 'ratings-' + PAGE + '.json'; a.click();};
-function reveal(){document.querySelectorAll('th[data-col]').forEach(th => {
-  th.innerHTML = window.REVEAL[th.dataset.col].header;});
-  document.body.classList.add('revealed');}
-const rb = document.getElementById('reveal');
-if (rb) rb.onclick = () => { if (window.REVEAL) return reveal();
+  a.download = 'ratings-' + PAGE + '-' + data.rater.replace(/\\W+/g, '_') + '.json'; a.click(); };
+function reveal(){
+  document.querySelectorAll('.who').forEach(w => { const c = window.REVEAL.cells[w.dataset.clip];
+    w.innerHTML = '<b>' + c.label + '</b>' + c.metrics; });
+  document.getElementById('summary').innerHTML = window.REVEAL.summary; }
+document.getElementById('reveal').onclick = () => { if (window.REVEAL) return reveal();
   const s = document.createElement('script'); s.src = 'reveal.js'; s.onload = reveal;
-  document.head.appendChild(s);};
-// ?selftest: load every player's metadata and report what loaded (tests/test_sweep.py)
+  document.head.appendChild(s); };
+// ?ratetest: a rater clicks a score in every cell (cell i gets i % 5 + 1), then the export
+// lands in #selftest (tests/test_sweep.py feeds it to `musegen ratings add`)
+window.addEventListener('load', () => {
+  if (!new URLSearchParams(location.search).has('ratetest')) return;
+  rater.value = 'chromium'; rater.oninput();
+  document.querySelectorAll('.rate').forEach((div, i) =>
+    div.querySelectorAll('button')[i % 5].click());
+  document.getElementById('selftest').textContent = JSON.stringify(exportRatings()); });
+"""
+
+#: both pages: ?selftest loads every player's metadata and reports what loaded (tests)
+SELFTEST_JS = """
 window.addEventListener('load', () => {
   if (!new URLSearchParams(location.search).has('selftest')) return;
   const out = document.getElementById('selftest'), audios = [...document.querySelectorAll('audio')];
@@ -433,23 +482,22 @@ window.addEventListener('load', () => {
 """
 
 
-def _cell_html(c: dict, r: int, label: str, ref: dict) -> str:
-    e = html.escape
+def _metrics_html(c: dict, ref: dict) -> str:
+    """A cell's key metrics, coloured by z-score against the reference's real continuations."""
     zs = []
     for k in KEY_METRICS:
         v, m, sd = c["metrics"][k], ref[k]["mean"], ref[k]["sd"]
         z = (v - m) / sd if sd > 1e-9 else (0.0 if abs(v - m) < 1e-9 else np.sign(v - m) * 9)
         cls = "z2" if abs(z) > 2 else "z1" if abs(z) > 1 else ""
         zs.append(f'<span class="{cls}" title="z = {z:+.1f} vs real">{k} {v:.2f}</span>')
-    rate = "".join(f"<button>{i}</button>" for i in range(1, 6))
-    alt = e(f"piano roll, prompt {r + 1}, {label}")
+    return f'<div class="m">{"".join(zs)}</div>'
+
+
+def _player(c: dict, alt: str) -> str:
     return (
-        f'<td><audio controls preload="none" src="assets/{c["stem"]}.mp3"></audio>'
-        f'<img src="assets/{c["stem"]}.png" alt="{alt}">'
+        f'<audio controls preload="none" src="assets/{c["stem"]}.mp3"></audio>'
+        f'<img src="assets/{c["stem"]}.png" alt="{html.escape(alt)}">'
         f'<a href="assets/{c["stem"]}.mid" download>MIDI</a> · {c["seconds"]:.0f} s'
-        f'<div class="m hide">{"".join(zs)}</div>'
-        f'<div class="rate" data-cell="{c["stem"]}" data-prompt="{r}" data-col="{e(label)}">'
-        f"rating {rate}</div></td>"
     )
 
 
@@ -465,68 +513,104 @@ def _header(col: dict) -> str:
     return "<br>".join(lines)
 
 
+def row_orders(n_rows: int, n_cols: int, seed: int) -> list[list[int]]:
+    """The blind page's column order of each row: an independent seeded shuffle per row."""
+    return [list(np.random.default_rng([seed, r]).permutation(n_cols)) for r in range(n_rows)]
+
+
 def write_page(
     out: Path, columns: list[dict], shown: list[dict], ref: dict, params: SweepParams
 ) -> Path:
     """Write index.html (and reveal.js in blind mode); every link is relative to `out`.
 
+    The open page shows each column under its STEP with its metrics. The blind page (for
+    raters) shuffles every row on its own, names cells "clip k" and files by hash, keeps
+    every STEP, loss and metric out of the page (reveal.js holds them), and has the rating
+    form and its JSON export (`musegen ratings add` reads it).
+
     Args:
         out: the page folder (assets/ already filled).
         columns: real anchor first, then one per STEP, each with its cells and stats.
         shown: the prompt songs (rows).
-        ref: {metric: {mean, sd}} of the real continuations (the z-score reference).
+        ref: {metric: {mean, sd}} of the reference's real continuations (z-scores).
         params: the `sweep` section.
     """
     e = html.escape
-    cols = list(columns)
-    if params.use_blind:
-        # the real anchor hides among the checkpoints (research: hidden real excerpts)
-        order = np.random.default_rng(params.seed + 1).permutation(len(cols))
-        cols = [cols[i] for i in order]
-    labels = [
-        f"Sample {chr(65 + i)}" if params.use_blind else c["label"] for i, c in enumerate(cols)
-    ]
     page_id = hashlib.sha256(
         json.dumps([params.seed, [c["key"] for c in columns], [s["path"] for s in shown]]).encode()
     ).hexdigest()[:10]
-    heads = "".join(
-        f'<th data-col="{e(lab)}">{"<b>" + e(lab) + "</b>" if params.use_blind else _header(c)}'
-        "</th>"
-        for lab, c in zip(labels, cols, strict=True)
-    )
-    rows = []
-    for r, song in enumerate(shown):
-        cells = "".join(
-            _cell_html(c["cells"][r], r, lab, ref) for lab, c in zip(labels, cols, strict=True)
-        )
-        rows.append(
-            f"<tr><th>prompt {r + 1}<br>{e(song['path'])}<br>seed "
-            f"{params.seed + r}</th>{cells}</tr>"
-        )
     blind = params.use_blind
+    rows = []
     if blind:
-        mapping = {
-            lab: {"step": c["step"], "key": c["key"], "header": _header(c)}
-            for lab, c in zip(labels, cols, strict=True)
+        heads = "".join(f"<th>clip {k + 1}</th>" for k in range(len(columns)))
+        orders = row_orders(len(shown), len(columns), params.seed)
+        rate = "".join(f"<button>{i}</button>" for i in range(1, 6))
+        for r, order in enumerate(orders):
+            cells = "".join(
+                f"<td>{_player(c, f'piano roll, prompt {r + 1}, clip {k + 1}')}"
+                f'<div class="who" data-clip="{c["stem"]}"></div>'
+                f'<div class="rate" data-clip="{c["stem"]}" data-prompt="{r}">rating {rate}'
+                "</div></td>"
+                for k, c in enumerate(columns[i]["cells"][r] for i in order)
+            )
+            rows.append(f"<tr><th>prompt {r + 1}</th>{cells}</tr>")
+        cells_map = {
+            c["stem"]: {
+                "label": col["label"],
+                "step": col["step"],
+                "metrics": _metrics_html(c, ref),
+            }
+            for col in columns
+            for c in col["cells"]
         }
-        (out / "reveal.js").write_text(f"window.REVEAL = {json.dumps(mapping, indent=1)};\n")
+        summary = "<table><tr>" + "".join(f"<th>{_header(c)}</th>" for c in columns)
+        summary += "</tr></table>"
+        reveal = {"cells": cells_map, "summary": summary}
+        (out / "reveal.js").write_text(f"window.REVEAL = {json.dumps(reveal, indent=1)};\n")
+    else:
+        heads = "".join(f"<th>{_header(c)}</th>" for c in columns)
+        for r, song in enumerate(shown):
+            cells = "".join(
+                f"<td>{_player(c['cells'][r], f'piano roll, prompt {r + 1}, ' + c['label'])}"
+                f"{_metrics_html(c['cells'][r], ref)}</td>"
+                for c in columns
+            )
+            rows.append(
+                f"<tr><th>prompt {r + 1}<br>{e(song['path'])}<br>seed "
+                f"{params.seed + r}</th>{cells}</tr>"
+            )
     title = "musegen sweep (blind)" if blind else "musegen checkpoint sweep"
-    intro = (
-        f"Each clip: {params.prompt_bars} prompt bars of a test song, then "
-        f"{params.continue_bars} bars of continuation (same seed per row). Metrics measure the "
-        f"continuation; colour = |z| &gt; 1 / &gt; 2 against the real continuations of "
-        f"{ref['n_bars']['n']} test songs. Ratings stay in this browser (localStorage)."
+    clips = (
+        f"Each clip: {params.prompt_bars} prompt bars of a valid-split song, then "
+        f"{params.continue_bars} bars of continuation (same seed per row)."
     )
-    buttons = '<button id="export">export ratings (JSON)</button>'
     if blind:
-        buttons += ' <button id="reveal">reveal</button>'
+        intro = (
+            f"{clips} One clip per row is the real song; the others are checkpoints, in a "
+            "different order on every row. Rate each clip 1-5, type your name, export, then "
+            "<code>musegen ratings add ratings-….json</code>. Reveal shows what each clip was."
+        )
+        controls = (
+            '<label>rater <input id="rater" size="16"></label> '
+            '<button id="export">export ratings (JSON)</button> '
+            '<button id="reveal">reveal</button>'
+        )
+        script = BLIND_JS + SELFTEST_JS
+    else:
+        intro = (
+            f"{clips} Metrics measure the continuation; colour = |z| &gt; 1 / &gt; 2 against "
+            f"the real continuations of {ref['n_bars']['n']} other valid songs. To rate "
+            "without seeing STEPs: <code>musegen sweep --blind</code>."
+        )
+        controls, script = "", SELFTEST_JS
     page = (
         f'<!doctype html><html><head><meta charset="utf-8"><title>{title}</title>'
         f"<style>{CSS}</style></head>"
         f'<body class="{"blind" if blind else ""}" data-page="{page_id}">'
-        f"<h1>{title}</h1><p>{intro}</p><p>{buttons}</p>"
+        f"<h1>{title}</h1><p>{intro}</p><p>{controls}</p>"
         f"<table><tr><th>prompt</th>{heads}</tr>{''.join(rows)}</table>"
-        f'<pre id="selftest" hidden></pre><script>{JS}</script></body></html>\n'
+        f'<div id="summary"></div><pre id="selftest" hidden></pre>'
+        f"<script>{script}</script></body></html>\n"
     )
     path = out / "index.html"
     path.write_text(page)

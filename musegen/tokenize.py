@@ -6,7 +6,9 @@ For each representation in `params.representations`, `out_dir/<repr>/` gets:
   each ending with its EOS (CP: [n_words_total, 8]; REMI: [n_tokens_total]);
 - `{train,valid,test}_offsets.npy`: int64 [n_songs + 1], song k is rows offsets[k]:offsets[k+1];
 - `vocab.json`: fields, sizes, the event string of every id and the tokenizer config (enough to
-  decode alone; see musegen.tokenizer).
+  decode alone; see musegen.tokenizer);
+- `pieces.json`: {split: [manifest path of song k]}, so a stage that reads a split can name
+  (and record) the manifest rows it used.
 
 Each file is parsed once (musegen.midi.read_score) and encoded by every tokenizer. A file that
 prepare accepted but that fails here is named on stderr, skipped and counted in the metrics
@@ -153,6 +155,11 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
         rep_dir.mkdir(parents=True, exist_ok=True)
         tok.save(rep_dir)
         metrics[rep] = {}
+        kept = {s: [] for s in SPLITS}
+        for path, split, r in zip(ok.path, ok.split, results, strict=True):
+            if not isinstance(r, str):
+                kept[split].append(str(path))
+        (rep_dir / "pieces.json").write_text(json.dumps(kept, indent=0) + "\n")
         for split in SPLITS:
             songs = [
                 r[0][i]

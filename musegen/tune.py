@@ -1,9 +1,10 @@
 """The `tune` stage: Optuna over per-field sampling settings, scored without a listener.
 
 Every trial samples a temperature and a top-p per field from params.yaml's `tune` ranges,
-continues the same `num_clips` held-out prompts (test split, first `prompt_bars` bars) with
-fixed seeds, and scores the continuations (`clip_bars` bars) against what real held-out music
-does in the same bars. The objective (maximised) is, documented once here:
+continues the same `num_clips` prompts (valid split, first `prompt_bars` bars) with fixed
+seeds, and scores the continuations (`clip_bars` bars) against what real valid-split music
+does in the same bars. The checkpoint is the STEP `musegen select` chose; the test split is
+never read (it is evaluate's). The objective (maximised) is, documented once here:
 
     proxy = mean MGEval overlap area over the features (samples vs held-out, in [0, 1])
             - mean loop penalty (share of clips past the held-out loop thresholds, less chance)
@@ -45,6 +46,8 @@ from musegen.sampling import SampleParams
 
 #: rating scale of the listen study (ChoiceWidget values 1..5; 0 = "not rated")
 RATINGS = (1, 2, 3, 4, 5)
+#: listen-study trial system attrs (hidden from raters in the dashboard): proxy, clip metrics
+PROXY_KEY, METRICS_KEY = "musegen:proxy_score", "musegen:metrics"
 #: clip metrics the learned listener reads (n_bars is fixed by clip_bars: no information)
 LISTENER_FEATURES = tuple(m for m in metrics.PIECE_METRICS if m != "n_bars")
 
@@ -131,8 +134,8 @@ class Bench:
     """What every trial is measured against; build it with `load_bench`.
 
     Attributes:
-        prompts: `num_clips` token arrays, the first `prompt_bars` bars of test pieces.
-        reference: held-out Scores, bars prompt_bars .. prompt_bars + clip_bars of test pieces.
+        prompts: `num_clips` token arrays, the first `prompt_bars` bars of valid pieces.
+        reference: Scores, bars prompt_bars .. prompt_bars + clip_bars of valid pieces.
         ref_metrics: their `piece_metrics`.
         ref_features: their `metrics.set_features`.
     """
@@ -141,6 +144,7 @@ class Bench:
     reference: list[Score]
     ref_metrics: list[dict[str, float]]
     ref_features: dict[str, np.ndarray]
+    pieces: list[str] = dataclasses.field(default_factory=list)  # manifest rows read
 
 
 def bars_window(score: Score, start_bar: int, n_bars: int) -> Score:
@@ -153,37 +157,46 @@ def bars_window(score: Score, start_bar: int, n_bars: int) -> Score:
     return metrics.crop(dataclasses.replace(score, notes=shifted), n_bars)
 
 
+#: the split tune and listen read (valid chooses; test is evaluate's alone)
+SPLIT = "valid"
+
+
 def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0) -> Bench:
-    """Prompts and reference from the test split of `repr_dir` (tokenize stage output).
+    """Prompts and reference from the valid split of `repr_dir` (tokenize stage output).
 
     Pieces with at least prompt_bars + clip_bars bars qualify, in split order; prompts cycle
-    through them when `num_clips` is larger than their number.
+    through them when `num_clips` is larger than their number. `pieces` names the manifest
+    rows read (from the tokenizer's pieces.json, when it is there).
 
     Raises:
-        FileNotFoundError: no test split; ValueError: no test piece is long enough.
+        FileNotFoundError: no valid split; ValueError: no valid piece is long enough.
     """
-    rows_path = repr_dir / "test.npy"
+    rows_path = repr_dir / f"{SPLIT}.npy"
     if not rows_path.is_file():
-        raise FileNotFoundError(f"{rows_path}: no test split; run `musegen tokenize` first")
-    rows, offsets = np.load(rows_path), np.load(repr_dir / "test_offsets.npy")
+        raise FileNotFoundError(f"{rows_path}: no {SPLIT} split; run `musegen tokenize` first")
+    rows, offsets = np.load(rows_path), np.load(repr_dir / f"{SPLIT}_offsets.npy")
+    names_file = repr_dir / "pieces.json"
+    names = json.loads(names_file.read_text())[SPLIT] if names_file.is_file() else []
+    qualified: list[str] = []  # manifest paths of the pieces long enough, in split order
     rows = rows if rows.ndim == 2 else rows.reshape(-1, 1)  # REMI is one field
     vocab = tokenizer.vocab
     field = "bar_beat" if "bar_beat" in vocab["fields"] else vocab["fields"][0]
     is_bar = rows[:, vocab["fields"].index(field)] == vocab["events"][field].index("Bar")
     need = params.prompt_bars + params.clip_bars
     prompts, reference = [], []
-    for start, end in itertools.pairwise(offsets):
+    for k, (start, end) in enumerate(itertools.pairwise(offsets)):
         bars = start + np.flatnonzero(is_bar[start:end])
         if len(bars) <= need:
             continue
         piece = rows[start:end]
         prompts.append(piece[: bars[params.prompt_bars] - start].copy())
+        qualified += names[k : k + 1]
         if len(reference) < params.num_reference:
             score = to_score(tokenizer.decode(piece.squeeze(-1) if rows.shape[1] == 1 else piece))
             reference.append(bars_window(score, params.prompt_bars, params.clip_bars))
     if not prompts:
         raise ValueError(
-            f"{rows_path}: no test piece has more than {need} bars (prompt_bars + clip_bars); "
+            f"{rows_path}: no {SPLIT} piece has more than {need} bars (prompt_bars + clip_bars); "
             "lower tune.prompt_bars / tune.clip_bars"
         )
     ref_metrics = [metrics.piece_metrics(s, seed) for s in reference]
@@ -192,6 +205,8 @@ def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0
         reference=reference,
         ref_metrics=ref_metrics,
         ref_features=metrics.set_features(reference, ref_metrics),
+        # prompts cycle through the first num_clips; the reference is the first num_reference
+        pieces=qualified[: max(params.num_clips, params.num_reference)],
     )
 
 
@@ -314,7 +329,7 @@ def rated_trials(storage: Any, study_name: str) -> list[optuna.trial.FrozenTrial
     return [
         t
         for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-        if t.user_attrs.get("mode") == "rating" and "metrics" in t.user_attrs
+        if t.user_attrs.get("mode") == "rating" and METRICS_KEY in t.system_attrs
     ]
 
 
@@ -354,13 +369,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
 
 
 def checkpoint_path(params: TuneParams, params_path: Path) -> Path:
-    """tune.checkpoint, or best.pt of train.out_dir when it is empty."""
+    """tune.checkpoint, or the STEP `musegen select` chose when it is empty."""
     if params.checkpoint:
         return Path(params.checkpoint)
-    from musegen.train import TrainParams
+    from musegen.select import selected
 
-    out_dir = load_section(TrainParams, "train", params_path).out_dir
-    return Path(out_dir) / "checkpoints" / "best.pt"
+    return Path(selected(params_path)["checkpoint"])
 
 
 # ---- one scored trial (shared with musegen.listen) --------------------------------------------
@@ -401,11 +415,16 @@ def upload_clips(
     return out
 
 
-def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial | None:
-    """The best complete trial, feasible ones first (all constraints <= 0)."""
+def best_trial(study: optuna.Study, step: int | None = None) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial (of checkpoint STEP `step` when given), feasible ones first.
+
+    The study is shared across runs (and STEPs): settings tuned for another STEP never win.
+    """
     from optuna.study._constrained_optimization import _get_constraints_from_system_attrs
 
     done = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if step is not None:
+        done = [t for t in done if t.user_attrs.get("checkpoint_step") == step]
     if not done:
         return None
 
@@ -446,10 +465,11 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
     storage = open_storage(tp.storage)
     rated = rated_trials(storage, tp.listen_study)
     ratings = [float(t.value) for t in rated]  # a rated trial's value is its 1-5 score
-    rho = spearman([t.user_attrs["proxy_score"] for t in rated], ratings)
+    rho = spearman([t.system_attrs[PROXY_KEY] for t in rated], ratings)
     listener = None
     if len(rated) >= tp.min_ratings:
-        listener = fit_listener([t.user_attrs["metrics"] for t in rated], ratings, tp.ridge_alpha)
+        features = [t.system_attrs[METRICS_KEY] for t in rated]
+        listener = fit_listener(features, ratings, tp.ridge_alpha)
     objective_kind = "listener" if listener else "proxy"
     sampler = optuna.samplers.TPESampler(n_startup_trials=tp.num_startup_trials)
     study = optuna.create_study(
@@ -511,7 +531,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
             }
         )
         study.optimize(objective, n_trials=n_trials, gc_after_trial=False)
-        best = best_trial(study)
+        best = best_trial(study, loaded.step)
         summary = write_results(
             tp,
             best,
@@ -520,6 +540,8 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
             rho=rho,
             seconds=seconds,
             study=study,
+            # what this sampling was tuned for, and the manifest rows it was tuned on
+            extra={"checkpoint_step": loaded.step, "pieces": bench.pieces},
         )
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
         mlflow.log_artifact(str(Path(tp.out_dir) / "best_sampling.yaml"))
@@ -535,8 +557,12 @@ def write_results(
     rho: float | None,
     seconds: Sequence[float],
     study: optuna.Study,
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write best_sampling.yaml (shape of the `sample:` section) and metrics.json atomically."""
+    """Write best_sampling.yaml (shape of the `sample:` section) and metrics.json atomically.
+
+    `extra` (checkpoint_step, pieces) goes into metrics.json as it is.
+    """
     out = Path(tp.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {
@@ -547,18 +573,22 @@ def write_results(
         "seconds_per_trial": float(np.mean(seconds)) if seconds else 0.0,
         "n_ratings": n_ratings,
         "spearman_proxy_vs_rating": rho,
+        **(extra or {}),
     }
     if best is not None:
         summary |= {"best_value": float(best.value), "best_trial": best.number}
         summary["best_proxy_score"] = float(best.user_attrs.get("proxy_score", best.value))
         section = as_section(best.params)
+        step = f"STEP {best.user_attrs.get('checkpoint_step')}, "
         text = (
-            f"# written by `musegen tune` (study {study.study_name}, trial {best.number}, "
+            f"# written by `musegen tune` ({step}study {study.study_name}, trial {best.number}, "
             f"{objective_kind} {best.value:.4f}); overlays params.yaml's sample: section\n"
         )
         tmp = out / "best_sampling.yaml.tmp"
         tmp.write_text(text + yaml.safe_dump(section, sort_keys=True))
         tmp.replace(out / "best_sampling.yaml")
+    else:  # nothing tuned for this checkpoint: no stale settings of another one may remain
+        (out / "best_sampling.yaml").unlink(missing_ok=True)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     tmp.replace(out / "metrics.json")

@@ -90,7 +90,7 @@ def prepared_corpus(real_midi_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
 BIN = Path(sys.executable).parent
 #: what a fresh clone has (besides data, which the pipeline makes)
-PROJECT = ("musegen", "flows", "dvc.yaml", "params.yaml", "pyproject.toml")
+PROJECT = ("musegen", "flows", "ratings", "dvc.yaml", "params.yaml", "pyproject.toml")
 
 
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:

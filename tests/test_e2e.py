@@ -78,6 +78,89 @@ def test_mlflow_holds_runs_and_champion(repo: Path) -> None:
     assert (repo / "reports/tune/best_sampling.yaml").is_file()
 
 
+def test_only_evaluate_reads_the_test_split(repo: Path) -> None:
+    """Each stage's record of the manifest rows it read, checked against their splits."""
+    manifest = pd.read_csv(repo / "data/prepared/manifest.csv", keep_default_na=False)
+    split = dict(zip(manifest.path, manifest.split, strict=True))
+    sweep = json.loads((repo / "reports/sweep/metrics.json").read_text())
+    tune = json.loads((repo / "reports/tune/metrics.json").read_text())
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    pieces = json.loads((repo / "data/tokens/cp/pieces.json").read_text())
+    read = {
+        "sweep prompts": sweep["prompts"],
+        "sweep reference": sweep["reference"],
+        "tune": tune["pieces"],
+        "train (fits on)": pieces["train"],
+        "train (valid loss)": pieces["valid"],
+    }
+    for stage, paths in read.items():
+        assert paths, stage
+        assert "test" not in {split[p] for p in paths}, f"{stage} read a test-split piece"
+    assert {split[p] for p in sweep["prompts"] + sweep["reference"] + tune["pieces"]} == {"valid"}
+    assert {split[p] for p in pieces["train"]} == {"train"}
+    # the real anchor is never in its own reference
+    assert set(sweep["prompts"]).isdisjoint(sweep["reference"])
+    assert evaluate["pieces"] and {split[p] for p in evaluate["pieces"]} == {"test"}
+
+
+def test_one_bundle_step_sampling_and_evaluation_agree(repo: Path) -> None:
+    import mlflow
+
+    choice = json.loads((repo / "reports/select/choice.json").read_text())
+    champion = json.loads((repo / "reports/register/champion.json").read_text())
+    tune = json.loads((repo / "reports/tune/metrics.json").read_text())
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    step = choice["step"]
+    assert champion["step"] == tune["checkpoint_step"] == evaluate["checkpoint_step"] == step
+    tuned = yaml.safe_load((repo / "reports/tune/best_sampling.yaml").read_text())
+    for knob, fields in tuned.items():
+        for field, value in fields.items():
+            assert champion["sampling"][knob][field] == value
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow/mlflow.db'}")
+    version = client.get_model_version_by_alias("musegen", "champion")
+    assert version.tags["step"] == str(step) and version.tags["selected_by"] == "proxy"
+    assert float(version.tags["evaluate_proxy_score"]) == pytest.approx(evaluate["proxy_score"])
+    assert json.loads(version.tags["sampling"]) == champion["sampling"]
+
+
+def test_ratings_added_change_the_champion(repo: Path, tmp_path: Path) -> None:
+    """People prefer the STEP the proxy ranked last: `musegen ratings add`, `dvc repro`, and
+    select, tune, evaluate and register all follow them to that STEP."""
+    import mlflow
+
+    before = json.loads((repo / "reports/select/choice.json").read_text())
+    assert before["decided_by"] == "proxy"
+    worst = min(before["steps"], key=lambda s: before["steps"][s]["proxy"])
+    assert int(worst) != before["step"]
+    sweep = json.loads((repo / "reports/sweep/metrics.json").read_text())
+    ratings = [
+        {"clip": clip, "prompt": row, "score": 5 if col.get("step") == int(worst) else 1,
+         "time": f"2026-12-01T22:0{row}:00Z"}
+        for col in sweep["columns"].values()
+        if col.get("step") is not None
+        for row, clip in enumerate(col["clips"])
+    ]  # fmt: skip
+    export = {"format": "musegen-sweep-ratings/1", "page": "e2e", "blind": True, "rater": "e2e"}
+    path = tmp_path / "ratings-e2e.json"
+    path.write_text(json.dumps(export | {"ratings": ratings}))
+    out = sh("musegen", "ratings", "add", str(path), cwd=repo).stdout
+    assert f"{len(ratings)} added" in out
+    assert (repo / "ratings/ratings.csv.dvc").is_file()  # DVC tracks the table
+    sh("dvc", "repro", cwd=repo)
+    choice = json.loads((repo / "reports/select/choice.json").read_text())
+    assert choice["step"] == int(worst) and choice["decided_by"] == "ratings", choice
+    champion = json.loads((repo / "reports/register/champion.json").read_text())
+    evaluate = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    tune = json.loads((repo / "reports/tune/metrics.json").read_text())
+    assert champion["step"] == evaluate["checkpoint_step"] == tune["checkpoint_step"] == int(worst)
+    assert champion["selected_by"] == "ratings"
+    # counts and means reached the STEP's sweep run
+    client = mlflow.MlflowClient(f"sqlite:///{repo / 'mlflow/mlflow.db'}")
+    run = client.get_run(sweep["columns"][f"step_{worst}"]["mlflow_run_id"])
+    assert run.data.metrics["rating_mean"] == 5.0 and run.data.metrics["rating_count"] == 2
+    assert "up to date" in sh("dvc", "status", cwd=repo).stdout
+
+
 def test_experiment_run_with_a_changed_param(repo: Path) -> None:
     sh("git", "add", "-A", cwd=repo)
     sh("git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "baseline", cwd=repo)

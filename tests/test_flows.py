@@ -34,7 +34,7 @@ from flows.pipeline import LOCKED, UPSTREAM, configured, pipeline, transient
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-#: seconds the stand-in sweep and evaluate sleep (to see whether they overlap)
+#: seconds the stand-in tune and evaluate sleep (to see whether they overlap)
 SLEEP = 3.0
 
 #: the files each task reads back, written by the stand-in stage (first path = its out in DVC)
@@ -42,7 +42,7 @@ STAND_IN = r"""
 import json, pathlib, sys, time, yaml
 name, start = sys.argv[1], time.time()
 params = yaml.safe_load(open("params.yaml"))
-if name in ("sweep", "evaluate"):
+if name in ("tune", "evaluate"):
     time.sleep(float(sys.argv[2]))
 files = {
     "corpus": {"data/raw/m21-keyboard/manifest.json": json.dumps([{"file": "a.mid"}])},
@@ -52,12 +52,22 @@ files = {
                  "reports/tokenize/metrics.json": json.dumps({"cp": {"train": {"total": 9}}})},
     "train": {"models/cp/checkpoints/step_1.pt": "w",
               "reports/train/loss.csv": "step,train_loss,valid_loss\n1,2.5,\n2,2.0,1.9\n"},
-    "tune": {"reports/tune/best_sampling.yaml": "temperature: {pitch: 1.1}\n"},
     "sweep": {"reports/sweep/index.html": "<html></html>",
-              "reports/sweep/metrics.json": json.dumps({"seed": params["sweep"]["seed"]})},
+              "reports/sweep/metrics.json": json.dumps({"seed": params["sweep"]["seed"],
+                  "columns": {f"step_{s}": {"step": s, "clips": [f"c{s}"]} for s in (1, 2)}})},
+    "select": {"reports/select/choice.json": json.dumps(
+        {"step": 1, "decided_by": "proxy", "reason": "highest sweep score 0.5000",
+         "steps": {"1": {"valid_loss": 1.9, "proxy": 0.5, "ratings": {"n": 0, "mean": None}},
+                   "2": {"valid_loss": 2.1, "proxy": 0.4,
+                         "ratings": {"n": 2, "mean": 4.5, "ci95": [4.0, 5.0]}}}}
+        if not pathlib.Path("ratings/decision.json").exists() else
+        {"step": json.loads(pathlib.Path("ratings/decision.json").read_text())["step"],
+         "decided_by": "person", "reason": "a person", "steps": {}})},
+    "tune": {"reports/tune/best_sampling.yaml": "temperature: {pitch: 1.1}\n"},
     "evaluate": {"reports/evaluate/metrics.json": json.dumps({"proxy_score": 0.5})},
     "register": {"reports/register/champion.json":
-                 json.dumps({"uri": "models:/musegen@champion", "version": 1, "step": 1})},
+                 json.dumps({"uri": "models:/musegen@champion", "version": 1, "step": 1,
+                             "selected_by": "proxy", "sampling": {"temperature": {"pitch": 1.1}}})},
 }[name]
 for path, text in files.items():
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +82,9 @@ OUTS = {
     "prepare": ["data/prepared/manifest.csv"],
     "tokenize": ["data/tokens", "reports/tokenize/metrics.json"],
     "train": ["models/cp", "reports/train/loss.csv"],
-    "tune": ["reports/tune/best_sampling.yaml"],
     "sweep": ["reports/sweep/metrics.json", "reports/sweep/index.html"],
+    "select": ["reports/select/choice.json"],
+    "tune": ["reports/tune/best_sampling.yaml"],
     "evaluate": ["reports/evaluate/metrics.json"],
     "register": ["reports/register/champion.json"],
 }
@@ -86,21 +97,30 @@ def sh(*cmd: str, cwd: Path) -> str:
     return proc.stdout
 
 
-def make_repo(path: Path, task_runner: str = "sequential") -> Path:
-    """A git+DVC tiny with the pipeline's stage names and DAG and stand-in commands."""
+def make_repo(
+    path: Path,
+    task_runner: str = "sequential",
+    upstream: dict[str, tuple[str, ...]] = UPSTREAM,
+    wait_minutes: float = 0,
+) -> Path:
+    """A git+DVC tiny with the pipeline's stage names and DAG (`upstream`), stand-in commands."""
     path.mkdir(parents=True)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["serve"]["task_runner"] = task_runner
+    params["select"]["wait_minutes"] = wait_minutes
+    (path / "ratings").mkdir()
+    (path / "ratings/README.md").write_text("ratings\n")
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (path / "stage.py").write_text(STAND_IN)
     stages = {
         name: {
             "cmd": f"python stage.py {name} {SLEEP}",
-            "deps": ["stage.py", *(OUTS[up][0] for up in ups)],
+            "deps": ["stage.py", *(OUTS[up][0] for up in ups)]
+            + (["ratings"] if name == "select" else []),
             **({"params": ["sweep.seed"]} if name == "sweep" else {}),
             "outs": OUTS[name],
         }
-        for name, ups in UPSTREAM.items()
+        for name, ups in upstream.items()
     }
     (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
     (path / ".gitignore").write_text(".runs.log\n")
@@ -159,11 +179,13 @@ def test_rerun_skips_unchanged_stages_as_dvc_does(prefect_server: None, stand_in
     assert [r["stage"] for r in runs(tiny)][:5] == list(UPSTREAM)[:5]
     assert sorted(r["stage"] for r in runs(tiny)) == sorted(UPSTREAM)
     assert set(task_states(first).values()) == {"Completed"}
+    assert not (tiny / "ratings/decision.json").exists()  # wait_minutes 0: never paused
 
     # artifacts render: tables are lists of rows (NaN as null), markdown holds the link
     published = artifacts(first)
     assert {"corpus", "manifest-summary", "tokens", "valid-loss", "best-sampling"} <= set(published)
-    assert {"sweep-report", "evaluate", "champion"} <= set(published)
+    assert {"sweep-report", "select", "evaluate", "champion"} <= set(published)
+    assert json.loads(published["select"].data)[0]["step"] == 1
     loss = json.loads(published["valid-loss"].data)
     assert loss[0] == {"step": 1, "train_loss": 2.5, "valid_loss": None}
     summary = json.loads(published["manifest-summary"].data)
@@ -179,14 +201,15 @@ def test_rerun_skips_unchanged_stages_as_dvc_does(prefect_server: None, stand_in
         assert len(runs(tiny)) == len(UPSTREAM)  # no stage command ran
         assert set(task_states(again).values()) == {expected}
 
-    # a sweep param changes: sweep reruns, and register (its metrics changed); the rest cached
+    # a sweep param changes: sweep reruns, then select (its input changed); select's choice is
+    # the same, so tune, evaluate and register stay as they are; the rest cached
     params = yaml.safe_load((tiny / "params.yaml").read_text())
     params["sweep"]["seed"] += 1
     (tiny / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = run(Path("params.yaml"), tiny, return_state=True)
-    assert [r["stage"] for r in runs(tiny)[len(UPSTREAM) :]] == ["sweep", "register"]
+    assert [r["stage"] for r in runs(tiny)[len(UPSTREAM) :]] == ["sweep", "select"]
     states = task_states(third)
-    assert {s for s, name in states.items() if name != "Cached"} == {"sweep", "register"}
+    assert {s for s, name in states.items() if name != "Cached"} == {"sweep", "select"}
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
 
 
@@ -226,18 +249,24 @@ def test_retries_only_transient_failures(prefect_server: None) -> None:
 
 
 @pytest.mark.slow
-def test_dask_runner_runs_independent_stages_at_once(prefect_server: None, tmp_path: Path):
-    tiny = make_repo(tmp_path / "repo", task_runner="dask")
+def test_dask_runner_runs_independent_stages_at_once(
+    prefect_server: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    # since select, the real DAG is a chain; a DAG where evaluate does not wait for tune
+    # shows the runner running independent stages at once
+    dag = UPSTREAM | {"evaluate": tuple(u for u in UPSTREAM["evaluate"] if u != "tune")}
+    monkeypatch.setattr("flows.pipeline.UPSTREAM", dag)
+    tiny = make_repo(tmp_path / "repo", task_runner="dask", upstream=dag)
     run = configured(pipeline, Path("params.yaml"), tiny)
     assert type(run.task_runner).__name__ == "DaskTaskRunner"
     state = run(Path("params.yaml"), tiny, return_state=True)
     assert state.is_completed(), state
     done = {r["stage"]: r for r in runs(tiny)}
     assert sorted(done) == sorted(UPSTREAM)
-    sweep, evaluate = done["sweep"], done["evaluate"]
+    tune, evaluate = done["tune"], done["evaluate"]
     # both sleep SLEEP s; on one worker they would take 2 x SLEEP back to back
-    assert max(sweep["start"], evaluate["start"]) < min(sweep["end"], evaluate["end"]), done
-    for name, ups in UPSTREAM.items():  # and never before an upstream stage finished
+    assert max(tune["start"], evaluate["start"]) < min(tune["end"], evaluate["end"]), done
+    for name, ups in dag.items():  # and never before an upstream stage finished
         assert all(done[up]["end"] <= done[name]["start"] for up in ups), name
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
 
@@ -302,3 +331,72 @@ def test_prefect_e2e_on_the_real_pipeline(prefect_server: None, repo: Path) -> N
     second = pipeline(Path("params.yaml"), real, return_state=True)
     assert set(task_states(second).values()) == {"Cached"}  # DVC found them up to date before
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=real)) == {}
+
+
+def paused_run(timeout: float = 120) -> Any:
+    """The flow run that is Paused now (polled)."""
+    from prefect.client.schemas.filters import FlowRunFilterState, FlowRunFilterStateName
+
+    only_paused = FlowRunFilter(
+        state=FlowRunFilterState(name=FlowRunFilterStateName(any_=["Paused"]))
+    )
+    deadline = time.monotonic() + timeout
+    with get_client(sync_client=True) as client:
+        while time.monotonic() < deadline:
+            found = client.read_flow_runs(flow_run_filter=only_paused)
+            if found:
+                return found[0]
+            time.sleep(0.5)
+    raise AssertionError("no flow run paused")
+
+
+@pytest.mark.slow
+def test_pipeline_pauses_after_select_and_a_person_picks_the_step(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    """The form lists each STEP with its numbers; resuming with STEP 2 re-runs select with
+    that choice and the later stages follow; DVC agrees afterwards."""
+    import threading
+
+    from prefect.flow_runs import resume_flow_run
+
+    tiny = make_repo(tmp_path / "repo", wait_minutes=5)
+    done: dict[str, State] = {}
+    thread = threading.Thread(
+        target=lambda: done.update(state=pipeline(Path("params.yaml"), tiny, return_state=True))
+    )
+    thread.start()
+    run = paused_run()
+    assert [r["stage"] for r in runs(tiny)][-1] == "select"  # nothing after select yet
+    keys = run.state.state_details.run_input_keyset
+    with get_client(sync_client=True) as client:
+        text = client.read_flow_run_input(run.id, keys["description"])
+        schema = json.loads(client.read_flow_run_input(run.id, keys["schema"]))
+    assert "Automatic choice: STEP 1 (proxy: highest sweep score 0.5000)" in text
+    assert (
+        "| 1 | 1.9000 | 0.5000 | 0 |  |" in text
+        and "| 2 | 2.1000 | 0.4000 | 2 | 4.50 (4.00-5.00) |" in text
+    )
+    assert schema["properties"]["step"]["enum"] == [1, 2]
+    resume_flow_run(run.id, run_input={"step": 2})
+    thread.join(180)
+    assert done["state"].is_completed(), done.get("state")
+    stages = [r["stage"] for r in runs(tiny)]
+    assert stages[stages.index("select") :] == ["select", "select", "tune", "evaluate", "register"]
+    choice = json.loads((tiny / "reports/select/choice.json").read_text())
+    assert choice["step"] == 2 and choice["decided_by"] == "person"
+    decision = json.loads((tiny / "ratings/decision.json").read_text())
+    assert decision["step"] == 2 and decision["clips"] == ["c2"]
+    assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
+
+
+@pytest.mark.slow
+def test_pipeline_pause_times_out_to_the_automatic_choice(
+    prefect_server: None, tmp_path: Path
+) -> None:
+    tiny = make_repo(tmp_path / "repo", wait_minutes=0.05)  # 3 s
+    state = pipeline(Path("params.yaml"), tiny, return_state=True)
+    assert state.is_completed(), state
+    assert [r["stage"] for r in runs(tiny)].count("select") == 1
+    assert json.loads((tiny / "reports/select/choice.json").read_text())["step"] == 1
+    assert not (tiny / "ratings/decision.json").exists()

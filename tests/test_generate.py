@@ -332,15 +332,14 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
     ckpt_dir.mkdir()
     (ckpt_dir / "step_5.pt").write_bytes(ckpts["cp"].read_bytes())
     params = register.RegisterParams(
-        choose="step",
-        step=5,
-        name="musegen-test",
-        alias="champion",
-        report=str(tmp_path / "r.json"),
+        name="musegen-test", alias="champion", report=str(tmp_path / "r.json")
     )
+    tuned = SAMPLE.with_overrides(["pitch=0.7"])
     with pytest.warns(UserWarning, match="training run"):
-        register.register(params, ckpt_dir, SAMPLE, experiment="gen-test")
+        register.register(params, ckpt_dir / "step_5.pt", tuned, experiment="gen-test")
     path = gen.resolve_checkpoint("models:/musegen-test@champion", tmp_path / "dl")
+    assert gen.bundled_sampling(path) == tuned  # the version's own sampling travels with it
+    assert gen.bundled_sampling(ckpts["cp"]) is None  # a bare checkpoint has none
     a = gen.load_model(path)
     b = gen.load_model(ckpts["cp"])
     for key, value in b.model.state_dict().items():

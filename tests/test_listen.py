@@ -125,8 +125,10 @@ def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path)
     print(f"mean |t - 0.8|: first 6 {early:.3f}, last 6 {late:.3f}; best {min(dist):.3f}")
     assert late < early
     assert abs(summary["best_params"]["temperature.pitch"] - TARGET) < 0.2
-    for t in done:  # blind: hash names only
+    for t in done:  # blind: hash names only; the dashboard shows raters no score or metric
         assert all(len(c["name"]) == 16 for c in t.user_attrs["clips"])
+        assert set(t.user_attrs) <= {"mode", "clips", ls.RATING_KEY, "requeued_from"}
+        assert tn.PROXY_KEY in t.system_attrs and tn.METRICS_KEY in t.system_attrs
 
 
 def test_pairwise_mode_plays_new_against_incumbent(params: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import miditoolkit
 import pandas as pd
 import pytest
+import yaml
 from test_sweep import PARAMS, make_checkpoint
 
 from musegen import register as stage
@@ -38,14 +39,12 @@ def params(**changes: object) -> stage.RegisterParams:
 
 @pytest.fixture(scope="module")
 def store(training_run: dict) -> dict:
-    """The training run's store with step_1, step_2 and best.pt (= step_1)."""
+    """The training run's store with step_1 and step_2."""
     tmp, run_id = training_run["tmp"], training_run["run_id"]
     ckpts = tmp / "checkpoints"
     make_checkpoint(ckpts / "step_1.pt", 1, 1, run_id)
     make_checkpoint(ckpts / "step_2.pt", 2, 2, run_id)
-    make_checkpoint(ckpts / "best.pt", 1, 1, run_id)
-    (tmp / "sweep.json").write_text(json.dumps({"best_step": 2}))
-    return {"tmp": tmp, "ckpts": ckpts, "run_id": run_id, "sweep": tmp / "sweep.json"}
+    return {"tmp": tmp, "ckpts": ckpts, "run_id": run_id}
 
 
 @pytest.fixture(scope="module")
@@ -53,23 +52,18 @@ def sample() -> SampleParams:
     return load_section(SampleParams, "sample", PARAMS)
 
 
-def test_choose_checkpoint(store: dict) -> None:
-    ckpts, sweep = store["ckpts"], store["sweep"]
-    assert stage.choose_checkpoint(params(choose="best_valid"), ckpts, sweep).name == "best.pt"
-    assert stage.choose_checkpoint(params(choose="best_sweep"), ckpts, sweep).name == "step_2.pt"
-    pick = stage.choose_checkpoint(params(choose="step", step=1), ckpts, sweep)
-    assert pick.name == "step_1.pt"
-    with pytest.raises(FileNotFoundError, match=r"step_9\.pt.*step_1\.pt"):
-        stage.choose_checkpoint(params(choose="step", step=9), ckpts, sweep)
-    with pytest.raises(FileNotFoundError, match="run `musegen sweep` first"):
-        stage.choose_checkpoint(params(choose="best_sweep"), ckpts, store["tmp"] / "no.json")
-
-
-def test_params_reject_unknown_choice() -> None:
-    from musegen.config import ParamsError
-
-    with pytest.raises(ParamsError, match=r"register\.choose"):
-        params(choose="latest")
+def test_check_bundle_refuses_parts_of_different_steps(tmp_path: Path) -> None:
+    tune, evaluate = tmp_path / "tune.json", tmp_path / "evaluate.json"
+    tune.write_text(json.dumps({"checkpoint_step": 2}))
+    evaluate.write_text(json.dumps({"checkpoint_step": 2, "proxy_score": 0.7}))
+    assert stage.check_bundle(2, tune, evaluate)["proxy_score"] == 0.7
+    with pytest.raises(stage.BundleError, match=r"tune\.json: tune used STEP 2, but select chose"):
+        stage.check_bundle(1, tune, evaluate)
+    evaluate.write_text(json.dumps({"checkpoint_step": 1}))
+    with pytest.raises(stage.BundleError, match=r"evaluate\.json: evaluate used STEP 1"):
+        stage.check_bundle(2, tune, evaluate)
+    with pytest.raises(FileNotFoundError, match="run `musegen tune` first"):
+        stage.check_bundle(2, tmp_path / "none.json", evaluate)
 
 
 def test_register_load_by_alias_predict_and_reregister(
@@ -78,8 +72,20 @@ def test_register_load_by_alias_predict_and_reregister(
     import mlflow
 
     client = mlflow.MlflowClient()
-    v1 = stage.register(params(choose="step", step=1), store["ckpts"], sample)
+    selection = {
+        "decided_by": "ratings",
+        "num_ratings": 7,
+        "steps": {"1": {"ratings": {"n": 4, "mean": 3.5}}, "2": {"ratings": {"n": 3, "mean": 2}}},
+    }
+    evaluation = {"checkpoint_step": 1, "proxy_score": 0.61, "mean_oa": 0.7, "oa": {"x": 1}}
+    v1 = stage.register(
+        params(), store["ckpts"] / "step_1.pt", sample, evaluation=evaluation, selection=selection
+    )
     assert str(v1.version) == "1" and v1.tags["step"] == "1"
+    # one bundle: STEP, sampling, evaluation and ratings on the version
+    assert v1.tags["selected_by"] == "ratings" and v1.tags["rating_mean"] == "3.5"
+    assert float(v1.tags["evaluate_proxy_score"]) == 0.61 and v1.tags["ratings_step"] == "4"
+    assert json.loads(v1.tags["sampling"])["temperature"] == dict(sample.temperature)
     assert str(client.get_model_version_by_alias("musegen", "champion").version) == "1"
     # the registering run is a child of the training run (same experiment)
     reg_run = client.get_run(v1.tags["register_run_id"])
@@ -110,10 +116,9 @@ def test_register_load_by_alias_predict_and_reregister(
     head = [(n.start, n.pitch) for n in midis[2].instruments[0].notes if n.start < 2 * 1920]
     assert head == [(n.start, n.pitch) for n in real if n.start < 2 * 1920]
 
-    v2 = stage.register(
-        params(choose="best_sweep"), store["ckpts"], sample, sweep_metrics=store["sweep"]
-    )
-    assert str(v2.version) == "2" and v2.tags["step"] == "2" and v2.tags["choose"] == "best_sweep"
+    tuned = sample.with_overrides(["pitch=0.8"])
+    v2 = stage.register(params(), store["ckpts"] / "step_2.pt", tuned)
+    assert str(v2.version) == "2" and v2.tags["step"] == "2"
     assert str(client.get_model_version_by_alias("musegen", "champion").version) == "2"
     old = client.get_model_version("musegen", "1")
     assert old.tags["step"] == "1" and "champion" not in old.aliases
@@ -122,5 +127,7 @@ def test_register_load_by_alias_predict_and_reregister(
     local = mlflow.artifacts.download_artifacts(
         "models:/musegen/2", dst_path=str(store["tmp"] / "v2")
     )
-    stored = next(Path(local).rglob("sampling.yaml")).read_text()
-    assert "temperature" in stored and "top_p" in stored
+    stored = yaml.safe_load(next(Path(local).rglob("sampling.yaml")).read_text())
+    assert SampleParams(**stored) == tuned
+    run = client.get_run(v2.tags["register_run_id"])
+    assert run.data.params["temperature.pitch"] == "0.8" and run.data.params["step"] == "2"

@@ -1,8 +1,8 @@
 """The checkpoint sweep: checkpoint choice, the page (in headless Chromium), blind mode, MLflow.
 
 Checkpoints are tiny randomly initialised CP models saved in train.py's format, with a real
-parent training run in a temporary MLflow sqlite store. Prompts come from the real test split
-(data/prepared/manifest.csv, read only).
+parent training run in a temporary MLflow sqlite store. Prompts and reference come from the
+real valid split (conftest's prepared corpus); the test split is never read.
 """
 
 from __future__ import annotations
@@ -168,14 +168,20 @@ def test_metrics_json_columns_scores_and_prompts(open_sweep: dict, store: dict) 
     assert saved["columns"] == result["columns"]
     assert list(saved["columns"]) == ["real", "step_1", "step_2", "step_3"]
     manifest = pd.read_csv(store["corpus"]["manifest"], keep_default_na=False)
-    test_songs = set(manifest.path[manifest.split == "test"])
-    assert len(saved["prompts"]) == 2 and set(saved["prompts"]) <= test_songs
+    valid_songs = set(manifest.path[manifest.split == "valid"])
+    assert len(saved["prompts"]) == 2 and set(saved["prompts"]) <= valid_songs
+    # the reference: the other valid songs, never a prompt's own (the real anchor's) song
+    assert saved["reference"] and set(saved["reference"]) <= valid_songs
+    assert set(saved["reference"]).isdisjoint(saved["prompts"])
+    assert saved["num_reference"] == len(saved["reference"]) and saved["split"] == "valid"
+    hashes = [h for col in saved["columns"].values() for h in col["clips"]]
+    assert len(hashes) == 2 * 4 and len(set(hashes)) == len(hashes)  # one id per cell
     for key, step in (("step_1", 1), ("step_3", 3)):
         # valid loss from the checkpoint's history at that STEP (make_checkpoint: 10 - s/10)
         assert saved["columns"][key]["valid_loss"] == pytest.approx(10 - step / 10)
     scores = {k: v["sweep_score"] for k, v in saved["columns"].items() if k != "real"}
     assert saved["best_step"] == int(max(scores, key=scores.get)[5:])
-    # the real anchor scores like the real reference; random models do not
+    # the real anchor (scored against other songs) beats random models
     assert saved["columns"]["real"]["sweep_score"] > max(scores.values())
 
 
@@ -226,12 +232,30 @@ def test_blind_page_hides_steps(blind_sweep: dict) -> None:
     assert not re.search(r"step|real", " ".join(names), re.I)
     alts = re.findall(r'alt="([^"]+)"', page)
     assert len(alts) == 6 and all(
-        re.fullmatch(r"piano roll, prompt \d, Sample [A-C]", a) for a in alts
+        re.fullmatch(r"piano roll, prompt \d, clip [1-3]", a) for a in alts
     )
-    assert "<title>" in page and "title=" not in page.replace('title="z = ', "")
+    # no metric in the page (reveal.js holds them); its own ratings key
+    assert "title=" not in page and "notes_per_bar" not in page and "sweep score" not in page
+    assert "'musegen-sweep-blind/'" in page and "'musegen-sweep/'" not in page
     reveal = json.loads(re.search(r"=\s*(\{.*\});", (out / "reveal.js").read_text(), re.S)[1])
-    assert sorted(reveal) == ["Sample A", "Sample B", "Sample C"]
-    assert sorted(str(v["step"]) for v in reveal.values()) == ["1", "3", "None"]
+    cells = reveal["cells"]
+    assert sorted({str(v["step"]) for v in cells.values()}) == ["1", "3", "None"]
+    assert all("notes_per_bar" in v["metrics"] for v in cells.values())
+    # every row shuffled on its own: the rows' column orders are not all the same
+    rows = [re.findall(r'class="rate" data-clip="(\w+)"', r) for r in page.split("<tr>")[2:]]
+    order = [[cells[c]["label"] for c in row] for row in rows]
+    assert len(order) == 2 and order[0] != order[1], order
+    assert order == [
+        [["real", "STEP 1", "STEP 3"][i] for i in row] for row in stage.row_orders(2, 3, 0)
+    ]
+
+
+def test_row_orders_shuffle_every_row() -> None:
+    """The identity order the old whole-page permutation gave (seed 1, 4 columns) is gone:
+    orders differ between rows, and across 20 rows every column leads somewhere."""
+    orders = stage.row_orders(20, 4, 1)
+    assert len({tuple(o) for o in orders}) > 5
+    assert {o[0] for o in orders} == {0, 1, 2, 3}
 
 
 def _chromium(url: str, tmp: Path) -> str:
@@ -270,3 +294,32 @@ def test_chromium_loads_every_player_and_roll(
         if check["audio_ok"] == cells:
             break
     assert check == {"audio": cells, "audio_ok": cells, "img": cells, "img_ok": cells}
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: apt-get install chromium")
+def test_chromium_rates_on_the_blind_page_and_the_export_merges(
+    blind_sweep: dict, tmp_path: Path
+) -> None:
+    """A rater clicks a score in every cell of the blind page (?ratetest) and exports; the
+    export merges into the ratings table with each clip's STEP, found from its hash."""
+    from musegen import ratings
+
+    out = blind_sweep["out"]
+    dom = _chromium((out / "index.html").as_uri() + "?ratetest", tmp_path / "profile")
+    found = re.search(r'<pre id="selftest"[^>]*>([^<]*)</pre>', dom)
+    assert found and found[1], dom[-500:]
+    export = json.loads(found[1].replace("&quot;", '"'))
+    assert export["format"] == ratings.FORMAT and export["blind"] and export["rater"] == "chromium"
+    page = (out / "index.html").read_text()
+    clicked = re.findall(r'class="rate" data-clip="(\w+)"', page)
+    assert [r["clip"] for r in export["ratings"]] == clicked
+    assert [r["score"] for r in export["ratings"]] == [i % 5 + 1 for i in range(len(clicked))]
+    path = tmp_path / "ratings.json"
+    path.write_text(json.dumps(export))
+    counts = ratings.add([path], tmp_path / "ratings", out / "metrics.json")
+    assert counts == {"added": 6, "duplicates": 0, "total": 6}
+    table = ratings.read_table(tmp_path / "ratings")
+    sweep = json.loads((out / "metrics.json").read_text())
+    for row in table.itertuples():
+        col = sweep["columns"][row.column]
+        assert row.clip in col["clips"] and str(row.step) == str(col.get("step", ""))

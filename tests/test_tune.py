@@ -2,7 +2,7 @@
 Spearman, and two real `musegen tune` processes on one storage.
 
 The checkpoint is a randomly initialised tiny MusicTransformer saved in the training format;
-prompts and reference come from real pieces (conftest's corpus) tokenized as a test split.
+prompts and reference come from real pieces (conftest's corpus) tokenized as a valid split.
 Audio uses the numpy renderer (MUSEGEN_RENDERER=numpy) except where a test says otherwise.
 """
 
@@ -35,13 +35,15 @@ TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "d_ff": 64, "max_len": 2
 
 
 def make_workspace(root: Path, real_midi_files: list[Path], **tune: object) -> Path:
-    """A params file whose every output lives under `root`: tiny checkpoint, test tokens."""
+    """A params file whose every output lives under `root`: tiny checkpoint, valid tokens."""
     tok = get_tokenizer("cp")
     tokens = root / "tokens" / "cp"
     tokens.mkdir(parents=True)
     songs = [tok.encode(p) for p in real_midi_files]
-    np.save(tokens / "test.npy", np.concatenate(songs))
-    np.save(tokens / "test_offsets.npy", np.cumsum([0] + [len(s) for s in songs]))
+    np.save(tokens / "valid.npy", np.concatenate(songs))
+    np.save(tokens / "valid_offsets.npy", np.cumsum([0] + [len(s) for s in songs]))
+    names = {"train": [], "valid": [p.name for p in real_midi_files], "test": []}
+    (tokens / "pieces.json").write_text(json.dumps(names))
     tok.save(tokens)
 
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
@@ -121,16 +123,20 @@ def test_bars_window_shifts_and_crops() -> None:
 
 
 def test_proxy_prefers_real_music_over_noise(workspace: Path) -> None:
-    """The documented objective: held-out real bars score higher than random notes."""
+    """The documented objective: real bars score higher than random notes; the real clips
+    are never in the reference they are scored against."""
     from musegen.evaluate import EvaluateParams
     from musegen.midi import Score
 
     tp = load_section(tn.TuneParams, "tune", workspace)
-    tp = dataclasses.replace(tp, num_reference=8)
     ev = load_section(EvaluateParams, "evaluate", workspace)
     loaded = load_model(tp.checkpoint)
-    bench = tn.load_bench(Path(workspace.parent / "tokens/cp"), loaded.tokenizer, tp)
-    real = tn.measure(bench.reference, bench, ev)
+    tokens = Path(workspace.parent / "tokens/cp")
+    bench = tn.load_bench(tokens, loaded.tokenizer, dataclasses.replace(tp, num_reference=4))
+    more = tn.load_bench(tokens, loaded.tokenizer, dataclasses.replace(tp, num_reference=8))
+    held_out = more.reference[4:]  # the next pieces: none is in bench.reference
+    assert len(held_out) == 4 and set(more.pieces[4:8]).isdisjoint(bench.pieces)
+    real = tn.measure(held_out, bench, ev)
     rng = np.random.default_rng(0)
     noise = []
     for _ in range(len(bench.reference)):
@@ -165,7 +171,7 @@ def test_ridge_listener_recovers_a_linear_rater_and_spearman() -> None:
 
 
 def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
-    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_midi_files: list[Path]
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
@@ -182,6 +188,9 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     assert sampling_for(workspace).temperature["pitch"] == best["temperature"]["pitch"]
     metrics = json.loads((Path(tp.out_dir) / "metrics.json").read_text())
     assert metrics["objective"] == "proxy" and metrics["seconds_per_trial"] > 0
+    # what it was tuned for and on: the checkpoint's STEP, valid-split pieces only
+    assert metrics["checkpoint_step"] == 7 and metrics["pieces"]
+    assert set(metrics["pieces"]) <= {p.name for p in real_midi_files}
     for t in trials:  # constraints recorded, one scalar each; clips uploaded with blind names
         assert {k for k in t.system_attrs if k.startswith("constraints:")}
         assert len(t.user_attrs["clips"]) == tp.num_clips
@@ -216,8 +225,9 @@ def test_learned_listener_takes_over_after_min_ratings(
         metrics = {n: float(rng.normal()) for n in tn.LISTENER_FEATURES}
         rating = int(np.clip(round(3 + metrics["h1"]), 1, 5))
         t.set_user_attr("mode", "rating")
-        t.set_user_attr("metrics", metrics)
-        t.set_user_attr("proxy_score", metrics["h1"] + 0.1 * rng.normal())
+        listen._storage.set_trial_system_attr(t._trial_id, tn.METRICS_KEY, metrics)
+        proxy = metrics["h1"] + 0.1 * rng.normal()
+        listen._storage.set_trial_system_attr(t._trial_id, tn.PROXY_KEY, proxy)
         listen.tell(t, rating)
     summary = tn.tune(workspace, n_trials=1)
     assert summary["objective"] == "listener" and summary["n_ratings"] == tp.min_ratings + 1

@@ -1,0 +1,191 @@
+"""The `select` stage: which STEP the DAG tunes, evaluates and registers.
+
+It reads the sweep (every kept STEP continuing the same valid-split prompts with the base
+sampling: `sweep_score` is the listening proxy, `valid_loss` the training loss at that STEP)
+and people's ratings of the sweep's clips (`musegen ratings add`), and picks one STEP by
+`select.by`:
+
+- ``ratings``: the highest mean rating once the current sweep's STEP clips hold at least
+  `select.min_ratings` ratings (ties go to the proxy); with fewer, the proxy decides and the
+  report says so.
+- ``proxy``: the highest sweep score. ``valid_loss``: the lowest valid loss.
+- ``step``: `select.step`, which must have a checkpoint.
+
+A person's choice beats the rule: `musegen select --step N` (or the answer to the served
+Prefect pipeline's pause) writes `<select.ratings_dir>/decision.json` with the STEP and its
+clip hashes in the current sweep; select honours it while those clips are the sweep's (a
+retrained model makes new clips, and the rule decides again). The file sits in the select
+stage's DVC dependency, so `dvc repro` records the decision and never asks anyone.
+
+Writes `select.report` (reports/select/choice.json): the STEP, its checkpoint, what decided
+and why, and one row per swept STEP (valid loss, proxy score, ratings n / mean / 95% CI) —
+the table a person sees when the served Prefect pipeline pauses to ask (flows/pipeline.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from musegen import ratings as rt
+from musegen.config import ParamsError, load_section
+
+BY = ("ratings", "proxy", "valid_loss", "step")
+DECISION = "decision.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectParams:
+    """The `select` section of params.yaml (every key documented there)."""
+
+    by: str
+    min_ratings: int
+    step: int
+    wait_minutes: float
+    ratings_dir: str
+    report: str
+
+    def __post_init__(self) -> None:
+        if self.by not in BY:
+            raise ParamsError(
+                f"params.yaml: select.by = {self.by!r}; expected one of {', '.join(BY)}"
+            )
+        if self.min_ratings < 1 or self.wait_minutes < 0:
+            raise ParamsError(
+                "params.yaml: select.min_ratings must be >= 1 and select.wait_minutes >= 0, "
+                f"found {self.min_ratings} and {self.wait_minutes}"
+            )
+
+
+def candidates(sweep_metrics: dict[str, Any], table: Any) -> dict[int, dict[str, Any]]:
+    """STEP -> {valid_loss, proxy, ratings: {n, mean, ci95}} for every swept STEP."""
+    stats = rt.summary(table, sweep_metrics)
+    return {
+        int(col["step"]): {
+            "valid_loss": col.get("valid_loss"),
+            "proxy": col["sweep_score"],
+            "ratings": stats[key],
+        }
+        for key, col in sweep_metrics["columns"].items()
+        if col.get("step") is not None
+    }
+
+
+def decide(params: SelectParams, table: dict[int, dict[str, Any]]) -> tuple[int, str, str]:
+    """(STEP, what decided: ratings | proxy | valid_loss | step, a one-line reason)."""
+    by_proxy = max(table, key=lambda s: table[s]["proxy"])
+    if params.by == "step":
+        return params.step, "step", f"select.step = {params.step}"
+    if params.by == "valid_loss":
+        losses = {s: v["valid_loss"] for s, v in table.items() if v["valid_loss"] is not None}
+        if not losses:
+            raise ValueError("no swept STEP has a valid loss; set select.by to proxy or step")
+        best = min(losses, key=losses.get)
+        return best, "valid_loss", f"lowest valid loss {losses[best]:.4f}"
+    if params.by == "ratings":
+        n = sum(v["ratings"]["n"] for v in table.values())
+        if n >= params.min_ratings:
+            rated = [s for s, v in table.items() if v["ratings"]["n"]]
+            best = max(rated, key=lambda s: (table[s]["ratings"]["mean"], table[s]["proxy"]))
+            r = table[best]["ratings"]
+            return best, "ratings", f"highest mean rating {r['mean']:.2f} of {r['n']} ({n} in all)"
+        reason = f"{n} of select.min_ratings = {params.min_ratings} ratings: the proxy decides; "
+    else:
+        reason = ""
+    return by_proxy, "proxy", reason + f"highest sweep score {table[by_proxy]['proxy']:.4f}"
+
+
+def record_decision(ratings_dir: Path, sweep_metrics: Path, step: int, who: str) -> Path:
+    """Write a person's choice of STEP (with its clips in the current sweep) for `select`.
+
+    Raises:
+        ValueError: the STEP is not in the sweep.
+    """
+    sweep = json.loads(Path(sweep_metrics).read_text())
+    col = sweep["columns"].get(f"step_{step}")
+    if col is None:
+        swept = sorted(c["step"] for c in sweep["columns"].values() if c.get("step") is not None)
+        raise ValueError(f"{sweep_metrics}: STEP {step} was not swept (swept: {swept})")
+    path = Path(ratings_dir) / DECISION
+    path.parent.mkdir(parents=True, exist_ok=True)
+    when = datetime.now(UTC).isoformat(timespec="seconds")
+    path.write_text(json.dumps({"step": step, "clips": col["clips"], "who": who, "time": when}))
+    return path
+
+
+def _decision(ratings_dir: Path, sweep: dict[str, Any]) -> dict[str, Any] | None:
+    """The recorded person's choice while it is about the current sweep's clips, else None."""
+    path = Path(ratings_dir) / DECISION
+    if not path.is_file():
+        return None
+    decision = json.loads(path.read_text())
+    col = sweep["columns"].get(f"step_{decision.get('step')}", {})
+    return decision if col.get("clips") == decision.get("clips") else None
+
+
+def select(
+    params: SelectParams, sweep_metrics: Path, ckpt_dir: Path, *, step: int | None = None
+) -> dict[str, Any]:
+    """Pick the STEP and write `params.report`; with `step`, first record it as a person's choice.
+
+    Args:
+        params: the `select` section.
+        sweep_metrics: the sweep's metrics.json.
+        ckpt_dir: train.out_dir/checkpoints (the chosen STEP must have step_<STEP>.pt).
+        step: a STEP a person chose (`record_decision`); None = the recorded choice if it is
+            current, else `params.by`.
+
+    Returns:
+        The report: step, checkpoint, by, decided_by, reason, num_ratings, steps, sweep_page.
+
+    Raises:
+        FileNotFoundError: no sweep metrics, or no checkpoint for the STEP.
+    """
+    if not Path(sweep_metrics).is_file():
+        raise FileNotFoundError(f"{sweep_metrics}: no sweep results; run `musegen sweep` first")
+    if step is not None:
+        record_decision(Path(params.ratings_dir), sweep_metrics, step, "musegen select --step")
+    sweep = json.loads(Path(sweep_metrics).read_text())
+    table = candidates(sweep, rt.read_table(Path(params.ratings_dir)))
+    decision = _decision(Path(params.ratings_dir), sweep)
+    if decision is None:
+        chosen, decided_by, reason = decide(params, table)
+    else:
+        chosen, decided_by = int(decision["step"]), "person"
+        reason = f"chosen by a person ({decision['who']}, {decision['time']})"
+    path = Path(ckpt_dir) / f"step_{chosen}.pt"
+    if not path.is_file():
+        found = sorted(int(p.stem[5:]) for p in Path(ckpt_dir).glob("step_*.pt"))
+        raise FileNotFoundError(f"{path}: no checkpoint for STEP {chosen} (found {found})")
+    report = {
+        "step": chosen,
+        "checkpoint": str(path),
+        "by": params.by,
+        "decided_by": decided_by,
+        "reason": reason,
+        "num_ratings": sum(v["ratings"]["n"] for v in table.values()),
+        "steps": {str(s): v for s, v in sorted(table.items())},
+        "sweep_page": sweep.get("page"),
+    }
+    out = Path(params.report)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    tmp.replace(out)
+    return report
+
+
+def selected(params_path: Path | str) -> dict[str, Any]:
+    """The report `musegen select` wrote (the STEP every later stage uses).
+
+    Raises:
+        FileNotFoundError: select has not run.
+    """
+    p = load_section(SelectParams, "select", params_path)
+    path = Path(p.report)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no STEP selected yet; run `musegen select` first")
+    return json.loads(path.read_text())
