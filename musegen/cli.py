@@ -184,7 +184,9 @@ def sweep(
 def select(
     step: Annotated[
         int | None,
-        typer.Option(help="a person's choice (ratings/decision.json): beats select.by until retrain"),
+        typer.Option(
+            help="a person's choice (ratings/decision.json): beats select.by until retrain"
+        ),
     ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:

@@ -1,12 +1,13 @@
 """Listening with people: rate clips in optuna-dashboard, Optuna proposes the next settings.
 
 `listen` keeps `tune.num_pending` trials of the listen study open. Each trial draws per-field
-temperature / top-p from the same space as `musegen tune`, continues the same held-out prompts
+temperature / top-p from the same space as `musegen tune`, continues the same valid-split prompts
 (fixed seeds), renders MP3 and uploads MP3 + MIDI as trial artifacts named by content hash
 (blind: no parameter or checkpoint in a file name). The proxy score and clip metrics go to
-trial system attrs, which optuna-dashboard does not show: raters see audio and the form. A person plays them in the dashboard and
-picks a score in the trial's form; this process reads the choice and tells Optuna, so the next
-trials move toward what people like. Ratings live in the study storage (any RDB URL).
+trial system attrs, which optuna-dashboard does not show: raters see audio and the form. A
+person plays them in the dashboard and picks a score in the trial's form; this process reads
+the choice and tells Optuna, so the next trials move toward what people like. Ratings live in
+the study storage (any RDB URL).
 
 No untouched submit becomes a score: optuna-dashboard preselects a form's first choice and
 starts a slider at its minimum (research/evaluation-and-audio.md section 3). The form is a

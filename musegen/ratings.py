@@ -153,11 +153,11 @@ def summary(table: pd.DataFrame, sweep_metrics: dict[str, Any]) -> dict[str, dic
     from scipy.stats import t as student
 
     index = clip_index(sweep_metrics)
-    current = table[table.clip.isin(list(index))]
+    current = table[table["clip"].isin(list(index))]
+    columns = current["clip"].map(lambda c: index[c]["column"])
     out = {}
     for key in sweep_metrics.get("columns", {}):
-        scores = current.score[current.clip.map(lambda c: index[c]["column"]) == key]
-        scores = np.asarray(scores, float)
+        scores = np.asarray(current["score"][columns == key], float)
         n = len(scores)
         entry: dict[str, Any] = {"n": n, "mean": None, "ci95": None}
         if n:
@@ -176,16 +176,20 @@ def log_to_sweep_runs(stats: dict[str, dict[str, Any]], sweep_metrics: dict[str,
     """
     import warnings
 
+    runs = {
+        key: col["mlflow_run_id"]
+        for key, col in sweep_metrics.get("columns", {}).items()
+        if col.get("mlflow_run_id") and key in stats
+    }
+    if not runs:  # no store touched (or created) for a sweep that logged nothing
+        return 0
     import mlflow
     from musegen import tracking
 
     mlflow.set_tracking_uri(tracking.tracking_uri())
     client = mlflow.MlflowClient()
     done = 0
-    for key, col in sweep_metrics.get("columns", {}).items():
-        run_id = col.get("mlflow_run_id")
-        if not run_id or key not in stats:
-            continue
+    for key, run_id in runs.items():
         try:
             client.log_metric(run_id, "rating_count", stats[key]["n"])
             if stats[key]["mean"] is not None:

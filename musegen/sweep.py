@@ -346,7 +346,8 @@ def _mean_sd(cells: list[dict]) -> dict[str, dict[str, float]]:
 
 def _summarize(columns: list[dict], shown: list[dict], others: list[dict], p: SweepParams) -> dict:
     """metrics.json: per-STEP numbers, the real anchor's, the best STEP by sweep score, each
-    column's clip hashes (row order) and MLflow run, and the manifest rows read."""
+    column's clip hashes (row order) and MLflow run, and the manifest rows read (prompts,
+    reference_pieces)."""
     per_step = {}
     for col in columns:
         stats = _mean_sd(col["cells"])
@@ -371,7 +372,7 @@ def _summarize(columns: list[dict], shown: list[dict], others: list[dict], p: Sw
         "num_reference": len(others),
         "split": SPLIT,
         "prompts": [s["path"] for s in shown],
-        "reference": [s["path"] for s in others],
+        "reference_pieces": [s["path"] for s in others],
         "prompt_bars": p.prompt_bars,
         "continue_bars": p.continue_bars,
         "columns": per_step,
@@ -514,8 +515,18 @@ def _header(col: dict) -> str:
 
 
 def row_orders(n_rows: int, n_cols: int, seed: int) -> list[list[int]]:
-    """The blind page's column order of each row: an independent seeded shuffle per row."""
-    return [list(np.random.default_rng([seed, r]).permutation(n_cols)) for r in range(n_rows)]
+    """The blind page's column order of each row: a seeded shuffle per row, redrawn while it
+    equals the row above (or, for the first row, the true order), so no two neighbouring rows
+    line up and the page never shows the columns as they are."""
+    rng = np.random.default_rng(seed)
+    orders: list[list[int]] = []
+    for _ in range(n_rows):
+        previous = orders[-1] if orders else list(range(n_cols))
+        order = previous
+        while order == previous and n_cols > 1:
+            order = [int(i) for i in rng.permutation(n_cols)]
+        orders.append(order)
+    return orders
 
 
 def write_page(

@@ -71,9 +71,10 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def prepared_corpus(real_midi_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The real pieces run through the real prepare stage (wide hash splits: 9 files).
+    """The real pieces run through the real prepare stage (wide hash splits: 10 files).
 
-    Returns paths: raw_dir, manifest (test split non-empty).
+    Returns paths: raw_dir, manifest (5 valid-split files: the sweep's prompts and reference;
+    5 test-split files, which the sweep must never read).
     """
     import dataclasses
 
@@ -82,9 +83,10 @@ def prepared_corpus(real_midi_dir: Path, tmp_path_factory: pytest.TempPathFactor
 
     out = tmp_path_factory.mktemp("prepared")
     params = load_section(prepare.PrepareParams, "prepare", ROOT / "params.yaml")
-    params = dataclasses.replace(params, valid_percent=20, test_percent=45, num_workers=1)
+    params = dataclasses.replace(params, valid_percent=60, test_percent=25, num_workers=1)
     manifest = prepare.prepare(real_midi_dir, out, params)
-    assert (manifest.split == "test").sum() >= 2, manifest[["path", "split"]]
+    counts = manifest.split.value_counts()
+    assert counts.get("valid", 0) >= 4 and counts.get("test", 0) >= 2, manifest[["path", "split"]]
     return {"raw_dir": real_midi_dir, "manifest": out / "manifest.csv"}
 
 

@@ -88,7 +88,7 @@ def test_only_evaluate_reads_the_test_split(repo: Path) -> None:
     pieces = json.loads((repo / "data/tokens/cp/pieces.json").read_text())
     read = {
         "sweep prompts": sweep["prompts"],
-        "sweep reference": sweep["reference"],
+        "sweep reference": sweep["reference_pieces"],
         "tune": tune["pieces"],
         "train (fits on)": pieces["train"],
         "train (valid loss)": pieces["valid"],
@@ -96,10 +96,12 @@ def test_only_evaluate_reads_the_test_split(repo: Path) -> None:
     for stage, paths in read.items():
         assert paths, stage
         assert "test" not in {split[p] for p in paths}, f"{stage} read a test-split piece"
-    assert {split[p] for p in sweep["prompts"] + sweep["reference"] + tune["pieces"]} == {"valid"}
+    assert {split[p] for p in sweep["prompts"] + sweep["reference_pieces"] + tune["pieces"]} == {
+        "valid"
+    }
     assert {split[p] for p in pieces["train"]} == {"train"}
     # the real anchor is never in its own reference
-    assert set(sweep["prompts"]).isdisjoint(sweep["reference"])
+    assert set(sweep["prompts"]).isdisjoint(sweep["reference_pieces"])
     assert evaluate["pieces"] and {split[p] for p in evaluate["pieces"]} == {"test"}
 
 

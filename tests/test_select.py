@@ -15,9 +15,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import yaml
+from typer.testing import CliRunner
 
 from musegen import ratings as rt
 from musegen import select as stage
+from musegen.cli import app
 from musegen.config import ParamsError, load_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,11 +101,11 @@ def test_ratings_change_the_selected_step_when_they_disagree_with_the_proxy(work
     assert row["proxy"] == PROXY[100] and row["valid_loss"] == LOSS[100]
 
     # the same file again: nothing new; a second rater's opposite scores move the means
-    again = musegen("ratings", "add", str(work / "r.json"), cwd=work)
-    assert "0 added, 6 duplicates ignored, 6 in" in again.stdout
+    again = CliRunner().invoke(app, ["ratings", "add", str(work / "r.json")])
+    assert "0 added, 6 duplicates ignored, 6 in" in again.output
     bob = export(work / "b.json", {100: 1, 200: 5, 300: 1}, rater="bob")
-    assert musegen("ratings", "add", str(bob), cwd=work).returncode == 0
-    assert musegen("select", cwd=work).returncode == 0
+    assert CliRunner().invoke(app, ["ratings", "add", str(bob)]).exit_code == 0
+    assert CliRunner().invoke(app, ["select"]).exit_code == 0
     report = json.loads((work / "reports/select/choice.json").read_text())
     assert report["step"] == 200  # means 3.0 / 3.5 / 1.0
     assert (
@@ -127,12 +129,12 @@ def test_other_rules_and_a_persons_choice(work: Path) -> None:
 
 
 def test_a_persons_choice_holds_until_the_model_changes(work: Path) -> None:
-    proc = musegen("select", "--step", "100", cwd=work)
-    assert proc.returncode == 0, proc.stderr
-    assert "STEP 100 (person" in proc.stdout
+    result = CliRunner().invoke(app, ["select", "--step", "100"])
+    assert result.exit_code == 0, result.output
+    assert "STEP 100 (person" in result.output
     # recorded in the select stage's dependency: a plain `musegen select` (dvc repro) keeps it
     assert json.loads((work / "ratings/decision.json").read_text())["step"] == 100
-    assert musegen("select", cwd=work).returncode == 0
+    assert CliRunner().invoke(app, ["select"]).exit_code == 0
     report = json.loads((work / "reports/select/choice.json").read_text())
     assert report["step"] == 100 and report["decided_by"] == "person"
     # a retrained model makes new clips: the old choice no longer applies, the rule decides
@@ -140,7 +142,7 @@ def test_a_persons_choice_holds_until_the_model_changes(work: Path) -> None:
     sweep = json.loads(sweep_file.read_text())
     sweep["columns"]["step_100"]["clips"] = ["c" * 16, "d" * 16]
     sweep_file.write_text(json.dumps(sweep))
-    assert musegen("select", cwd=work).returncode == 0
+    assert CliRunner().invoke(app, ["select"]).exit_code == 0
     report = json.loads((work / "reports/select/choice.json").read_text())
     assert report["step"] == 300 and report["decided_by"] == "proxy"
 
@@ -174,10 +176,10 @@ def test_bad_files_are_refused_with_one_line_and_nothing_written(
     else:
         bad.write_text(content)
     # a good file alongside: all files are checked first, so nothing at all is merged
-    proc = musegen("ratings", "add", str(work / "good.json"), str(bad), cwd=work)
-    assert proc.returncode == 1
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and str(bad) in lines[0] and reason in lines[0], proc.stderr
+    result = CliRunner().invoke(app, ["ratings", "add", str(work / "good.json"), str(bad)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and reason in lines[0], result.output
     assert not (work / "ratings/ratings.csv").exists()
-    missing = musegen("ratings", "add", str(work / "none.json"), cwd=work)
-    assert missing.returncode == 1 and "none.json: file not found" in missing.stderr
+    missing = CliRunner().invoke(app, ["ratings", "add", str(work / "none.json")])
+    assert missing.exit_code == 1 and "none.json: file not found" in missing.output
