@@ -59,6 +59,7 @@ from prefect.client.orchestration import get_client
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import FlowPauseTimeout
 from prefect.flow_runs import pause_flow_run
+from prefect.futures import PrefectFuture
 from prefect.input import RunInput
 from prefect.states import Running, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
@@ -315,8 +316,10 @@ def choice_form(report: dict[str, Any]) -> tuple[type[RunInput], str]:
     return form, "\n".join(lines)
 
 
-def ask_person(params: Path, root: Path, report_path: Path) -> bool:
+def ask_person(params: Path, root: Path, selected: PrefectFuture) -> bool:
     """Pause for a person's STEP (select.wait_minutes; 0 = never); True when they changed it.
+
+    `selected` is the select task's future; nothing is asked when it did not complete.
 
     A different STEP is recorded with `musegen.select.record_decision` (the select stage's
     DVC dependency), so re-running select makes it the choice and dvc.lock records it. With
@@ -327,7 +330,10 @@ def ask_person(params: Path, root: Path, report_path: Path) -> bool:
     p = load_section(SelectParams, "select", root / params)
     if p.wait_minutes <= 0:
         return False
-    report = json.loads(Path(report_path).read_text())
+    selected.wait()
+    if not selected.state.is_completed():
+        return False  # an upstream failure: the flow fails on it, no one is asked
+    report = json.loads(Path(selected.result()).read_text())
     form, text = choice_form(report)
     timeout = max(1, round(p.wait_minutes * 60))
     try:
@@ -362,7 +368,7 @@ def pipeline(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> dict[str, Path
     for stage_task in TASKS:
         upstream = [futures[name] for name in UPSTREAM[stage_task.name]]
         futures[stage_task.name] = stage_task.submit(params, root, wait_for=upstream)
-        if stage_task is select and ask_person(params, root, futures["select"].result()):
+        if stage_task is select and ask_person(params, root, futures["select"]):
             futures["select"] = select.submit(params, root)  # DVC: the decision is new input
     return {name: future.result() for name, future in futures.items()}
 
