@@ -654,7 +654,8 @@ class Decoder:
             q = q[:, :, None]  # (B, H, 1, Dh)
             att = q @ keys.transpose(-2, -1)  # (B, H, 1, W)
             if attn.rel is not None:  # + q · E_r[distance of each slot] (Huang et al. eq. 3)
-                att = att + q @ attn.rel[..., dist, :].transpose(-2, -1)
+                qe = q @ attn.rel.transpose(-2, -1)  # (B, H, 1, W) by distance, W = max_len
+                att = att + qe.index_select(-1, dist)  # by slot
             att = att / math.sqrt(q.size(-1)) + bias
             y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
             h = h + attn.proj(y)
