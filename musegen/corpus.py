@@ -476,9 +476,10 @@ class _Guard:
         self.entries = self.written = 0
 
     def refuse(self, name: str, why: str) -> CorpusError:
+        if "corpus.max_" in why:
+            why += " (raise it in params.yaml only for an archive you trust)"
         return CorpusError(
-            f"{self.source}: refused entry {printable(name)!r}: {why}; nothing was installed "
-            "(raise the limit in params.yaml corpus: only for an archive you trust)"
+            f"{self.source}: refused entry {printable(name)!r}: {why}; nothing was installed"
         )
 
     def member(self, name: str, kind: str, size: int) -> bool:

@@ -205,13 +205,14 @@ def corpus_repo(tmp_path: Path) -> Path:
 
 def run_measured(*args: str, cwd: Path) -> tuple[subprocess.CompletedProcess, float, float]:
     """Run the CLI; return (process, seconds, its own peak RSS in MB, printed at exit)."""
+    # VmHWM: this process's own peak (ru_maxrss would carry pytest's peak across fork + exec)
     code = (
-        "import resource, runpy, sys\n"
+        "import re, runpy, sys\n"
         "sys.argv = ['musegen', *sys.argv[1:]]\n"
         "try: runpy.run_module('musegen', run_name='__main__')\n"
         "finally:\n"
-        "    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "    print('maxrss', rss, file=sys.stderr)"
+        "    hwm = re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read()).group(1)\n"
+        "    print('maxrss', hwm, file=sys.stderr)"
     )
     t0 = time.monotonic()
     proc = subprocess.run(
