@@ -17,7 +17,7 @@ are kept for the whole file. A note held longer than NOTE_MARGIN_S is cut there.
 
 Every input file gets one row in <audio>/transcribe.csv (COLUMNS) with a reason code from
 REASONS when rejected; a re-run skips files whose sha256 already has a row (ok rows also
-need their MIDI), except rows rejected for a length limit, which are checked again.
+need their MIDI), except RECHECKED rejections (length limits, duplicates, name clashes).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ import multiprocessing
 import os
 import re
 import time
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -59,7 +60,7 @@ REASONS = (
     "duplicate",  # same bytes as an earlier file
     "name_clash",  # another input maps to the same MIDI path (song.wav and song.mp3)
 )
-RECHECKED = ("too_long", "too_short")  # depend on params that a re-run may change
+RECHECKED = ("too_long", "too_short", "duplicate", "name_clash")  # on params or other files
 
 # basic-pitch's model geometry (basic_pitch.constants): 22.05 kHz, 256-sample frames,
 # windows of 43,844 samples (172 frames) overlapping by 30 frames.
@@ -116,7 +117,10 @@ def load_model(num_threads: int = 0) -> Any:
         level = logging.root.level  # basic_pitch warns at import about every absent backend
         logging.root.setLevel(logging.ERROR)
         try:
-            from basic_pitch import FilenameSuffix, build_icassp_2022_model_path
+            with warnings.catch_warnings():  # resampy 0.4.2's pkg_resources deprecation
+                warnings.simplefilter("ignore")
+                import basic_pitch.note_creation  # noqa: F401 -- imported once, quietly
+                from basic_pitch import FilenameSuffix, build_icassp_2022_model_path
         finally:
             logging.root.setLevel(level)
     except ImportError as err:
@@ -249,11 +253,12 @@ def decode_notes(
     start, final = 0, 0  # global frame of blocks[0]; notes starting before `final` are out
 
     def decode(arr: np.ndarray, upto: float) -> None:  # keep notes starting in [final, upto)
-        found = output_to_notes_polyphonic(
-            arr[:, 0].copy(), arr[:, 1].copy(), onset_thresh=params.onset_threshold,
-            frame_thresh=params.frame_threshold, min_note_len=min_len, infer_onsets=True,
-            max_freq=None, min_freq=None, melodia_trick=True,
-        )  # fmt: skip
+        with np.errstate(invalid="ignore", divide="ignore"):  # all-zero frames: 0 / 0
+            found = output_to_notes_polyphonic(
+                arr[:, 0].copy(), arr[:, 1].copy(), onset_thresh=params.onset_threshold,
+                frame_thresh=params.frame_threshold, min_note_len=min_len, infer_onsets=True,
+                max_freq=None, min_freq=None, melodia_trick=True,
+            )  # fmt: skip
         notes.extend(
             (start + s, start + e, p, a) for s, e, p, a in found if final <= start + s < upto
         )
