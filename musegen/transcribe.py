@@ -416,6 +416,18 @@ def _init_worker(num_threads: int) -> None:
     _SESSION = load_model(num_threads)
 
 
+def _compile_beat_tracker() -> None:
+    """Run librosa's numba beat tracker once in this process, so its on-disk cache exists.
+
+    Workers that compile it at the same time can leave a corrupt cache behind, which
+    segfaults every later run (seen with numba 0.68 and librosa 0.11).
+    """
+    import librosa
+
+    envelope = np.random.default_rng(0).random(2000)
+    librosa.beat.beat_track(onset_envelope=envelope, sr=SAMPLE_RATE, hop_length=HOP, bpm=120.0)
+
+
 def transcribe_one(job: tuple[Path, str, str, Path], params: TranscribeParams) -> dict[str, Any]:
     """Transcribe audio_dir/rel to out_dir/<rel>.mid; return its report row (never raises)."""
     audio_dir, rel, sha256, out_dir = job
@@ -509,6 +521,7 @@ def transcribe(
                 rows[job[1]] = one(job)
                 bar.update()
         else:  # forkserver: callers (Prefect, MLflow) may hold threads, which fork can deadlock
+            _compile_beat_tracker()
             ctx = multiprocessing.get_context("forkserver")
             with ProcessPoolExecutor(
                 workers, ctx, initializer=_init_worker, initargs=(max(1, cores // workers),)
