@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from musegen import tracking
+from musegen.augment import Augmenter
 from musegen.config import flatten
 
 if TYPE_CHECKING:
@@ -68,6 +69,8 @@ class TrainParams:
     betas: tuple[float, float]
     grad_clip: float
     loss_weights: dict[str, float]
+    transpose_range: int
+    tempo_shift_range: int
     eval_every: int
     save_every: int
     keep_last: int
@@ -264,6 +267,7 @@ def train(
     baseline = {"valid_loss": float(np.dot(weights, entropy))}
     baseline |= {f"valid_loss_{n}": h for n, h in zip(fields, entropy, strict=True)}
     sampler = np.random.default_rng([params.seed, rank])  # own stream per rank
+    augment = Augmenter(vocab, params.transpose_range, params.tempo_shift_range)  # train only
 
     # ---- model: from scratch, or the last checkpoint --------------------------------------
     hashed = flatten({"model": dataclasses.asdict(model_params), "train": _hashed(params)})
@@ -359,6 +363,8 @@ def train(
         for micro in range(params.num_micro_steps):
             picks = sampler.integers(0, len(starts), params.batch_size)  # uniform over bar starts
             batch = [window(rows, starts[i], ends[i], params.seq_len) for i in picks]
+            if augment.active:
+                batch = [(augment(w, sampler), m) for w, m in batch]
             w = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)  # (B, T + 1, F)
             m = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)  # (B, T)
             x, y = w[:, :-1], w[:, 1:]
