@@ -28,6 +28,7 @@ sys.path = [p for p in sys.path if p not in ("", __file__.rpartition("/")[0] or 
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402
+import hashlib  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -40,7 +41,7 @@ import numpy as np  # noqa: E402
 
 from musegen import transcribe as tr  # noqa: E402
 from musegen.config import load_section  # noqa: E402
-from musegen.prepare import PrepareParams, _sha256_stream, split_of  # noqa: E402
+from musegen.prepare import PrepareParams, split_of  # noqa: E402
 
 DEFAULT_DIR = Path("data/raw/m21-keyboard")
 
@@ -49,7 +50,10 @@ def held_out(midi_dir: Path, n: int, params: Path) -> list[Path]:
     """The first n test-split files (then valid), by prepare's own hash split."""
     p = load_section(PrepareParams, "prepare", params)
     files = sorted(midi_dir.glob("*.mid"))
-    split = {f: split_of(_sha256_stream(f), p.valid_percent, p.test_percent) for f in files}
+    split = {
+        f: split_of(hashlib.sha256(f.read_bytes()).hexdigest(), p.valid_percent, p.test_percent)
+        for f in files
+    }
     return ([f for f in files if split[f] == "test"] + [f for f in files if split[f] == "valid"])[
         :n
     ]

@@ -23,12 +23,12 @@ need their MIDI), except RECHECKED rejections (length limits, duplicates, name c
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 import math
 import multiprocessing
 import os
 import re
-import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -40,16 +40,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from musegen import files
 from musegen.config import ParamsError
 from musegen.midi import TICKS_PER_BEAT
-from musegen.prepare import _sha256_stream, _write_atomic, list_files
-
-log = logging.getLogger(__name__)
+from musegen.prepare import list_files
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
 REPORT = "transcribe.csv"
 COLUMNS = ("path", "sha256", "status", "reason", "detail", "seconds", "n_notes", "bpm", "midi")
 REASONS = (
+    "missing",  # files.open_regular: gone, not a regular file (FIFO, device, folder), unreadable
+    "not_regular",
+    "unreadable",
     "not_audio",  # empty, another suffix, or a header libsndfile does not recognise
     "corrupt",  # recognised but malformed, truncated or failing to decode
     "too_long",  # over max_seconds (from the header: nothing decoded)
@@ -432,24 +434,30 @@ def transcribe_one(job: tuple[Path, str, str, Path], params: TranscribeParams) -
     """Transcribe audio_dir/rel to out_dir/<rel>.mid; return its report row (never raises)."""
     audio_dir, rel, sha256, out_dir = job
     midi_rel = Path(rel).with_suffix(".mid").as_posix()
-    row: dict[str, Any] = dict.fromkeys(COLUMNS, "") | {"path": rel, "sha256": sha256}
-    began = time.perf_counter()
+    row = dict.fromkeys(COLUMNS, "") | {"path": files.printable(rel), "sha256": sha256}
     try:
         midi, info = transcribe_audio(audio_dir / rel, params, _SESSION)
         out = out_dir / midi_rel
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        midi.dump(str(tmp))
-        tmp.replace(out)
-        row.update(
-            status="ok", midi=midi_rel, **{k: info[k] for k in ("seconds", "n_notes", "bpm")}
-        )
+        with files.replacing(out) as tmp:
+            midi.dump(str(tmp))
+        row.update(status="ok", midi=files.printable(midi_rel))
+        row.update({k: info[k] for k in ("seconds", "n_notes", "bpm")})
     except AudioError as err:
-        row.update(status="rejected", reason=err.reason, detail=err.detail)
+        row.update(status="rejected", reason=err.reason, detail=files.printable(err.detail))
     except Exception as err:  # one bad file must not stop a folder
-        row.update(status="rejected", reason="corrupt", detail=f"{type(err).__name__}: {err}")
-    log.debug("%s: %.1f s", rel, time.perf_counter() - began)
+        detail = files.printable(f"{type(err).__name__}: {err}")
+        row.update(status="rejected", reason="corrupt", detail=detail)
     return row
+
+
+def _sha256(path: Path) -> str:
+    """sha256 through the one safe read (files.open_regular), 64 KiB at a time."""
+    digest = hashlib.sha256()
+    with files.open_regular(path) as (fh, _):
+        while chunk := fh.read(1 << 16):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_report(path: Path) -> pd.DataFrame:
@@ -478,22 +486,31 @@ def transcribe(
     audio_dir, out_dir = Path(audio_dir), Path(out_dir)
     if not audio_dir.is_dir():
         raise FileNotFoundError(f"{audio_dir}: audio folder not found (pass --audio DIR)")
-    files = [f for f in list_files(audio_dir) if f != REPORT]
-    if not files:
+    names = [f for f in list_files(audio_dir) if f != REPORT]
+    if not names:
         raise FileNotFoundError(f"{audio_dir}: no files to transcribe (hidden files are skipped)")
     report = audio_dir / REPORT
     done: dict[tuple[str, str], dict[str, Any]] = {}
     if report.is_file():
         for row in read_report(report).to_dict("records"):
-            ok = row["status"] == "ok" and (out_dir / row["midi"]).is_file()
+            made = out_dir / files.from_printable(row["midi"])
+            ok = row["status"] == "ok" and made.is_file()
             if ok or (row["status"] == "rejected" and row["reason"] not in RECHECKED):
                 done[row["sha256"], Path(row["path"]).with_suffix(".mid").as_posix()] = row
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[str, dict[str, Any]] = {}  # by the file's own relative name
     jobs, first_by_sha, first_by_midi = [], {}, {}
-    for rel in files:
-        sha = _sha256_stream(audio_dir / rel)
+    for rel in names:
         midi_rel = Path(rel).with_suffix(".mid").as_posix()
-        blank = dict.fromkeys(COLUMNS, "") | {"path": rel, "sha256": sha, "status": "rejected"}
+        blank = dict.fromkeys(COLUMNS, "") | {"path": files.printable(rel), "status": "rejected"}
+        try:
+            sha = _sha256(audio_dir / rel)
+        except files.FileRefusedError as err:
+            rows[rel] = blank | {"reason": err.reason, "detail": files.printable(err.detail)}
+            continue
+        except OSError as err:  # EIO and the like while reading
+            rows[rel] = blank | {"reason": "unreadable", "detail": f"cannot read: {err.strerror}"}
+            continue
+        blank["sha256"] = sha
         if sha in first_by_sha:
             rows[rel] = blank | {
                 "reason": "duplicate",
@@ -504,12 +521,12 @@ def transcribe(
                 "reason": "name_clash",
                 "detail": f"{first_by_midi[midi_rel]} already becomes {midi_rel}; rename one",
             }
-        elif (sha, midi_rel) in done:
-            rows[rel] = done[sha, midi_rel] | {"path": rel}
+        elif (sha, files.printable(midi_rel)) in done:
+            rows[rel] = done[sha, files.printable(midi_rel)] | {"path": files.printable(rel)}
         else:
             jobs.append((audio_dir, rel, sha, out_dir))
-        first_by_sha.setdefault(sha, rel)
-        first_by_midi.setdefault(midi_rel, rel)
+        first_by_sha.setdefault(sha, files.printable(rel))
+        first_by_midi.setdefault(midi_rel, files.printable(rel))
     cores = os.cpu_count() or 1
     workers = max(1, min(params.num_workers or cores, len(jobs)))
     bar = tqdm(total=len(jobs), desc=f"transcribe {audio_dir}", unit="file", disable=not progress)
@@ -526,13 +543,13 @@ def transcribe(
             with ProcessPoolExecutor(
                 workers, ctx, initializer=_init_worker, initargs=(max(1, cores // workers),)
             ) as pool:
-                for row in pool.map(one, jobs):
-                    rows[row["path"]] = row
+                for job, row in zip(jobs, pool.map(one, jobs), strict=True):
+                    rows[job[1]] = row
                     bar.update()
     finally:
         bar.close()
-        table = pd.DataFrame([rows[r] for r in files if r in rows], columns=list(COLUMNS))
-        _write_atomic(report, table.to_csv(index=False, lineterminator="\n"))
+        table = pd.DataFrame([rows[r] for r in names if r in rows], columns=list(COLUMNS))
+        files.write_atomic(report, table.to_csv(index=False, lineterminator="\n"))
     return table
 
 

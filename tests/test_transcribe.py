@@ -60,6 +60,7 @@ def test_bad_files_get_reasons_and_a_rerun_skips_them(tmp_path, params):
     shutil.copy(audio / "sine.wav", audio / "sine2.wav")
     sf.write(audio / "blip.ogg", _tone(0.5), SR)
     sf.write(audio / "long.flac", _tone(7, 440), SR)
+    os.mkfifo(audio / "pipe.wav")  # opening it would block forever: refused from stat()
     p = dataclasses.replace(params, max_seconds=6, num_workers=1)
 
     report = tr.transcribe(audio, out, p, progress=False)
@@ -70,6 +71,7 @@ def test_bad_files_get_reasons_and_a_rerun_skips_them(tmp_path, params):
         "empty.mp3": "not_audio",
         "long.flac": "too_long",
         "notes.txt": "not_audio",
+        "pipe.wav": "not_regular",
         "random.wav": "not_audio",
         "silence.flac": "silent",
         "silence.wav": "name_clash",
