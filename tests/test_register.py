@@ -78,7 +78,8 @@ def test_register_load_by_alias_predict_and_reregister(
     import mlflow
 
     client = mlflow.MlflowClient()
-    v1 = stage.register(params(choose="step", step=1), store["ckpts"], sample)
+    limits = stage.limits_for(PARAMS)
+    v1 = stage.register(params(choose="step", step=1), store["ckpts"], sample, limits=limits)
     assert str(v1.version) == "1" and v1.tags["step"] == "1"
     assert str(client.get_model_version_by_alias("musegen", "champion").version) == "1"
     # the registering run is a child of the training run (same experiment)
@@ -90,7 +91,7 @@ def test_register_load_by_alias_predict_and_reregister(
         {
             "seed": [0, 0, 1],
             "bars": [3, 3, 3],
-            "prompt": ["", "", str(prompt)],
+            "prompt": ["", "", base64.b64encode(prompt.read_bytes()).decode()],
             "prompt_bars": [None, None, 2],
         }
     )
@@ -111,7 +112,11 @@ def test_register_load_by_alias_predict_and_reregister(
     assert head == [(n.start, n.pitch) for n in real if n.start < 2 * 1920]
 
     v2 = stage.register(
-        params(choose="best_sweep"), store["ckpts"], sample, sweep_metrics=store["sweep"]
+        params(choose="best_sweep"),
+        store["ckpts"],
+        sample,
+        limits=limits,
+        sweep_metrics=store["sweep"],
     )
     assert str(v2.version) == "2" and v2.tags["step"] == "2" and v2.tags["choose"] == "best_sweep"
     assert str(client.get_model_version_by_alias("musegen", "champion").version) == "2"
