@@ -55,9 +55,14 @@ def corpus_pop1k7(
     from musegen import corpus
 
     data = load_section(DataParams, "data", params)
-    out = corpus.fetch_pop1k7(
-        Path(data.raw_root) / "pop1k7", load_section(corpus.CorpusParams, "corpus", params), source
-    )
+    try:
+        out = corpus.fetch_pop1k7(
+            Path(data.raw_root) / "pop1k7",
+            load_section(corpus.CorpusParams, "corpus", params),
+            source,
+        )
+    except corpus.CorpusError as exc:
+        _fail(str(exc))
     if use_dvc:
         subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
     typer.echo(f"pop1k7: {out} (set data.corpus: pop1k7 in params.yaml to use it)")

@@ -35,11 +35,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import mlflow.pyfunc
 import pandas as pd
 import yaml
 
 import mlflow
+import mlflow.pyfunc
 from musegen import tracking
 from musegen.config import ParamsError
 from musegen.sampling import SampleParams

@@ -32,6 +32,7 @@ import pandas as pd
 from musegen import metrics
 from musegen.config import ParamsError
 from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.files import from_printable
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -154,7 +155,7 @@ def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepPar
     songs = []
     for rel in rows.path:
         # through the tokenizer: the anchor is quantized exactly as the model's prompt is
-        midi = tokenizer.decode(tokenizer.encode(Path(raw_dir) / rel))
+        midi = tokenizer.decode(tokenizer.encode(Path(raw_dir) / from_printable(rel)))
         if to_score(midi).end_tick > (need - 1) * BAR:  # notes reach the last bar
             real = window(midi, params.prompt_bars, need)
             songs.append({"path": rel, "midi": midi, "real": to_score(real)})
@@ -271,7 +272,7 @@ def sweep(
             _, full = continue_midi(
                 loaded,
                 sample,
-                Path(raw_dir) / song["path"],
+                Path(raw_dir) / from_printable(song["path"]),
                 params.prompt_bars,
                 max_bars=params.prompt_bars + params.continue_bars,
                 max_words=params.max_words,

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from musegen.config import ParamsError
+from musegen.files import from_printable, replacing
 from musegen.midi import read_score
 from musegen.prepare import read_manifest
 from musegen.tokenizer import FIELDS, Tokenizer, get_tokenizer
@@ -78,9 +79,8 @@ def _encode_file(path: Path, params: TokenizeParams) -> tuple[list[np.ndarray], 
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written array
+    with replacing(path) as tmp:  # atomic: a killed run never leaves a half-written array
+        np.save(tmp, array)
 
 
 def _stats(lengths: list[int]) -> dict[str, float]:
@@ -125,7 +125,7 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
             f"{manifest}: ok row {bad_split.path.iloc[0]!r} has split "
             f"{bad_split.split.iloc[0]!r}, expected one of {SPLITS}; re-run `musegen prepare`"
         )
-    paths = [raw_dir / p for p in ok.path]
+    paths = [raw_dir / from_printable(p) for p in ok.path]  # the manifest's text -> the name
     workers = min(params.num_workers or os.cpu_count() or 1, len(paths))
     encode = partial(_encode_file, params=params)
     bar = partial(tqdm, total=len(paths), desc=f"tokenize {raw_dir}", unit="file")

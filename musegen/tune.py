@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import yaml
 
-import optuna
 from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
 from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
@@ -378,8 +378,9 @@ def upload_clips(
     MIDI goes up as application/octet-stream: optuna-dashboard would guess audio/sp-midi and
     show a player that cannot play it (research/evaluation-and-audio.md section 3).
     """
-    from musegen.render import render_audio
     from optuna.artifacts import upload_artifact
+
+    from musegen.render import render_audio
 
     out = []
     for clip in clips:
@@ -429,9 +430,10 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         The metrics.json content: best value and settings, objective kind, ratings used,
         Spearman rho of proxy vs ratings, trials run, seconds per trial.
     """
+    from optuna.artifacts import FileSystemArtifactStore
+
     import mlflow
     from musegen.generate import load_model
-    from optuna.artifacts import FileSystemArtifactStore
 
     params_path = Path(params_path)
     tp = load_section(TuneParams, "tune", params_path)

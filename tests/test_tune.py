@@ -16,12 +16,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import yaml
 
 import mlflow
-import optuna
 from musegen import tracking
 from musegen import tune as tn
 from musegen.config import ParamsError, load_section
