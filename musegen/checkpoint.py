@@ -10,22 +10,24 @@ wrong and the fix. `newest_good` is the resume rule: the newest step_<STEP>.pt t
 
 from __future__ import annotations
 
-import os
+import contextlib
 import re
-import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from musegen import files
 
 #: what generating needs (a registered model's slim checkpoint has only these and a few more)
 MODEL_KEYS = ("model", "model_config", "vocab")
 #: what `musegen train --resume` needs on top: the whole training state
 TRAIN_KEYS = (*MODEL_KEYS, "step", "optimizer", "scheduler", "rng", "params", "vocab_hash")
 TRAIN_KEYS += ("history", "best", "seconds", "train_sum")
-#: the temp names `save` writes before its rename (a killed writer leaves one behind)
-_TEMP = re.compile(r"(step_\d+|best)\.tmp\d+")
+#: temp files of a checkpoint write (files.temp_name: `.step_<N>.pt.<pid>-<hex>.tmp.pt`; before
+#: it, `step_<N>.tmp<pid>`): a writer killed mid-write leaves one behind
+_TEMP = re.compile(r"\.(step_\d+|best)\.pt\.\d+-[0-9a-f]+\.tmp\.pt|(step_\d+|best)\.tmp\d+")
 
 
 class CheckpointError(ValueError):
@@ -42,28 +44,19 @@ def save(state: dict[str, Any], path: Path) -> None:
 
     A failed write removes its temp file; one left by a kill is removed by `remove_temps`.
     """
-    _replace(path, lambda tmp: torch.save(state, tmp))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with files.replacing(path) as tmp:
+        torch.save(state, tmp)
 
 
 def copy(src: Path, dst: Path) -> None:
     """Copy a checkpoint file atomically (same temp-and-rename rule as `save`)."""
-    _replace(dst, lambda tmp: tmp.write_bytes(Path(src).read_bytes()))
-
-
-def _replace(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    try:
-        write(tmp)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    tmp.replace(path)  # atomic on POSIX (os.replace)
+    files.write_atomic(dst, Path(src).read_bytes())
 
 
 def remove_temps(folder: Path) -> list[Path]:
-    """Delete the temp files (`step_<N>.tmp<pid>`, `best.tmp<pid>`) a killed writer left."""
-    gone = [p for p in Path(folder).glob("*.tmp*") if _TEMP.fullmatch(p.name)]
+    """Delete the temp files of checkpoint writes that a kill interrupted."""
+    gone = [p for p in Path(folder).glob("*tmp*") if _TEMP.fullmatch(p.name)]
     for p in gone:
         p.unlink(missing_ok=True)
     return gone
@@ -86,21 +79,15 @@ def load(path: Path | str, keys: tuple[str, ...] = MODEL_KEYS) -> dict[str, Any]
             a NaN or inf).
     """
     path = Path(path)
-    try:
-        # O_NONBLOCK: opening a FIFO must not wait for a writer; fstat decides on what is open
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{path}: checkpoint not found (train with `musegen train`)"
-        ) from None
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot open it ({exc.strerror})") from None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode) or info.st_size == 0:
-        os.close(fd)
-        empty = "empty (0 bytes): a write that never finished"
-        raise CheckpointError(path, empty if stat.S_ISREG(info.st_mode) else "not a regular file")
-    with os.fdopen(fd, "rb") as fh:
+    with contextlib.ExitStack() as stack:
+        try:  # the one safe read: a regular file (no FIFO or device is opened), checked on its fd
+            fh, size = stack.enter_context(files.open_regular(path))
+        except files.FileRefusedError as exc:
+            if exc.reason == "missing":
+                raise FileNotFoundError(f"{path}: checkpoint not found ({exc.detail})") from None
+            raise CheckpointError(path, exc.detail) from None
+        if size == 0:
+            raise CheckpointError(path, "empty (0 bytes): a write that never finished")
         try:
             ckpt = torch.load(fh, map_location="cpu", weights_only=True)
         except Exception as exc:  # zip, pickle, EOF and weights_only errors: all mean unreadable

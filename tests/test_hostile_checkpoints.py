@@ -203,7 +203,8 @@ def test_non_finite_loss_stops_at_its_step(tokens: Path, tmp_path: Path) -> None
 # ---- kills: best.pt, temp files, the MLflow run --------------------------------------------
 
 #: `musegen train` that dies (os._exit: no cleanup, like SIGKILL) inside the write of the
-#: temp file `<name>.tmp<pid>` for STEP `step`, after the store received what was logged
+#: temp file of `<name>.pt` for STEP `step` (files.temp_name), after the store received
+#: what was logged
 DYING_TRAIN = """
 import os, sys
 from pathlib import Path
@@ -211,7 +212,7 @@ import mlflow, torch
 name, step = sys.argv.pop(1), int(sys.argv.pop(1))
 save = torch.save
 def dying_save(obj, f, *args, **kwargs):
-    if Path(f).name.startswith(name + ".tmp") and obj["step"] == step:
+    if Path(f).name.startswith(f".{name}.pt.") and obj["step"] == step:
         Path(f).write_bytes(b"PK\\x03\\x04 half a checkpoint")
         mlflow.flush_async_logging()
         os._exit(137)
@@ -251,7 +252,7 @@ def test_kill_while_best_pt_is_written_then_resume(tokens: Path, tmp_path: Path)
     killed = run_train(tmp_path, tokens, die_in=("best", 8), max_steps=8)
     assert killed.returncode == 137, killed.stderr[-2000:]
     ckpts = tmp_path / "model/checkpoints"
-    assert list(ckpts.glob("best.tmp*")), "the kill left no temp file: nothing tested"
+    assert list(ckpts.glob(".best.pt.*")), "the kill left no temp file: nothing tested"
     resumed = run_train(tmp_path, tokens, "--resume", max_steps=8)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     metrics = json.loads((tmp_path / "model/metrics.json").read_text())

@@ -26,9 +26,9 @@ from pathlib import Path
 import miditoolkit
 import pandas as pd
 import pytest
-from mlflow.exceptions import MlflowException
 from test_sweep import PARAMS, make_checkpoint
 
+from mlflow.exceptions import MlflowException
 from musegen import register as stage
 from musegen.config import load_section
 from musegen.sampling import SampleParams
