@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from musegen import checkpoint, tracking
+from musegen.augment import Augmenter
 from musegen.config import flatten
 
 if TYPE_CHECKING:
@@ -73,6 +74,8 @@ class TrainParams:
     betas: tuple[float, float]
     grad_clip: float
     loss_weights: dict[str, float]
+    transpose_range: int
+    tempo_shift_range: int
     eval_every: int
     save_every: int
     keep_last: int
@@ -301,6 +304,7 @@ def train(
     baseline = {"valid_loss": float(np.dot(weights, entropy))}
     baseline |= {f"valid_loss_{n}": h for n, h in zip(fields, entropy, strict=True)}
     sampler = np.random.default_rng([params.seed, rank])  # own stream per rank
+    augment = Augmenter(vocab, params.transpose_range, params.tempo_shift_range)  # train only
 
     # ---- model: from scratch, or the last checkpoint --------------------------------------
     hashed = flatten({"model": dataclasses.asdict(model_params), "train": _hashed(params)})
@@ -308,7 +312,7 @@ def train(
     ckpt_dir = out_dir / "checkpoints"
     ckpt = None
     if master:
-        checkpoint.remove_temps(ckpt_dir)  # a killed writer's step_<N>.tmp<pid>, best.tmp<pid>
+        checkpoint.remove_temps(ckpt_dir)  # temp files of writes a kill interrupted
     if resume:
         # the newest checkpoint that loads and checks out (a kill or a bad disk may have
         # left the last one truncated or corrupt); nothing usable: stop, never start afresh
@@ -418,6 +422,8 @@ def train(
         for micro in range(params.num_micro_steps):
             picks = sampler.integers(0, len(starts), params.batch_size)  # uniform over bar starts
             batch = [window(rows, starts[i], ends[i], params.seq_len) for i in picks]
+            if augment.active:
+                batch = [(augment(w, sampler), m) for w, m in batch]
             w = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)  # (B, T + 1, F)
             m = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)  # (B, T)
             x, y = w[:, :-1], w[:, 1:]
