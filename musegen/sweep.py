@@ -340,10 +340,10 @@ def _curves(
 
 
 def torch_history(path: Path) -> list[dict]:
-    """The eval history stored in a checkpoint (mmap: the weights are not read into memory)."""
-    import torch
+    """The eval history stored in a checkpoint (read and checked like any checkpoint)."""
+    from musegen.checkpoint import load
 
-    return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["history"])
+    return list(load(path, ("history",))["history"])
 
 
 def _mean_sd(cells: list[dict]) -> dict[str, dict[str, float]]:
