@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
@@ -225,6 +226,14 @@ class _CPMasks:
         # bar_beat after position p: Bar, or a position > p (ids 2 + k); row 0 = no position yet
         self.bar_beat = [(arange == BAR) | (arange >= 3 + p) for p in range(-1, POSITIONS)]
         self.from_ = [torch.arange(v, device=device) for v in sizes]
+        self.ignore = [m == 0 for m in self.from_]  # a field forced to Ignore: only id 0
+        # fields 1..F-1 side by side (the Decoder's field_logits) -> (F-1, V_max), padded
+        # with index sum(V) (a -inf logit / False mask column): one draw for every field
+        v_max, start, rows = max(sizes[1:]), 0, []
+        for v in sizes[1:]:
+            rows.append([start + i if i < v else sum(sizes[1:]) for i in range(v_max)])
+            start += v
+        self.padded = torch.tensor(rows, device=device)  # (F-1, V_max)
 
     def type_mask(self, state: _State, sequential: bool) -> Tensor:
         note_ok = state.pos is not None
@@ -260,6 +269,21 @@ class _CPMasks:
         tied = all(drawn[g] == last[g] for g in (PITCH, DURATION, VELOCITY) if g < f)
         # the tokenizer orders notes of a position by (pitch, duration, velocity)
         return self.value[f] & (self.from_[f] >= last[f]) if tied else self.value[f]
+
+
+def _field_mask(
+    masks: _CPMasks, f: int, piece: _Piece, w: np.ndarray, *, seq: bool, forbid: dict[int, set[int]]
+) -> Tensor:
+    """Allowed ids of field f for one piece's word w (its type and earlier fields drawn)."""
+    drawn = dict(enumerate(w[:f].tolist()))
+    m = masks.field_mask(f, int(w[TYPE]), piece.state, drawn, seq)
+    if m is None:
+        return masks.ignore[f]  # forced to Ignore: the draw can only give 0
+    if f in forbid:
+        narrowed = m.clone()
+        narrowed[list(forbid[f])] = False
+        m = narrowed if narrowed.any() else m  # the guard never empties a field
+    return m
 
 
 def _repair(w: np.ndarray) -> None:
@@ -508,23 +532,38 @@ def _draw_words(
     kinds = sample_field(mask_logits(type_logits, allowed), *settings[TYPE], u=u[:, TYPE])
     w = np.zeros((len(pieces), len(FIELDS)), np.int64)
     w[:, TYPE] = kinds.cpu().numpy()
-    logits = dec.field_logits(h, kinds)  # an EOS row's fields are drawn and dropped
-    for f in _NON_TYPE:
-        rows = []
-        for r, p in enumerate(pieces):
-            drawn = dict(enumerate(w[r, :f].tolist()))
-            m = masks.field_mask(f, int(w[r, TYPE]), p.state, drawn, seq)
-            if m is not None and f in forbid[r]:
-                narrowed = m.clone()
-                narrowed[list(forbid[r][f])] = False
-                m = narrowed if narrowed.any() else m  # the guard never empties a field
-            rows.append(m)
-        if all(m is None for m in rows):
-            continue  # forced to Ignore everywhere (uniforms drawn all the same)
-        allowed = torch.stack([masks.any[f] if m is None else m for m in rows])
-        ids = sample_field(mask_logits(logits[f - 1], allowed), *settings[f], u=u[:, f])
-        ids = ids.cpu().numpy()
-        w[:, f] = [0 if m is None else i for m, i in zip(rows, ids, strict=True)]
+    logits = dec.field_logits(h, kinds)  # (B, sum V_f): an EOS row's are drawn and dropped
+    if seq:  # each field's masks depend on the fields drawn before it: one draw per field
+        for f, part in zip(_NON_TYPE, logits.split(dec.split, -1), strict=True):
+            allowed = torch.stack(
+                [
+                    _field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r])
+                    for r, p in enumerate(pieces)
+                ]
+            )
+            ids = sample_field(mask_logits(part, allowed), *settings[f], u=u[:, f])
+            w[:, f] = ids.cpu().numpy()
+    else:  # independent given the type: every field of every piece in one draw
+        allowed = torch.stack(
+            [
+                torch.cat(
+                    [_field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r]) for f in _NON_TYPE]
+                )
+                for r, p in enumerate(pieces)
+            ]
+        )  # (B, sum V_f)
+        pad = masks.padded  # (F-1, V_max)
+        logits = F.pad(logits, (0, 1), value=float("-inf"))[:, pad]  # (B, F-1, V_max)
+        allowed = F.pad(allowed, (0, 1), value=False)[:, pad]
+        temps, tops = (torch.tensor(s, device=h.device) for s in zip(*settings[1:], strict=True))
+        n = len(pieces) * len(_NON_TYPE)
+        ids = sample_field(
+            mask_logits(logits, allowed).view(n, -1),  # (B * (F-1), V_max)
+            temps.repeat(len(pieces)),
+            tops.repeat(len(pieces)),
+            u=u[:, 1:].reshape(n),
+        )
+        w[:, 1:] = ids.view(len(pieces), -1).cpu().numpy()
     if not seq:
         for row in w:
             _repair(row)

@@ -668,7 +668,8 @@ class Decoder:
         """(B, D) -> (B, V_type) (REMI: the token logits)."""
         return self.model.heads[0](h)
 
-    def field_logits(self, h: Tensor, next_type: Tensor) -> list[Tensor]:
-        """CP: logits of fields 1..F-1 given each stream's drawn type (B,): (B, V_f) each."""
+    def field_logits(self, h: Tensor, next_type: Tensor) -> Tensor:
+        """CP: logits of fields 1..F-1 given each stream's drawn type (B,), side by side:
+        (B, V_1 + ... + V_{F-1}); `.split(self.split, -1)` gives one (B, V_f) per field."""
         y = h @ self.type_h.T + self.type_e[next_type]  # type_proj(cat(h, emb(type)))
-        return list(torch.addmm(self.heads_b, y, self.heads_w.T).split(self.split, dim=-1))
+        return torch.addmm(self.heads_b, y, self.heads_w.T)

@@ -225,8 +225,8 @@ def loop_guard(history: Sequence[Any] | np.ndarray, max_period: int, max_repeats
 
 def sample_field(
     logits: torch.Tensor,
-    temperature: float,
-    top_p: float = 1.0,
+    temperature: float | torch.Tensor,
+    top_p: float | torch.Tensor = 1.0,
     generator: torch.Generator | None = None,
     *,
     u: torch.Tensor | None = None,
@@ -242,8 +242,10 @@ def sample_field(
 
     Args:
         logits: (B, V) float logits; -inf marks forbidden ids.
-        temperature: > GREEDY_EPS samples; below it (0 included) returns the argmax.
-        top_p: nucleus mass in (0, 1]; 1.0 keeps every id.
+        temperature: > GREEDY_EPS samples; below it (0 included) returns the argmax. A (B,)
+            tensor gives each row its own (several fields drawn in one call; the caller
+            checked the values, as SampleParams does).
+        top_p: nucleus mass in (0, 1]; 1.0 keeps every id. Or a (B,) tensor, as temperature.
         generator: torch.Generator on the logits' device, for reproducible draws.
         u: (B,) uniforms in [0, 1), one per row (default: drawn from `generator`).
 
@@ -256,9 +258,10 @@ def sample_field(
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_field: logits must be (B, V), got {tuple(logits.shape)}")
-    if not (temperature >= 0 and math.isfinite(temperature)):
+    per_row = isinstance(temperature, torch.Tensor)
+    if not per_row and not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"sample_field: temperature {temperature} must be finite and >= 0")
-    if not 0 < top_p <= 1:
+    if not isinstance(top_p, torch.Tensor) and not 0 < top_p <= 1:
         raise ValueError(f"sample_field: top_p {top_p} must be in (0, 1] (1.0 = off)")
     logits = logits.float()
     # one reduction and one sync: a NaN or +inf anywhere, or a row all -inf, is not finite
@@ -270,11 +273,11 @@ def sample_field(
             f"sample_field: every id is masked in row(s) {rows}; the grammar or loop-guard "
             f"mask leaves nothing to sample — relax it"
         )
-    if temperature < GREEDY_EPS:
+    if not per_row and temperature < GREEDY_EPS:
         return logits.argmax(dim=-1)
-
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V); softmax subtracts the max
-    if top_p < 1.0:
+    temp = temperature[:, None].clamp(min=GREEDY_EPS) if per_row else temperature
+    probs = torch.softmax(logits / temp, dim=-1)  # (B, V); softmax subtracts the max
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         probs = probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)
     if u is None:
         u = torch.rand(len(probs), generator=generator, device=probs.device)
@@ -283,19 +286,25 @@ def sample_field(
     ids = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
     ids = ids.clamp_(max=probs.size(-1) - 1)  # (B, 1)
     # rounding can land u * mass on the total: fall back to the most likely id
-    return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True))[:, 0]
+    ids = torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True))[:, 0]
+    return torch.where(temperature < GREEDY_EPS, logits.argmax(dim=-1), ids) if per_row else ids
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def nucleus_mask(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Bool (B, V) mask of the nucleus: the smallest top-ranked set with mass >= top_p.
 
     Args:
         probs: (B, V) probabilities (rows sum to 1).
-        top_p: nucleus mass in (0, 1]; 1.0 keeps every id with nonzero probability.
+        top_p: nucleus mass in (0, 1]; 1.0 keeps every id with nonzero probability. A (B,)
+            tensor gives each row its own.
     """
-    if top_p >= 1.0:
+    per_row = isinstance(top_p, torch.Tensor)
+    if not per_row and top_p >= 1.0:
         return probs > 0
     sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V) each
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the ids ranked above each
-    keep_sorted = mass_before < top_p  # the first id has 0 < top_p: always kept
+    # the first id has 0 < top_p: always kept; a row with top_p 1.0 keeps every id
+    keep_sorted = mass_before < top_p[:, None] if per_row else mass_before < top_p
+    if per_row:
+        keep_sorted |= (top_p >= 1.0)[:, None]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & (probs > 0)
