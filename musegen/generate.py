@@ -383,11 +383,13 @@ def generate_batch(
         torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            pieces = []
+            pieces, primed = [], []
             for i, (words, seed) in enumerate(zip(starts, seeds, strict=True)):
                 x = torch.as_tensor(words if cp else words[:, None], device=device)
+                primed.append(run.decoder.prime(i, x))
                 gen = torch.Generator(device=device).manual_seed(int(seed))
-                pieces.append(_Piece(words, gen, run.decoder.prime(i, x)))
+                pieces.append(_Piece(words, gen))
+            run.h = torch.stack(primed)  # (B, D)
             return _run_cp(run, pieces) if cp else _run_remi(run, pieces)
     finally:
         torch.set_num_threads(threads)
@@ -406,6 +408,7 @@ class _Run:
     max_seconds: float | None
     trace: list[Tensor] | None
     bar: Any  # tqdm
+    h: Tensor | None = None  # (B, D): row i predicts the next word of the batch's piece i
 
     def words_done(self, n_new: int) -> bool:
         return self.max_words is not None and n_new >= self.max_words
@@ -429,20 +432,17 @@ class _Run:
             pieces = [pieces[r] for r in rows]
         if pieces:
             x = torch.as_tensor(words[rows], device=self.loaded.device)  # (B, F)
-            h = self.decoder.step(x)  # (B, D)
-            for i, p in enumerate(pieces):
-                p.h = h[i]
+            self.h = self.decoder.step(x)  # (B, D)
         self.bar.update(1)
         return pieces
 
 
 @dataclass
 class _Piece:
-    """One piece of a batch: its words so far, random stream, grammar state, last hidden."""
+    """One piece of a batch: its words so far, random stream and grammar state."""
 
     prompt: np.ndarray
     gen: torch.Generator
-    h: Tensor  # (D,) hidden state that predicts the next word
     state: _State = dataclasses.field(default_factory=_State)
     out: list = dataclasses.field(default_factory=list)  # CP rows or REMI ids, prompt first
     result: np.ndarray | None = None  # set when the piece ends
@@ -477,7 +477,7 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         p.out = list(p.prompt)
     n_new = 0
     while pieces and not run.words_done(n_new):
-        words = _draw_words(run, pieces, masks, [{} for _ in pieces], trace=True)
+        words = _draw_words(run, pieces, run.h, masks, [{} for _ in pieces], trace=True)
         # the loop guard: a word that continues a loop is drawn again with one more field's
         # value forbidden, most musical first, until it is no loop or every field was tried
         forbid = [{} for _ in pieces]
@@ -493,7 +493,8 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
                     again.append(r)
             if again:
                 sub = [pieces[r] for r in again]
-                words[again] = _draw_words(run, sub, masks, [forbid[r] for r in again])
+                h = run.h[again]
+                words[again] = _draw_words(run, sub, h, masks, [forbid[r] for r in again])
             redo = again
         keep = []
         for r, (p, w) in enumerate(zip(pieces, words, strict=True)):
@@ -513,8 +514,10 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
 def _draw_words(
     run: _Run,
     pieces: list[_Piece],
+    h: Tensor,
     masks: _CPMasks,
     forbid: list[dict[int, set[int]]],
+    *,
     trace: bool = False,
 ) -> np.ndarray:
     """One CP word per piece (B, F): the type, then each other field given it (grammar masks).
@@ -523,7 +526,6 @@ def _draw_words(
     """
     dec, seq = run.decoder, run.sample.use_sequential_fields
     settings = [run.sample.field(name) for name in run.loaded.fields]
-    h = torch.stack([p.h for p in pieces])  # (B, D)
     u = run.uniforms(pieces, len(FIELDS))  # (B, F): every field draws, forced or not
     type_logits = dec.type_logits(h)  # (B, V_type)
     if trace and run.trace is not None:
@@ -623,7 +625,7 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         p.cur_start, p.out = (openers[-1] if openers else 0), ids
     n_new = 0
     while pieces and not run.words_done(n_new):
-        logits = run.decoder.type_logits(torch.stack([p.h for p in pieces]))  # (B, V)
+        logits = run.decoder.type_logits(run.h)  # (B, V)
         if run.trace is not None:
             run.trace.append(logits.clone())
         rows = []
