@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from musegen.config import read_yaml
+from musegen.config import Rule, at_least, check_values, read_yaml
 from musegen.tracking import tracking_uri
 
 BIN = Path(sys.executable).parent
@@ -42,6 +42,11 @@ class ServeParams:
     task_runner: str
     dask_address: str
     num_dask_workers: int
+
+    def __post_init__(self) -> None:
+        port: Rule = (lambda v: isinstance(v, int) and 0 < v < 65536, "a port in 1..65535")
+        ports = dict.fromkeys(("prefect_port", "mlflow_port", "optuna_port"), port)
+        check_values(self, "serve", {**ports, "num_dask_workers": at_least(1)})
 
 
 @dataclasses.dataclass(frozen=True)

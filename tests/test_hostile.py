@@ -392,3 +392,81 @@ def test_corpus_cleans_its_temp_folder_on_sigterm_and_after_sigkill(tmp_path):
     finally:
         release.set()
         server.shutdown()
+
+
+# ---- CLI arguments: one check per params dataclass, blaming the flag or the file ------------
+
+
+def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
+    """Run `musegen ARGV` in this process through the real entry point; (exit code, stderr)."""
+    from musegen.cli import main
+
+    old = sys.argv
+    sys.argv = ["musegen", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.argv = old
+    return code, capsys.readouterr().err
+
+
+def one_error(code: int, err: str) -> str:
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert code != 0 and len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    ("flags", "words"),
+    [
+        (["--bars", "-5"], "--bars -5: expected a whole number >= 0 (0 = no cap)"),
+        (["--n", "0"], "--n 0: expected a whole number >= 1"),
+        (["--words", "-1"], "--words -1: expected a whole number >= 0"),
+        (["--minutes", "-1"], "--minutes -1.0: expected a number >= 0"),
+        (["--minutes", "inf"], "--minutes inf: expected a number >= 0"),
+        (["--prompt-bars", "0"], "--prompt-bars 0: expected a whole number >= 1"),
+        (["--prompt", "/etc"], "--prompt /etc: not_regular: a folder, not a regular file"),
+        (["--prompt", "nope.mid"], "--prompt nope.mid: missing: no such file"),
+        (["--prompt", "pipe.mid"], "--prompt pipe.mid: not_regular: a FIFO"),
+        (["--prompt", "zero.mid"], "--prompt zero.mid: not_regular: a character device"),
+        (
+            ["--temperature", "pitch=-1"],
+            "--temperature pitch=-1: expected a finite number >= 0 (0 = greedy) "
+            "(sample.temperature.pitch)",
+        ),
+        (["--top-p", "pitch=1.5"], "--top-p pitch=1.5: expected a number in (0, 1]"),
+    ],
+)
+@pytest.mark.timeout(60)
+def test_generate_refuses_bad_flags_in_one_line_naming_the_flag(
+    tmp_path, capsys, monkeypatch, flags, words
+):
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "pipe.mid")
+    (tmp_path / "zero.mid").symlink_to("/dev/zero")
+    params = str(ROOT / "params.yaml")
+    line = one_error(*cli(capsys, "generate", *flags, "--params", params))
+    assert line == f"error: {words}" or line.startswith(f"error: {words}"), line
+    assert "params.yaml" not in line  # the flag is to blame, not the file
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        (("generate", "max_bars", -5), "generate.max_bars = -5: expected a whole number >= 0"),
+        (("generate", "num_samples", "4"), "generate.num_samples = '4': expected a whole number"),
+        (("sample", "temperature", {"pitch": -1}), "sample.temperature.pitch = -1: expected"),
+    ],
+)
+def test_bad_params_values_blame_the_file(tmp_path, capsys, monkeypatch, change, words):
+    monkeypatch.chdir(tmp_path)  # no tuned overlay (reports/tune/) from the repository
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    section, key, value = change
+    params[section][key] = params[section][key] | value if isinstance(value, dict) else value
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    line = one_error(*cli(capsys, "generate", "--params", str(path)))
+    assert line.startswith(f"error: {path}: {words}"), line
