@@ -552,3 +552,123 @@ class MusicTransformer(nn.Module):
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         per_layer = (6 if self.config.attention == "relative" else 4) * t * self.config.d_model
         return 2 * n_matmul + self.config.n_layer * per_layer
+
+
+class Decoder:
+    """Batched incremental decoding for generation: B streams, one new word each per step.
+
+    Build with `Decoder(model, batch)`, `prime(i, words)` each stream with its prompt, then
+    `step(words)` once per word. Equal to `KVCache` decoding trimmed to max_len - 1 (and so
+    to `model.hidden(x, window=max_len)` over each stream; tests), but lean per word:
+
+    - keys/values live in a preallocated ring of W = max_len slots per layer (B, H, W, Dh);
+      the new word overwrites the oldest slot, so nothing is copied or concatenated. Slot s
+      holds the word (c - s) mod W positions back (c = the step counter, shared by the
+      streams), which is its relative distance; slots a stream has not filled are masked;
+    - the field embeddings and their projection are folded into one table (sum_f V_f, D),
+      the CP type projection's embedding half into a (V_type, D) table, and the heads of the
+      non-type fields into one matmul: three ops where the model takes about twenty;
+    - no id checks (the sampler draws legal ids) and no host syncs.
+
+    The folded tables hold the weights at build time: build a new Decoder after training.
+    """
+
+    def __init__(self, model: MusicTransformer, batch: int):
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.window, self.batch = model, cfg.max_len, batch
+        d_head = cfg.d_model // cfg.n_head
+        ring = (batch, cfg.n_head, cfg.max_len, d_head)
+        self.keys = [p.new_zeros(ring) for _ in model.blocks]  # (B, H, W, Dh) per layer
+        self.values = [p.new_zeros(ring) for _ in model.blocks]
+        self.filled = torch.zeros(batch, dtype=torch.long, device=p.device)  # slots in use
+        self.pos = torch.zeros(batch, dtype=torch.long, device=p.device)  # next position
+        self.count = 0  # c: steps taken; the next word goes to slot c mod W
+        self.slots = torch.arange(cfg.max_len, device=p.device)
+        with torch.no_grad():
+            emb = model.embed
+            parts, start = [], 0  # proj(cat_f(e_f * s_f)) = sum_f (E_f * s_f) @ P_f^T + b
+            for table, scale in zip(emb.tables, emb.scales, strict=True):
+                cols = emb.proj.weight[:, start : start + table.embedding_dim]  # (D, E_f)
+                parts.append((table.weight * scale) @ cols.T)  # (V_f, D)
+                start += table.embedding_dim
+            parts[0] = parts[0] + emb.proj.bias
+            self.table = torch.cat(parts)  # (sum V_f, D)
+            sizes = torch.tensor(cfg.vocab_sizes, device=p.device)
+            self.offsets = torch.cumsum(sizes, 0) - sizes  # (F,) first row of each field
+            if model.type_proj is not None:
+                d = cfg.d_model
+                w_h, w_e = model.type_proj.weight[:, :d], model.type_proj.weight[:, d:]
+                self.type_h = w_h  # (D, D)
+                e_type = emb.tables[0].weight * emb.scales[0]  # (V_type, E_type)
+                self.type_e = e_type @ w_e.T + model.type_proj.bias  # (V_type, D)
+                self.heads_w = torch.cat([h.weight for h in model.heads[1:]])  # (sum V, D)
+                self.heads_b = torch.cat([h.bias for h in model.heads[1:]])
+                self.split = [h.out_features for h in model.heads[1:]]
+
+    def prime(self, i: int, words: Tensor) -> Tensor:
+        """Feed stream i its opening (T, F) words; return its last hidden state (D,).
+
+        Chunks of at most max_len words through `model.hidden` (attention memory O(W^2)),
+        then the newest W - 1 keys/values go into row i of the ring, ending at slot c - 1.
+        """
+        cache, h = None, None
+        for s in range(0, len(words), self.window):
+            cache = cache.trim(self.window - 1) if cache is not None else None
+            chunk = words[None, s : s + self.window]  # (1, T, F)
+            win = self.window if chunk.size(1) > 1 else None
+            h, cache = self.model.hidden(chunk, cache, window=win)
+        assert h is not None and cache is not None
+        cache = cache.trim(self.window - 1)
+        n = len(cache)
+        slots = (self.count - n + torch.arange(n, device=h.device)) % self.window  # (n,)
+        for ring, kept in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
+            ring[i].index_copy_(1, slots, kept[0])  # (H, n, Dh) into (H, W, Dh)
+        self.filled[i], self.pos[i] = n, cache.pos
+        return h[0, -1]
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop the streams not in `rows` (finished pieces), in that order."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.filled, self.pos, self.batch = self.filled[rows], self.pos[rows], len(rows)
+
+    def step(self, words: Tensor) -> Tensor:
+        """Feed one word per stream, words (B, F); return the final hidden states (B, D)."""
+        model, W = self.model, self.window
+        h = self.table[words + self.offsets].sum(1)  # (B, F, D) -> (B, D)
+        if model.config.attention == "absolute":
+            h = h + sinusoidal(self.pos, model.config.d_model).to(h.dtype)  # (B, D)
+        slot = self.count % W
+        self.filled = (self.filled + 1).clamp_(max=W)
+        dist = (self.count - self.slots) % W  # (W,) distance of each slot's word
+        empty = dist[None, :] >= self.filled[:, None]  # (B, W): slots without this stream's words
+        bias = torch.zeros(empty.shape, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill_(empty, float("-inf"))[:, None, None]  # (B, 1, 1, W)
+        B, D = h.shape
+        for block, keys, values in zip(model.blocks, self.keys, self.values, strict=True):
+            attn = block.attn
+            qkv = attn.qkv(block.ln_1(h)).view(B, 3, attn.n_head, -1)  # (B, 3, H, Dh)
+            q, k, v = qkv.unbind(1)  # 3 x (B, H, Dh)
+            keys[:, :, slot] = k  # into the ring, over the word W positions back
+            values[:, :, slot] = v
+            q = q[:, :, None]  # (B, H, 1, Dh)
+            att = q @ keys.transpose(-2, -1)  # (B, H, 1, W)
+            if attn.rel is not None:  # + q · E_r[distance of each slot] (Huang et al. eq. 3)
+                qe = q @ attn.rel.transpose(-2, -1)  # (B, H, 1, W) by distance, W = max_len
+                att = att + qe.index_select(-1, dist)  # by slot
+            att = att / math.sqrt(q.size(-1)) + bias
+            y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
+            h = h + attn.proj(y)
+            h = h + block.mlp(block.ln_2(h))
+        self.count += 1
+        self.pos += 1
+        return model.ln_f(h)  # (B, D)
+
+    def type_logits(self, h: Tensor) -> Tensor:
+        """(B, D) -> (B, V_type) (REMI: the token logits)."""
+        return self.model.heads[0](h)
+
+    def field_logits(self, h: Tensor, next_type: Tensor) -> list[Tensor]:
+        """CP: logits of fields 1..F-1 given each stream's drawn type (B,): (B, V_f) each."""
+        y = h @ self.type_h.T + self.type_e[next_type]  # type_proj(cat(h, emb(type)))
+        return list(torch.addmm(self.heads_b, y, self.heads_w.T).split(self.split, dim=-1))

@@ -219,19 +219,19 @@ def make_clips(
     File names are the first 16 hex digits of the MIDI's sha256: blind, and equal clips share
     a name. The measured part is the continuation (bars after the prompt).
     """
-    from musegen.generate import generate
+    from musegen.generate import generate_batch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
-    for k, prompt in enumerate(bench.prompts):
-        tokens = generate(
-            loaded,
-            sample,
-            prompt=prompt,
-            max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
-            max_words=params.max_clip_words,
-            seed=params.seed + k,
-        )
+    every = generate_batch(  # the K clips decode as one batch
+        loaded,
+        sample,
+        list(bench.prompts),
+        [params.seed + k for k in range(len(bench.prompts))],
+        max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
+        max_words=params.max_clip_words,
+    )
+    for k, tokens in enumerate(every):
         midi = loaded.tokenizer.decode(tokens)
         tmp = out_dir / f".clip{k}.mid"
         midi.dump(str(tmp))

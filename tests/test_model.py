@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from musegen.config import ParamsError, load_section
 from musegen.model import (
+    Decoder,
     KVCache,
     ModelConfig,
     ModelParams,
@@ -357,3 +358,34 @@ def test_per_head_relative_embeddings_and_cpu_training_path() -> None:
     assert per_head.blocks[0].attn.resolved_impl(torch.device("cpu")) == "skew"
     with pytest.raises(ValueError, match="attention impl 'fast'"):
         per_head.set_attention_impl("fast")
+
+
+@pytest.mark.parametrize(
+    ("attention", "per_head"), [("relative", False), ("relative", True), ("absolute", False)]
+)
+def test_batched_ring_decoder_equals_windowed_forward(attention: str, per_head: bool) -> None:
+    """Decoder steps == hidden(window=max_len) per stream; prompts of different lengths, one
+    longer than the window, a stream dropped halfway (keep), fused heads == head_logits."""
+    config = tiny(attention, rel_per_head=per_head)
+    model = build(config)
+    x = random_ids(config, 3, 40)
+    W, starts = config.max_len, [3, 19, 1]
+    with torch.no_grad():
+        full = [model.hidden(x[i : i + 1], window=W)[0][0] for i in range(3)]  # (T, D) each
+        dec = Decoder(model, 3)
+        for i, n in enumerate(starts):
+            torch.testing.assert_close(dec.prime(i, x[i, :n]), full[i][n - 1], rtol=0, atol=1e-5)
+        rows = [0, 1, 2]
+        for t in range(16):
+            if t == 8:  # stream 1 ends: the batch shrinks to streams 0 and 2
+                rows = [0, 2]
+                dec.keep(torch.tensor(rows))
+            words = torch.stack([x[i, starts[i] + t] for i in rows])  # (B, F)
+            h = dec.step(words)
+            for b, i in enumerate(rows):
+                torch.testing.assert_close(h[b], full[i][starts[i] + t], rtol=0, atol=1e-5)
+        nt = x[rows, 0, 0]  # any types
+        ref = model.head_logits(h[:, None], nt[:, None])
+        torch.testing.assert_close(dec.type_logits(h), ref[0][:, 0], rtol=0, atol=1e-5)
+        for got, want in zip(dec.field_logits(h, nt), ref[1:], strict=True):
+            torch.testing.assert_close(got, want[:, 0], rtol=0, atol=1e-5)
