@@ -26,16 +26,27 @@ $(STAMP): pyproject.toml
 
 # FluidSynth + a General MIDI soundfont for real audio (render.py falls back to a numpy
 # synthesiser without them) and Chromium for the sweep report's browser test (skipped
-# without it). Installed where apt is usable (root); skipped with a note elsewhere.
+# without it). Installed where apt is usable (root), each on its own so one failing package
+# does not take the other down. With CI set, a tool still missing fails setup (and its tests
+# fail instead of skipping, tests/conftest.py `needs`): CI must not go green without them.
+APT_FLUIDSYNTH := fluidsynth timgm6mb-soundfont
+APT_CHROMIUM := chromium
 apt:
-	@missing=""; command -v fluidsynth >/dev/null || missing="fluidsynth"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  updated=""; \
+	  for tool in fluidsynth chromium; do \
+	    command -v $$tool >/dev/null && continue; \
+	    pkgs="$(APT_FLUIDSYNTH)"; [ $$tool = chromium ] && pkgs="$(APT_CHROMIUM)"; \
+	    [ -n "$$updated" ] || { apt-get update -qq; updated=1; }; \
+	    echo "setup: apt-get install $$pkgs"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null \
+	      || echo "setup: warning: apt-get install $$pkgs failed"; \
+	  done; \
+	fi; \
+	missing=""; for tool in fluidsynth chromium; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	[ -z "$$missing" ] && exit 0; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "setup: apt-get install$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-	    || echo "setup: warning: apt-get install$$missing failed (numpy audio fallback; browser test skipped)"; \
-	else echo "setup: $$missing absent and apt unusable: numpy audio fallback, browser test skipped"; fi
+	if [ -n "$$CI" ]; then echo "setup: ERROR:$$missing missing in CI (CI is set); install them: apt-get install $(APT_FLUIDSYNTH) $(APT_CHROMIUM)" >&2; exit 1; fi; \
+	echo "setup: warning:$$missing absent: numpy audio fallback, browser test skipped (install: apt-get install $(APT_FLUIDSYNTH) $(APT_CHROMIUM))"
 
 demo: setup
 	dvc repro

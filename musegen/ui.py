@@ -142,6 +142,16 @@ def _signals_held() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def stop_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM (a supervisor, `kill`) raise KeyboardInterrupt here.
+
+    Also when started from a script that left SIGINT ignored: `make prefect &` in a
+    non-interactive shell starts us with SIGINT set to SIG_IGN, and a Ctrl-C would do nothing.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def running(
     servers: list[Server], root: Path, timeout_s: float = 180.0
@@ -203,10 +213,7 @@ def ui(params: Path, root: Path, p: ServeParams) -> None:
         prefect_server(p, root),
         optuna_dashboard(p, root, tune["storage"], tune["artifact_dir"]),
     ]
-    # Ctrl-C and SIGTERM (a supervisor, `kill`) stop the servers; also when started from a
-    # script that left SIGINT ignored (`cmd &` in a non-interactive shell)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
+    stop_on_signals()
     print("starting MLflow, Prefect and optuna-dashboard (MLflow takes ~15-35 s) ...", flush=True)
     with contextlib.suppress(KeyboardInterrupt), running(servers, root) as procs:
         print("all up; Ctrl-C stops them", flush=True)

@@ -470,3 +470,39 @@ def test_bad_params_values_blame_the_file(tmp_path, capsys, monkeypatch, change,
     path.write_text(yaml.safe_dump(params))
     line = one_error(*cli(capsys, "generate", "--params", str(path)))
     assert line.startswith(f"error: {path}: {words}"), line
+
+
+# ---- concurrent writers ------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_tune_workers_finishing_together_never_collide(tmp_path):
+    """Two `musegen tune` workers write best_sampling.yaml at once (48 of 600 failed before)."""
+    import dataclasses
+    from concurrent.futures import ThreadPoolExecutor
+
+    import optuna
+
+    from musegen import tune
+
+    tp = load_section(tune.TuneParams, "tune", ROOT / "params.yaml")
+    tp = dataclasses.replace(tp, out_dir=str(tmp_path / "tune"))
+    study = optuna.create_study(direction="maximize")
+    dist = optuna.distributions.FloatDistribution(0.5, 2.0)
+    study.add_trial(
+        optuna.trial.create_trial(
+            params={"temperature.pitch": 1.1}, distributions={"temperature.pitch": dist}, value=0.5
+        )
+    )
+    best = study.best_trial
+
+    def write(_: int) -> None:
+        kw = {"objective_kind": "proxy", "n_ratings": 0, "rho": None, "seconds": [1.0]}
+        tune.write_results(tp, best, study=study, **kw)
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(write, range(300)))  # raises the first error any writer hit
+    out = tmp_path / "tune"
+    assert sorted(p.name for p in out.iterdir()) == ["best_sampling.yaml", "metrics.json"]
+    best_sampling = yaml.safe_load((out / "best_sampling.yaml").read_text())
+    assert best_sampling == {"temperature": {"pitch": 1.1}, "top_p": {}}
