@@ -260,13 +260,18 @@ def test_corpus_refuses_a_3gib_bomb_fast_small_and_clean(tmp_path, kind):
         archive.write_bytes(gzip_head + first + zeros + struct.pack("<II", crc, isize))
     size_mb = archive.stat().st_size / 1e6
     assert size_mb < 4, size_mb
+    # the peer, in the same run: the same command refusing at once (a missing --from), so a
+    # busy machine's slow start-up is not counted as extraction time
+    peer, peer_s, _ = run_measured("corpus", "pop1k7", "--from", "nope", "--no-dvc", cwd=repo)
+    assert "nope: no such archive or folder" in error_line(peer)
     proc, seconds, rss_mb = run_measured(
         "corpus", "pop1k7", "--from", archive.name, "--no-dvc", cwd=repo
     )
     line = error_line(proc)
     assert "midi_analyzed/a/bomb" in line and "corpus.max_" in line, line
-    print(f"{kind}: {size_mb:.1f} MB refused in {seconds:.1f} s, peak {rss_mb:.0f} MB: {line}")
-    assert seconds < 5, f"{seconds:.1f} s"
+    shown = f"{kind}: {size_mb:.1f} MB refused in {seconds:.1f} s (start-up {peer_s:.1f} s)"
+    print(f"{shown}, peak {rss_mb:.0f} MB")
+    assert seconds - peer_s < 5, f"{seconds:.1f} s, {peer_s:.1f} s of it start-up"
     assert rss_mb < 200, f"{rss_mb:.0f} MB peak"
     assert list((repo / "raw").iterdir()) == []  # no temp folder, nothing installed
 
