@@ -203,6 +203,7 @@ def register(
             p,
             Path(train_p.out_dir) / "checkpoints",
             sampling_for(params),
+            limits=stage.limits_for(params),
             sweep_metrics=Path(load_section(SweepParams, "sweep", params).metrics_file),
             experiment=train_p.experiment,
         )
@@ -400,9 +401,11 @@ def ui(
 
 def main() -> None:
     """Entry point that turns configuration errors into one readable line."""
+    from musegen.checkpoint import CheckpointError
+
     try:
         app()
-    except (ParamsError, FileNotFoundError) as exc:
+    except (ParamsError, FileNotFoundError, CheckpointError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 

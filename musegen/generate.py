@@ -36,6 +36,8 @@ import torch
 import yaml
 from torch import Tensor
 
+from musegen.checkpoint import CheckpointError
+from musegen.checkpoint import load as load_checkpoint
 from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
 from musegen.model import Decoder, ModelConfig, MusicTransformer
 from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
@@ -143,26 +145,14 @@ def load_model(checkpoint: Path | str, device: str = "auto") -> Loaded:
         ValueError: the file is not a musegen checkpoint (the message names it and the fix).
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (train one with `musegen train`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean: not ours
-        raise ValueError(
-            f"{path}: not a musegen checkpoint ({type(exc).__name__}: {str(exc)[:120]}); "
-            "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
-        ) from exc
-    need = ("model", "model_config", "vocab")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
-        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{path}: not a musegen checkpoint: expected keys {list(need)}, found {found}; "
-            "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
-        )
+    ckpt = load_checkpoint(path)  # checked: keys, model_config, names, shapes, finite
     config = ModelConfig(**ckpt["model_config"])
-    tokenizer = from_vocab(ckpt["vocab"], path)
-    if list(config.vocab_sizes) != list(ckpt["vocab"]["sizes"]):
-        raise ValueError(f"{path}: model vocab sizes differ from its vocab; the file is corrupt")
+    try:
+        tokenizer = from_vocab(ckpt["vocab"], path)
+    except (KeyError, TypeError) as exc:  # a vocab dict with parts missing
+        raise CheckpointError(
+            path, f"its vocab is incomplete ({type(exc).__name__}: {exc})"
+        ) from None
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
     dev = "cpu" if dev == "auto" else dev
     model = MusicTransformer(config)

@@ -72,8 +72,8 @@ def _encode_file(path: Path, params: TokenizeParams) -> tuple[list[np.ndarray], 
     try:
         score = read_score(path)
         toks = _tokenizers(params.representations, params.use_chords, params.num_rest_bars)
-        arrays = [t.encode(score) for t in toks]
-        return arrays, toks[0].last_encode_dropped
+        words = toks[0].words(score)  # once for every representation (chorder is the costly part)
+        return [t.from_words(words) for t in toks], toks[0].last_encode_dropped
     except Exception as exc:  # reported by name and skipped: one bad file must not stop a corpus
         return f"{type(exc).__name__}: {exc}"
 

@@ -360,7 +360,8 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
         report=str(tmp_path / "r.json"),
     )
     with pytest.warns(UserWarning, match="training run"):
-        register.register(params, ckpt_dir, SAMPLE, experiment="gen-test")
+        limits = register.limits_for(ROOT / "params.yaml")
+        register.register(params, ckpt_dir, SAMPLE, limits=limits, experiment="gen-test")
     path = gen.resolve_checkpoint("models:/musegen-test@champion", tmp_path / "dl")
     a = gen.load_model(path)
     b = gen.load_model(ckpts["cp"])
