@@ -41,7 +41,7 @@ import yaml
 import mlflow
 import mlflow.pyfunc
 from musegen import tracking
-from musegen.config import at_least, check_values, one_of
+from musegen.config import ParamsError, at_least, check_values, one_of
 from musegen.sampling import SampleParams
 
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
