@@ -400,12 +400,20 @@ def ui(
 
 
 def main() -> None:
-    """Entry point that turns configuration errors into one readable line."""
-    from musegen.checkpoint import CheckpointError
-
+    """Entry point that turns configuration and checkpoint errors into one readable line."""
     try:
         app()
-    except (ParamsError, FileNotFoundError, CheckpointError) as exc:
+    except Exception as exc:
+        # musegen.checkpoint imports torch (~200 MB, seconds): only the commands that load a
+        # checkpoint import it, so `corpus` and `prepare` start light
+        checkpoint = sys.modules.get("musegen.checkpoint")
+        known = (
+            ParamsError,
+            FileNotFoundError,
+            *([checkpoint.CheckpointError] if checkpoint else []),
+        )
+        if not isinstance(exc, known):
+            raise
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 
