@@ -39,7 +39,7 @@ from torch import Tensor
 
 from musegen.checkpoint import CheckpointError
 from musegen.checkpoint import load as load_checkpoint
-from musegen.config import ParamsError, merge, read_yaml
+from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
 from musegen.model import Decoder, ModelConfig, MusicTransformer
 from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
 from musegen.tokenizer import (
@@ -94,6 +94,19 @@ class GenerateParams:
     prompt_bars: int
     out_dir: str
     device: str
+
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            "generate",
+            {
+                "num_samples": at_least(1),
+                "max_bars": at_least(0, "(0 = no cap)"),
+                "max_minutes": at_least(0.0, "(0 = no cap)"),
+                "max_words": at_least(0, "(0 = no cap)"),
+                "prompt_bars": at_least(1),
+            },
+        )
 
 
 @dataclass
@@ -762,7 +775,11 @@ def sampling_for(params_path: Path | str) -> SampleParams:
     missing = [n for n in names if n not in section]
     if missing:
         raise ParamsError(f"{params_path}: missing key sample.{missing[0]} (add it to the file)")
-    return SampleParams(**{n: section[n] for n in names})
+    try:
+        return SampleParams(**{n: section[n] for n in names})
+    except ParamsError as exc:  # name the files the values came from
+        where = f"{params_path}" + (f" + {tuned}" if tuned is not None and tuned.is_file() else "")
+        raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
 
 
 def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:

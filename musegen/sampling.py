@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from musegen.config import ParamsError, at_least, check_values
+
 #: a temperature below this is greedy decoding (argmax); dividing by it would only
 #: reproduce the argmax with extra rounding.
 GREEDY_EPS = 1e-5
@@ -52,27 +54,44 @@ class SampleParams:
     seed: int
 
     def __post_init__(self) -> None:
+        # errors name sample.<key> without a source: the loader adds the file, with_overrides
+        # the CLI flag (config.ParamsError)
         temps, tops = dict(self.temperature), dict(self.top_p)
         if set(temps) != set(tops):
             odd = sorted(set(temps) ^ set(tops))
-            raise ValueError(
-                f"params.yaml: sample.temperature and sample.top_p must name the same fields; "
-                f"{', '.join(odd)} is in only one of them (add it to the other)"
+            raise ParamsError(
+                f"sample.temperature and sample.top_p must name the same fields; "
+                f"{', '.join(odd)} is in only one of them (add it to the other)",
+                key="temperature",
+                problem="the same fields as sample.top_p",
             )
-        for name, t in temps.items():
-            if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
-                raise ValueError(
-                    f"params.yaml: sample.temperature.{name} = {t!r}; expected a finite "
-                    f"number >= 0 (0 = greedy)"
+        number = (int, float)
+        rules = {
+            f"temperature.{n}": (
+                t,
+                isinstance(t, number) and math.isfinite(t) and t >= 0,
+                "a finite number >= 0 (0 = greedy)",
+            )
+            for n, t in temps.items()
+        }
+        rules |= {
+            f"top_p.{n}": (
+                p,
+                isinstance(p, number) and 0 < p <= 1,
+                "a number in (0, 1] (1.0 = off)",
+            )
+            for n, p in tops.items()
+        }
+        for key, (value, ok, expected) in rules.items():
+            if not ok:
+                raise ParamsError(
+                    f"sample.{key} = {value!r}: expected {expected}", key, f"expected {expected}"
                 )
-        for name, p in tops.items():
-            if not (isinstance(p, int | float) and 0 < p <= 1):
-                raise ValueError(
-                    f"params.yaml: sample.top_p.{name} = {p!r}; expected a number in (0, 1] "
-                    f"(1.0 = off)"
-                )
-        if self.loop_max_period < 0 or self.loop_max_repeats < 0:
-            raise ValueError("params.yaml: sample.loop_max_period/loop_max_repeats must be >= 0")
+        check_values(
+            self,
+            "sample",
+            {"loop_max_period": at_least(0, "(0 = off)"), "loop_max_repeats": at_least(0)},
+        )
         # Own copies with float values, so a caller's dict cannot change a frozen params object.
         object.__setattr__(self, "temperature", {k: float(v) for k, v in temps.items()})
         object.__setattr__(self, "top_p", {k: float(v) for k, v in tops.items()})
@@ -109,12 +128,20 @@ class SampleParams:
         Raises:
             ValueError: an override names an unknown field or holds a bad number.
         """
-        temps = {
-            **self.temperature,
-            **parse_overrides(temperature, self.temperature, "temperature"),
-        }
-        tops = {**self.top_p, **parse_overrides(top_p, self.top_p, "top-p")}
-        return dataclasses.replace(self, temperature=temps, top_p=tops)
+        new_t = parse_overrides(temperature, self.temperature, "temperature")
+        new_p = parse_overrides(top_p, self.top_p, "top-p")
+        try:
+            return dataclasses.replace(
+                self, temperature={**self.temperature, **new_t}, top_p={**self.top_p, **new_p}
+            )
+        except ParamsError as exc:  # blame the flag when the bad value came from one
+            section, _, field = (exc.key or "").partition(".")
+            flags = {"temperature": ("--temperature", new_t), "top_p": ("--top-p", new_p)}
+            flag, values = flags.get(section, ("", {}))
+            if field not in values:
+                raise
+            message = f"{flag} {field}={values[field]:g}: {exc.problem} (sample.{exc.key})"
+            raise ParamsError(message, exc.key, exc.problem) from None
 
 
 def parse_overrides(items: Sequence[str], known: Iterable[str], flag: str) -> dict[str, float]:
