@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section
+from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, with_flags
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
@@ -57,12 +57,48 @@ def corpus_pop1k7(
     from musegen import corpus
 
     data = load_section(DataParams, "data", params)
-    out = corpus.fetch_pop1k7(
-        Path(data.raw_root) / "pop1k7", load_section(corpus.CorpusParams, "corpus", params), source
-    )
+    try:
+        out = corpus.fetch_pop1k7(
+            Path(data.raw_root) / "pop1k7",
+            load_section(corpus.CorpusParams, "corpus", params),
+            source,
+        )
+    except corpus.CorpusError as exc:
+        _fail(str(exc))
     if use_dvc:
         subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
     typer.echo(f"pop1k7: {out} (set data.corpus: pop1k7 in params.yaml to use it)")
+
+
+@corpus_app.command("transcribe")
+def corpus_transcribe(
+    audio: Annotated[Path, typer.Option("--audio", help="folder of wav/flac/mp3/ogg recordings")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="corpus folder (default raw_root/<audio name>)")
+    ] = None,
+    use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the result")] = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Transcribe recordings to beat-synchronous piano MIDI (basic-pitch): a corpus folder.
+
+    One row per file in <audio>/transcribe.csv (ok, or rejected with a reason); a re-run
+    skips files already done. Then: musegen prepare --raw <out>, or dvc exp run -S
+    data.corpus=<out name> when <out> is under raw_root.
+    """
+    from musegen import transcribe as stage
+
+    out = out or Path(load_section(DataParams, "data", params).raw_root) / audio.name
+    try:
+        report = stage.transcribe(
+            audio, out, load_section(stage.TranscribeParams, "transcribe", params)
+        )
+    except ImportError as exc:
+        _fail(str(exc))
+    typer.echo(stage.summarize(report, out))
+    if not (report.status == "ok").any():
+        _fail(f"{audio}: no file became MIDI; see the reasons above and {audio / stage.REPORT}")
+    if use_dvc:
+        subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
 
 
 @app.command()
@@ -75,14 +111,12 @@ def prepare(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
-    import dataclasses
-
     from musegen import prepare as stage
 
     data = load_section(DataParams, "data", params)
-    p = load_section(stage.PrepareParams, "prepare", params)
-    if strict is not None:
-        p = dataclasses.replace(p, use_strict=strict)
+    p = with_flags(
+        load_section(stage.PrepareParams, "prepare", params), {"use_strict": ("--strict", strict)}
+    )
     manifest = stage.prepare(raw or data.raw_dir, out or Path(data.prepared_dir), p)
     typer.echo(stage.summarize(manifest))
     if p.use_strict and (manifest.status != "ok").any():
@@ -150,16 +184,15 @@ def sweep(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Continue the same valid prompts with every kept STEP (base sampling): page + metrics."""
-    import dataclasses
 
     from musegen import sweep as stage
     from musegen.evaluate import EvaluateParams
     from musegen.sampling import SampleParams
     from musegen.train import TrainParams
 
-    p = load_section(stage.SweepParams, "sweep", params)
-    if blind is not None:
-        p = dataclasses.replace(p, use_blind=blind)
+    p = with_flags(
+        load_section(stage.SweepParams, "sweep", params), {"use_blind": ("--blind", blind)}
+    )
     data = load_section(DataParams, "data", params)
     train_p = load_section(TrainParams, "train", params)
     try:
@@ -274,6 +307,7 @@ def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
             p,
             Path(choice["checkpoint"]),
             sample,
+            limits=stage.limits_for(params),
             evaluation=evaluation,
             selection=choice,
             experiment=load_section(TrainParams, "train", params).experiment,
@@ -326,7 +360,9 @@ def listen(
     serve: Annotated[
         bool, typer.Option("--serve", help="also serve optuna-dashboard on 127.0.0.1")
     ] = False,
-    port: Annotated[int, typer.Option(help="dashboard port (with --serve)")] = 8080,
+    port: Annotated[
+        int | None, typer.Option(help="dashboard port (with --serve; default serve.optuna_port)")
+    ] = None,
     pairwise: Annotated[
         bool, typer.Option("--pairwise", help="A/B preference against the incumbent")
     ] = False,
@@ -338,8 +374,15 @@ def listen(
     optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host 127.0.0.1
     """
     from musegen import listen as stage
+    from musegen.ui import ServeParams, ServerError
 
-    summary = stage.listen(params, n_trials=trials, pairwise=pairwise, serve=serve, port=port)
+    sp = with_flags(load_section(ServeParams, "serve", params), {"optuna_port": ("--port", port)})
+    try:
+        summary = stage.listen(
+            params, n_trials=trials, pairwise=pairwise, serve=serve, port=sp.optuna_port
+        )
+    except ServerError as exc:
+        _fail(str(exc))
     typer.echo(f"listen: {summary['told']} rated, {summary['skipped']} skipped; {summary}")
 
 
@@ -380,17 +423,20 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     <tune.out_dir>/best_sampling.yaml if present; then --temperature / --top-p.
     Writes <out>/<name>_seed<S>.mid (+ .mp3, .png), generate.json.
     """
-    import dataclasses
-
     from musegen import generate as stage
-    from musegen.midi import MidiError
+    from musegen.midi import MidiError, read_checked
 
-    p = load_section(stage.GenerateParams, "generate", params)
-    given = {"num_samples": n, "max_bars": bars, "max_minutes": minutes, "max_words": words}
-    given |= {"prompt_bars": prompt_bars, "out_dir": out and str(out)}
-    p = dataclasses.replace(p, **{k: v for k, v in given.items() if v is not None})
+    flags = {"num_samples": ("--n", n), "max_bars": ("--bars", bars)}
+    flags |= {"max_minutes": ("--minutes", minutes), "max_words": ("--words", words)}
+    flags |= {"prompt_bars": ("--prompt-bars", prompt_bars), "out_dir": ("--out", out and str(out))}
+    p = with_flags(load_section(stage.GenerateParams, "generate", params), flags)
     if checkpoint and model:
         _fail("give --checkpoint or --model, not both")
+    if prompt is not None:  # before the model loads: a folder, FIFO or typo fails at once
+        try:
+            read_checked(prompt)
+        except MidiError as exc:
+            _fail(f"--prompt {exc}")
     try:
         path = stage.resolve_checkpoint(model or checkpoint or p.checkpoint)
         # a registered bundle composes with the sampling it was tuned and evaluated with
@@ -453,14 +499,12 @@ def ui(
 
     Waits until each answers, prints the URLs, and stops them all on Ctrl-C.
     """
-    import dataclasses
-
     from musegen import ui as stage
 
-    p = load_section(stage.ServeParams, "serve", params)
-    given = {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port}
-    given |= {"optuna_port": optuna_port}
-    p = dataclasses.replace(p, **{k: v for k, v in given.items() if v is not None})
+    flags = {"host": ("--host", host), "prefect_port": ("--prefect-port", prefect_port)}
+    flags |= {"mlflow_port": ("--mlflow-port", mlflow_port)}
+    flags |= {"optuna_port": ("--optuna-port", optuna_port)}
+    p = with_flags(load_section(stage.ServeParams, "serve", params), flags)
     try:
         stage.ui(params, Path.cwd(), p)
     except stage.ServerError as exc:
@@ -468,10 +512,20 @@ def ui(
 
 
 def main() -> None:
-    """Entry point that turns configuration errors into one readable line."""
+    """Entry point that turns configuration and checkpoint errors into one readable line."""
     try:
         app()
-    except (ParamsError, FileNotFoundError) as exc:
+    except Exception as exc:
+        # musegen.checkpoint imports torch (~200 MB, seconds): only the commands that load a
+        # checkpoint import it, so `corpus` and `prepare` start light
+        checkpoint = sys.modules.get("musegen.checkpoint")
+        known = (
+            ParamsError,
+            FileNotFoundError,
+            *([checkpoint.CheckpointError] if checkpoint else []),
+        )
+        if not isinstance(exc, known):
+            raise
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 

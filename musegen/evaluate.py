@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from musegen import metrics
 from musegen.config import ParamsError
+from musegen.files import from_printable, write_atomic
 from musegen.midi import MidiError, Score, load_midi, to_score
 from musegen.prepare import list_files
 
@@ -193,9 +194,8 @@ def evaluate(samples: Path, reference: Path, out: Path, params: EvaluateParams) 
     result["proxy_score"] = proxy_score(result)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    tmp.replace(out)  # atomic: DVC never sees a half-written metrics file
+    # atomic: DVC never sees a half-written metrics file
+    write_atomic(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
     return result
 
 
@@ -234,7 +234,7 @@ def evaluate_model(
     if held_out.empty:
         raise FileNotFoundError(f"{manifest}: no ok test-split file to compare against")
     for rel in held_out.path:
-        shutil.copy(Path(raw_dir) / rel, reference / rel.replace("/", "__"))
+        shutil.copy(Path(raw_dir) / from_printable(rel), reference / rel.replace("/", "__"))
     loaded = load_model(checkpoint)
     caps = GenerateParams(
         checkpoint=str(checkpoint), num_samples=params.num_samples, max_bars=params.crop_bars,

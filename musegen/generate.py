@@ -26,18 +26,22 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from musegen.config import ParamsError, merge, read_yaml
-from musegen.model import KVCache, ModelConfig, MusicTransformer
-from musegen.sampling import SampleParams, forbid_ids, loop_guard, mask_logits, sample_field
+from musegen.checkpoint import CheckpointError
+from musegen.checkpoint import load as load_checkpoint
+from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
+from musegen.model import Decoder, ModelConfig, MusicTransformer
+from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
 from musegen.tokenizer import (
     BAR,
     BAR_BEAT,
@@ -91,6 +95,19 @@ class GenerateParams:
     out_dir: str
     device: str
 
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            "generate",
+            {
+                "num_samples": at_least(1),
+                "max_bars": at_least(0, "(0 = no cap)"),
+                "max_minutes": at_least(0.0, "(0 = no cap)"),
+                "max_words": at_least(0, "(0 = no cap)"),
+                "prompt_bars": at_least(1),
+            },
+        )
+
 
 @dataclass
 class Loaded:
@@ -129,26 +146,14 @@ def load_model(checkpoint: Path | str, device: str = "auto") -> Loaded:
         ValueError: the file is not a musegen checkpoint (the message names it and the fix).
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (train one with `musegen train`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean: not ours
-        raise ValueError(
-            f"{path}: not a musegen checkpoint ({type(exc).__name__}: {str(exc)[:120]}); "
-            "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
-        ) from exc
-    need = ("model", "model_config", "vocab")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
-        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{path}: not a musegen checkpoint: expected keys {list(need)}, found {found}; "
-            "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
-        )
+    ckpt = load_checkpoint(path)  # checked: keys, model_config, names, shapes, finite
     config = ModelConfig(**ckpt["model_config"])
-    tokenizer = from_vocab(ckpt["vocab"], path)
-    if list(config.vocab_sizes) != list(ckpt["vocab"]["sizes"]):
-        raise ValueError(f"{path}: model vocab sizes differ from its vocab; the file is corrupt")
+    try:
+        tokenizer = from_vocab(ckpt["vocab"], path)
+    except (KeyError, TypeError) as exc:  # a vocab dict with parts missing
+        raise CheckpointError(
+            path, f"its vocab is incomplete ({type(exc).__name__}: {exc})"
+        ) from None
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
     dev = "cpu" if dev == "auto" else dev
     model = MusicTransformer(config)
@@ -224,6 +229,14 @@ class _CPMasks:
         # bar_beat after position p: Bar, or a position > p (ids 2 + k); row 0 = no position yet
         self.bar_beat = [(arange == BAR) | (arange >= 3 + p) for p in range(-1, POSITIONS)]
         self.from_ = [torch.arange(v, device=device) for v in sizes]
+        self.ignore = [m == 0 for m in self.from_]  # a field forced to Ignore: only id 0
+        # fields 1..F-1 side by side (the Decoder's field_logits) -> (F-1, V_max), padded
+        # with index sum(V) (a -inf logit / False mask column): one draw for every field
+        v_max, start, rows = max(sizes[1:]), 0, []
+        for v in sizes[1:]:
+            rows.append([start + i if i < v else sum(sizes[1:]) for i in range(v_max)])
+            start += v
+        self.padded = torch.tensor(rows, device=device)  # (F-1, V_max)
 
     def type_mask(self, state: _State, sequential: bool) -> Tensor:
         note_ok = state.pos is not None
@@ -261,6 +274,21 @@ class _CPMasks:
         return self.value[f] & (self.from_[f] >= last[f]) if tied else self.value[f]
 
 
+def _field_mask(
+    masks: _CPMasks, f: int, piece: _Piece, w: np.ndarray, *, seq: bool, forbid: dict[int, set[int]]
+) -> Tensor:
+    """Allowed ids of field f for one piece's word w (its type and earlier fields drawn)."""
+    drawn = dict(enumerate(w[:f].tolist()))
+    m = masks.field_mask(f, int(w[TYPE]), piece.state, drawn, seq)
+    if m is None:
+        return masks.ignore[f]  # forced to Ignore: the draw can only give 0
+    if f in forbid:
+        narrowed = m.clone()
+        narrowed[list(forbid[f])] = False
+        m = narrowed if narrowed.any() else m  # the guard never empties a field
+    return m
+
+
 def _repair(w: np.ndarray) -> None:
     """Independent mode: set the fields a Metrical word's bar_beat rules out to Ignore."""
     if w[TYPE] == METRICAL:
@@ -271,32 +299,6 @@ def _repair(w: np.ndarray) -> None:
 
 
 # ---- the decoding loop -------------------------------------------------------------------
-class _Stream:
-    """Feeds words through the model with a KV cache trimmed to a sliding window."""
-
-    def __init__(self, model: MusicTransformer):
-        self.model, self.window = model, model.config.max_len
-        self.cache: KVCache | None = None
-
-    def feed(self, words: np.ndarray) -> Tensor:
-        """Feed (T, F) ids; return the last hidden state (1, 1, D)."""
-        x = torch.as_tensor(np.asarray(words, np.int64), device=self.model.ln_f.weight.device)
-        h = None
-        for i in range(0, len(x), self.window):  # chunks keep attention memory O(window^2)
-            if self.cache is not None:
-                self.cache = self.cache.trim(self.window - 1)
-            chunk = x[None, i : i + self.window]  # (1, T, F)
-            # window= only matters for a chunk of several words; one word sees the whole cache
-            win = self.window if chunk.size(1) > 1 else None
-            h, self.cache = self.model.hidden(chunk, self.cache, window=win)
-        assert h is not None
-        return h[:, -1:]  # (1, 1, D)
-
-
-def _draw(logits: Tensor, mask: Tensor, temp: float, top_p: float, gen: torch.Generator) -> int:
-    return int(sample_field(mask_logits(logits, mask), temp, top_p, gen)[0])
-
-
 def generate(
     loaded: Loaded,
     sample: SampleParams,
@@ -309,7 +311,7 @@ def generate(
     progress: bool = False,
     trace: list[Tensor] | None = None,
 ) -> np.ndarray:
-    """Compose one piece, word by word, until EOS or a cap.
+    """Compose one piece, word by word, until EOS or a cap (a batch of one: `generate_batch`).
 
     Args:
         loaded: from `load_model`.
@@ -319,7 +321,7 @@ def generate(
         max_words: cap on sampled words (CP) or tokens (REMI) after the prompt.
         max_bars: cap on bars in the piece, prompt included.
         max_minutes: cap on music time (tempo events generated, else 120 BPM).
-        seed: seeds the torch.Generator; same seed, same piece.
+        seed: seeds the piece's torch.Generator; same seed, same piece (alone or in a batch).
         progress: show a tqdm bar with words/s.
         trace: if a list, each step's type (REMI: token) logits (1, V_0) are appended before
             masking (tests compare them with a full recompute).
@@ -331,18 +333,50 @@ def generate(
     Raises:
         ValueError: the prompt has the wrong shape, ids out of range, or an EOS.
     """
+    caps = {"max_words": max_words, "max_bars": max_bars, "max_minutes": max_minutes}
+    (out,) = generate_batch(
+        loaded, sample, [prompt], [seed], **caps, progress=progress, trace=trace
+    )
+    return out
+
+
+def generate_batch(
+    loaded: Loaded,
+    sample: SampleParams,
+    prompts: Sequence[np.ndarray | None],
+    seeds: Sequence[int],
+    *,
+    max_words: int | None = None,
+    max_bars: int | None = None,
+    max_minutes: float | None = None,
+    progress: bool = False,
+    trace: list[Tensor] | None = None,
+) -> list[np.ndarray]:
+    """Compose len(prompts) pieces at once: one model step per word feeds every piece.
+
+    Piece i continues prompts[i] (None: from a Bar word) with its own random stream
+    (seeds[i]), grammar state, loop guard and stop, so it equals `generate(..., seed=seeds[i])`
+    alone; a finished piece leaves the batch. Arguments and returns as `generate`, one per
+    piece; `trace` gets (B_active, V_0) per step.
+    """
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(seeds)} seeds")
     sample.require_fields(loaded.fields)
     cp = loaded.tokenizer.representation == "cp"
-    prompt = _start(loaded, prompt)
-    max_seconds = max_minutes * 60.0 if max_minutes is not None else None
+    starts = [_start(loaded, p) for p in prompts]
     device = loaded.device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
     from tqdm import tqdm
 
-    run = _Run(loaded, sample, _Stream(loaded.model), gen, max_words, max_bars, max_seconds)
-    run.trace = trace
-    run.bar = tqdm(
-        total=max_words, unit="word" if cp else "token", disable=not progress, desc="generate"
+    unit = "word" if cp else "token"
+    run = _Run(
+        loaded,
+        sample,
+        Decoder(loaded.model, len(starts)),
+        max_words,
+        max_bars,
+        max_minutes * 60.0 if max_minutes is not None else None,
+        trace,
+        tqdm(total=max_words, unit=unit, disable=not progress, desc="generate"),
     )
     # One word is a few small matmuls: on CPU, thread hand-offs cost more than they save
     # (measured on 2 busy cores: 300 words in 13.5 s with 2 threads, 0.6 s with 1), so
@@ -352,27 +386,32 @@ def generate(
         torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            h = run.stream.feed(prompt if cp else prompt[:, None])
-            out = _run_cp(run, h, prompt) if cp else _run_remi(run, h, prompt)
+            pieces, primed = [], []
+            for i, (words, seed) in enumerate(zip(starts, seeds, strict=True)):
+                x = torch.as_tensor(words if cp else words[:, None], device=device)
+                primed.append(run.decoder.prime(i, x))
+                gen = torch.Generator(device=device).manual_seed(int(seed))
+                pieces.append(_Piece(words, gen))
+            run.h = torch.stack(primed)  # (B, D)
+            return _run_cp(run, pieces) if cp else _run_remi(run, pieces)
     finally:
         torch.set_num_threads(threads)
         run.bar.close()
-    return out
 
 
 @dataclass
 class _Run:
-    """What one generate call's loop needs (fixed for the call)."""
+    """What one generate_batch call's loop needs (fixed for the call)."""
 
     loaded: Loaded
     sample: SampleParams
-    stream: _Stream
-    gen: torch.Generator
+    decoder: Decoder
     max_words: int | None
     max_bars: int | None
     max_seconds: float | None
-    trace: list[Tensor] | None = None
-    bar: Any = None  # tqdm
+    trace: list[Tensor] | None
+    bar: Any  # tqdm
+    h: Tensor | None = None  # (B, D): row i predicts the next word of the batch's piece i
 
     def words_done(self, n_new: int) -> bool:
         return self.max_words is not None and n_new >= self.max_words
@@ -383,6 +422,35 @@ class _Run:
         if period <= 0 or repeats <= 0:
             return []
         return loop_guard(np.array(history[-period * repeats :]), period, repeats)
+
+    def uniforms(self, pieces: list[_Piece], n: int) -> Tensor:
+        """(B, n) uniforms, row i from piece i's own generator (batch-independent draws)."""
+        device = self.loaded.device
+        return torch.stack([torch.rand(n, generator=p.gen, device=device) for p in pieces])
+
+    def step(self, pieces: list[_Piece], rows: list[int], words: np.ndarray) -> list[_Piece]:
+        """Feed each piece in `rows` its new word; pieces not in rows leave the batch."""
+        if len(rows) < len(pieces):
+            self.decoder.keep(torch.tensor(rows, dtype=torch.long, device=self.loaded.device))
+            pieces = [pieces[r] for r in rows]
+        if pieces:
+            x = torch.as_tensor(words[rows], device=self.loaded.device)  # (B, F)
+            self.h = self.decoder.step(x)  # (B, D)
+        self.bar.update(1)
+        return pieces
+
+
+@dataclass
+class _Piece:
+    """One piece of a batch: its words so far, random stream and grammar state."""
+
+    prompt: np.ndarray
+    gen: torch.Generator
+    state: _State = dataclasses.field(default_factory=_State)
+    out: list = dataclasses.field(default_factory=list)  # CP rows or REMI ids, prompt first
+    result: np.ndarray | None = None  # set when the piece ends
+    cur: np.ndarray | None = None  # REMI: the word being written (later fields may come)
+    cur_start: int = 0  # REMI: index of its first token
 
 
 def _start(loaded: Loaded, prompt: np.ndarray | None) -> np.ndarray:
@@ -401,61 +469,109 @@ def _start(loaded: Loaded, prompt: np.ndarray | None) -> np.ndarray:
     return prompt.astype(np.int64)
 
 
-def _run_cp(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
+def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
     masks = _CPMasks(run.loaded.config.vocab_sizes, run.loaded.device)
-    state = _State()
-    for w in prompt:
-        state.apply(w)
-    words = list(prompt)
-    while not run.words_done(len(words) - len(prompt)):
-        banned = run.banned(words)
-        forbid: dict[int, set[int]] = {}
-        order = iter(_GUARD_ORDER)
-        while True:
-            w = _draw_word(run, h, state, masks, forbid)
-            f = next(order, None) if tuple(w.tolist()) in banned else None
-            if f is None:  # not a loop, or every field already tried: keep the word
-                break
-            # forbid the repeated word's value in one more field, most musical first
-            forbid.setdefault(f, set()).add(int(w[f]))
-        if w[TYPE] == EOS or state.exceeds(w, run.max_bars, run.max_seconds):
-            break
-        state.apply(w)
-        words.append(w)
-        run.bar.update(1)
-        h = run.stream.feed(w[None])
     eos = np.zeros(len(FIELDS), np.int64)
     eos[TYPE] = EOS
-    return np.stack([*words, eos]).astype(np.int32)
+    everyone = list(pieces)
+    for p in pieces:
+        for w in p.prompt:
+            p.state.apply(w)
+        p.out = list(p.prompt)
+    n_new = 0
+    while pieces and not run.words_done(n_new):
+        words = _draw_words(run, pieces, run.h, masks, [{} for _ in pieces], trace=True)
+        # the loop guard: a word that continues a loop is drawn again with one more field's
+        # value forbidden, most musical first, until it is no loop or every field was tried
+        forbid = [{} for _ in pieces]
+        order = [iter(_GUARD_ORDER) for _ in pieces]
+        redo = list(range(len(pieces)))
+        while redo:
+            again = []
+            for r in redo:
+                banned = run.banned(pieces[r].out)
+                f = next(order[r], None) if tuple(words[r].tolist()) in banned else None
+                if f is not None:
+                    forbid[r].setdefault(f, set()).add(int(words[r, f]))
+                    again.append(r)
+            if again:
+                sub = [pieces[r] for r in again]
+                h = run.h[again]
+                words[again] = _draw_words(run, sub, h, masks, [forbid[r] for r in again])
+            redo = again
+        keep = []
+        for r, (p, w) in enumerate(zip(pieces, words, strict=True)):
+            if w[TYPE] == EOS or p.state.exceeds(w, run.max_bars, run.max_seconds):
+                p.result = np.stack([*p.out, eos]).astype(np.int32)
+                continue
+            p.state.apply(w)
+            p.out.append(w)
+            keep.append(r)
+        pieces = run.step(pieces, keep, words)
+        n_new += 1
+    for p in pieces:  # the word cap
+        p.result = np.stack([*p.out, eos]).astype(np.int32)
+    return [p.result for p in everyone]
 
 
-def _draw_word(
-    run: _Run, h: Tensor, state: _State, masks: _CPMasks, forbid: dict[int, set[int]]
+def _draw_words(
+    run: _Run,
+    pieces: list[_Piece],
+    h: Tensor,
+    masks: _CPMasks,
+    forbid: list[dict[int, set[int]]],
+    *,
+    trace: bool = False,
 ) -> np.ndarray:
-    """One CP word: the type, then each other field given it (masked by the grammar)."""
-    model, seq, gen = run.loaded.model, run.sample.use_sequential_fields, run.gen
+    """One CP word per piece (B, F): the type, then each other field given it (grammar masks).
+
+    Every field is one batched draw; each piece's masks come from its own grammar state.
+    """
+    dec, seq = run.decoder, run.sample.use_sequential_fields
     settings = [run.sample.field(name) for name in run.loaded.fields]
-    type_logits = model.head_logits(h)[0][0]  # (1, V_type)
-    if run.trace is not None and not forbid:  # a redraw for the loop guard is the same step
+    u = run.uniforms(pieces, len(FIELDS))  # (B, F): every field draws, forced or not
+    type_logits = dec.type_logits(h)  # (B, V_type)
+    if trace and run.trace is not None:
         run.trace.append(type_logits.clone())
-    w = np.zeros(len(FIELDS), np.int64)
-    w[TYPE] = _draw(type_logits, masks.type_mask(state, seq), *settings[TYPE], gen)
-    if w[TYPE] == EOS:
-        return w
-    next_type = torch.tensor([[w[TYPE]]], device=h.device)
-    logits = model.head_logits(h, next_type=next_type)
-    drawn: dict[int, int] = {}
-    for f in _NON_TYPE:
-        allowed = masks.field_mask(f, int(w[TYPE]), state, drawn, seq)
-        if allowed is not None:
-            if f in forbid:
-                narrowed = allowed.clone()
-                narrowed[list(forbid[f])] = False
-                allowed = narrowed if narrowed.any() else allowed  # the guard never empties a field
-            w[f] = _draw(logits[f][0], allowed, *settings[f], gen)
-        drawn[f] = int(w[f])
+    allowed = torch.stack([masks.type_mask(p.state, seq) for p in pieces])
+    kinds = sample_field(mask_logits(type_logits, allowed), *settings[TYPE], u=u[:, TYPE])
+    w = np.zeros((len(pieces), len(FIELDS)), np.int64)
+    w[:, TYPE] = kinds.cpu().numpy()
+    logits = dec.field_logits(h, kinds)  # (B, sum V_f): an EOS row's are drawn and dropped
+    if seq:  # each field's masks depend on the fields drawn before it: one draw per field
+        for f, part in zip(_NON_TYPE, logits.split(dec.split, -1), strict=True):
+            allowed = torch.stack(
+                [
+                    _field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r])
+                    for r, p in enumerate(pieces)
+                ]
+            )
+            ids = sample_field(mask_logits(part, allowed), *settings[f], u=u[:, f])
+            w[:, f] = ids.cpu().numpy()
+    else:  # independent given the type: every field of every piece in one draw
+        allowed = torch.stack(
+            [
+                torch.cat(
+                    [_field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r]) for f in _NON_TYPE]
+                )
+                for r, p in enumerate(pieces)
+            ]
+        )  # (B, sum V_f)
+        pad = masks.padded  # (F-1, V_max)
+        logits = F.pad(logits, (0, 1), value=float("-inf"))[:, pad]  # (B, F-1, V_max)
+        allowed = F.pad(allowed, (0, 1), value=False)[:, pad]
+        temps, tops = (torch.tensor(s, device=h.device) for s in zip(*settings[1:], strict=True))
+        n = len(pieces) * len(_NON_TYPE)
+        ids = sample_field(
+            mask_logits(logits, allowed).view(n, -1),  # (B * (F-1), V_max)
+            temps.repeat(len(pieces)),
+            tops.repeat(len(pieces)),
+            u=u[:, 1:].reshape(n),
+        )
+        w[:, 1:] = ids.view(len(pieces), -1).cpu().numpy()
     if not seq:
-        _repair(w)
+        for row in w:
+            _repair(row)
     return w
 
 
@@ -497,48 +613,61 @@ class _RemiMasks:
         return allowed
 
 
-def _run_remi(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
-    model, tok = run.loaded.model, run.loaded.tokenizer
+def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
+    tok = run.loaded.tokenizer
     masks = _RemiMasks(tok, run.loaded.device)
     temp, top_p = run.sample.field(run.loaded.fields[0])
-    words, _ = tok._to_words(prompt)
-    state = _State()
-    for w in words[:-1]:
-        state.apply(w)
-    cur = words[-1].copy()  # the word being written (its later fields may still come)
-    openers = [i for i, t in enumerate(prompt.tolist()) if masks.field_of[t] in (BAR_BEAT, PITCH)]
-    cur_start = openers[-1] if openers else 0
-    tokens = prompt.tolist()
-    while not run.words_done(len(tokens) - len(prompt)):
-        logits = model.head_logits(h)[0][0]  # (1, V)
+    everyone = list(pieces)
+    for p in pieces:
+        words, _ = tok._to_words(p.prompt)
+        for w in words[:-1]:
+            p.state.apply(w)
+        p.cur = words[-1].copy()
+        ids = p.prompt.tolist()
+        openers = [i for i, t in enumerate(ids) if masks.field_of[t] in (BAR_BEAT, PITCH)]
+        p.cur_start, p.out = (openers[-1] if openers else 0), ids
+    n_new = 0
+    while pieces and not run.words_done(n_new):
+        logits = run.decoder.type_logits(run.h)  # (B, V)
         if run.trace is not None:
             run.trace.append(logits.clone())
-        allowed = masks.allowed(cur, state)
-        banned = run.banned(tokens)
-        if banned:
-            narrowed = mask_logits(forbid_ids(logits, banned), allowed)
-            # the guard never empties the choice: with nothing left, the loop continues
-            logits = narrowed if not torch.isneginf(narrowed).all() else logits
-        t = _draw(logits, allowed, temp, top_p, run.gen)
-        f = masks.field_of[t]
-        if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
-            if state.exceeds(cur, run.max_bars, run.max_seconds):
-                return _close_remi(tokens[: max(cur_start, len(prompt))])
-            state.apply(cur)
-            if f == TYPE:
-                break
-            cur = np.zeros(len(FIELDS), np.int64)
-            cur[TYPE] = METRICAL if f == BAR_BEAT else NOTE
-            cur_start = len(tokens)
-        cur[f] = masks.value_of[t]
-        tokens.append(t)
-        run.bar.update(1)
-        h = run.stream.feed(np.array([[t]]))
-    else:  # the word cap: drop an unfinished Note, or a last word past a cap
-        unfinished = cur[TYPE] == NOTE and not cur[VELOCITY]
-        if unfinished or state.exceeds(cur, run.max_bars, run.max_seconds):
-            tokens = tokens[: max(cur_start, len(prompt))]
-    return _close_remi(tokens)
+        rows = []
+        for p in pieces:
+            allowed = masks.allowed(p.cur, p.state)
+            banned = run.banned(p.out)
+            if banned:
+                narrowed = allowed.clone()
+                narrowed[banned] = False
+                # the guard never empties the choice: with nothing left, the loop continues
+                allowed = narrowed if narrowed.any() else allowed
+            rows.append(allowed)
+        u = run.uniforms(pieces, 1)[:, 0]
+        drawn = sample_field(mask_logits(logits, torch.stack(rows)), temp, top_p, u=u)
+        keep, tokens = [], drawn.cpu().numpy()
+        for r, (p, t) in enumerate(zip(pieces, tokens.tolist(), strict=True)):
+            f = masks.field_of[t]
+            if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
+                if p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
+                    p.result = _close_remi(p.out[: max(p.cur_start, len(p.prompt))])
+                    continue
+                p.state.apply(p.cur)
+                if f == TYPE:
+                    p.result = _close_remi(p.out)
+                    continue
+                p.cur = np.zeros(len(FIELDS), np.int64)
+                p.cur[TYPE] = METRICAL if f == BAR_BEAT else NOTE
+                p.cur_start = len(p.out)
+            p.cur[f] = masks.value_of[t]
+            p.out.append(t)
+            keep.append(r)
+        pieces = run.step(pieces, keep, tokens[:, None])
+        n_new += 1
+    for p in pieces:  # the word cap: drop an unfinished Note, or a last word past a cap
+        unfinished = p.cur[TYPE] == NOTE and not p.cur[VELOCITY]
+        if unfinished or p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
+            p.out = p.out[: max(p.cur_start, len(p.prompt))]
+        p.result = _close_remi(p.out)
+    return [p.result for p in everyone]
 
 
 def _close_remi(tokens: list[int]) -> np.ndarray:
@@ -602,12 +731,23 @@ def continue_midi(
         MidiError: the file cannot be read.
         ValueError: prompt_bars < 1, or the file has no notes to continue from.
     """
+    prompt = midi_prompt(loaded.tokenizer, midi_path, prompt_bars)
+    return prompt, generate(loaded, sample, prompt=prompt, **caps)
+
+
+def midi_prompt(tokenizer: Tokenizer, midi_path: Path | str, prompt_bars: int) -> np.ndarray:
+    """The first `prompt_bars` bars of a MIDI file as a prompt (`continue_midi`'s opening).
+
+    Raises:
+        MidiError: the file cannot be read.
+        ValueError: prompt_bars < 1, or the file has no notes to continue from.
+    """
     if prompt_bars < 1:
         raise ValueError(f"prompt_bars {prompt_bars}: expected >= 1 (use no prompt instead)")
-    prompt = prompt_of(loaded.tokenizer, loaded.tokenizer.encode(midi_path), prompt_bars)
+    prompt = prompt_of(tokenizer, tokenizer.encode(midi_path), prompt_bars)
     if len(prompt) == 0:
         raise ValueError(f"{midi_path}: no words before bar {prompt_bars}; pick a file with notes")
-    return prompt, generate(loaded, sample, prompt=prompt, **caps)
+    return prompt
 
 
 # ---- sampling settings, model references, files ------------------------------------------
@@ -635,7 +775,11 @@ def sampling_for(params_path: Path | str) -> SampleParams:
     missing = [n for n in names if n not in section]
     if missing:
         raise ParamsError(f"{params_path}: missing key sample.{missing[0]} (add it to the file)")
-    return SampleParams(**{n: section[n] for n in names})
+    try:
+        return SampleParams(**{n: section[n] for n in names})
+    except ParamsError as exc:  # name the files the values came from
+        where = f"{params_path}" + (f" + {tuned}" if tuned is not None and tuned.is_file() else "")
+        raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
 
 
 def bundled_sampling(checkpoint: Path) -> SampleParams | None:
@@ -704,8 +848,9 @@ def write_samples(
 ) -> list[Path]:
     """Generate `params.num_samples` pieces into `out_dir` (MIDI, optional MP3/PNG, JSON log).
 
-    Piece i uses seed + i and is named `<prompt stem or "sample">_seed<seed + i>.mid`;
-    generate.json records the checkpoint, sampling settings and words/s of every piece.
+    Piece i uses seed + i and is named `<prompt stem or "sample">_seed<seed + i>.mid`.
+    The pieces decode as one batch; generate.json records the checkpoint, sampling settings,
+    every piece's words and music seconds, and the batch's compute seconds and words/s.
 
     Returns:
         The MIDI paths.
@@ -721,27 +866,26 @@ def write_samples(
         "max_minutes": params.max_minutes or None,
     }
     stem = prompt.stem if prompt is not None else "sample"
+    head = midi_prompt(loaded.tokenizer, prompt, params.prompt_bars) if prompt else np.zeros(0)
+    seeds = [seed + i for i in range(params.num_samples)]
+    t0 = time.perf_counter()  # the pieces decode as one batch
+    outs = generate_batch(
+        loaded, sample, [head if prompt else None] * len(seeds), seeds, **caps, progress=progress
+    )
+    took = time.perf_counter() - t0
     paths, log = [], []
-    for i in range(params.num_samples):
-        t0 = time.perf_counter()
-        kw = {**caps, "seed": seed + i, "progress": progress}
-        if prompt is not None:
-            head, out = continue_midi(loaded, sample, prompt, params.prompt_bars, **kw)
-        else:
-            head, out = np.zeros(0), generate(loaded, sample, **kw)
-        took = time.perf_counter() - t0
+    for piece_seed, out in zip(seeds, outs, strict=True):
         midi = loaded.tokenizer.decode(out)
-        path = out_dir / f"{stem}_seed{seed + i}.mid"
+        path = out_dir / f"{stem}_seed{piece_seed}.mid"
         midi.dump(str(path))
         if mp3:
             render_audio(path, path.with_suffix(".mp3"))
         if roll:
             piano_roll(midi, path.with_suffix(".png"))
         paths.append(path)
-        new = len(out) - len(head)
         log.append({
-            "file": path.name, "seed": seed + i, "prompt_words": len(head), "words": int(new),
-            "seconds_compute": round(took, 3), "words_per_s": round(new / max(took, 1e-9), 1),
+            "file": path.name, "seed": piece_seed, "prompt_words": len(head),
+            "words": len(out) - len(head),
             "seconds_music": round(piece_seconds(loaded.tokenizer, out), 2),
             "decode_errors": int(loaded.tokenizer.last_decode_errors),
         })  # fmt: skip
@@ -752,6 +896,8 @@ def write_samples(
         "prompt": str(prompt) if prompt else None,
         "params": dataclasses.asdict(params),
         "sample": dataclasses.asdict(sample),
+        "seconds_compute": round(took, 3),  # the whole batch
+        "words_per_s": round(sum(p["words"] for p in log) / max(took, 1e-9), 1),
         "pieces": log,
     }
     (out_dir / "generate.json").write_text(json.dumps(meta, indent=1, default=dict) + "\n")

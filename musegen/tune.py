@@ -41,6 +41,7 @@ import yaml
 from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
 from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.files import temp_name, write_atomic
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -234,21 +235,21 @@ def make_clips(
     File names are the first 16 hex digits of the MIDI's sha256: blind, and equal clips share
     a name. The measured part is the continuation (bars after the prompt).
     """
-    from musegen.generate import generate
+    from musegen.generate import generate_batch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
-    for k, prompt in enumerate(bench.prompts):
-        tokens = generate(
-            loaded,
-            sample,
-            prompt=prompt,
-            max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
-            max_words=params.max_clip_words,
-            seed=params.seed + k,
-        )
+    every = generate_batch(  # the K clips decode as one batch
+        loaded,
+        sample,
+        list(bench.prompts),
+        [params.seed + k for k in range(len(bench.prompts))],
+        max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
+        max_words=params.max_clip_words,
+    )
+    for k, tokens in enumerate(every):
         midi = loaded.tokenizer.decode(tokens)
-        tmp = out_dir / f".clip{k}.mid"
+        tmp = temp_name(out_dir / f"clip{k}.mid")  # unique: workers may share out_dir
         midi.dump(str(tmp))
         path = out_dir / f"{hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]}.mid"
         tmp.replace(path)
@@ -586,12 +587,9 @@ def write_results(
             f"# written by `musegen tune` ({step}study {study.study_name}, trial {best.number}, "
             f"{objective_kind} {best.value:.4f}); overlays params.yaml's sample: section\n"
         )
-        tmp = out / "best_sampling.yaml.tmp"
-        tmp.write_text(text + yaml.safe_dump(section, sort_keys=True))
-        tmp.replace(out / "best_sampling.yaml")
+        # unique temp names: several workers finishing together each replace the file whole
+        write_atomic(out / "best_sampling.yaml", text + yaml.safe_dump(section, sort_keys=True))
     else:  # nothing tuned for this checkpoint: no stale settings of another one may remain
         (out / "best_sampling.yaml").unlink(missing_ok=True)
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "metrics.json")
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -13,6 +13,7 @@ import soundfile as sf
 from miditoolkit.midi.utils import example_midi_file
 
 from musegen import render
+from tests.conftest import needs
 
 #: the Pop1K7 piece shipped with miditoolkit: 930 notes, last note-off at 79.0 s.
 EXAMPLE = Path(example_midi_file())
@@ -66,9 +67,8 @@ def test_fallback_mp3_of_a_real_piece_decodes(tmp_path: Path) -> None:
     assert np.abs(audio).max() <= 1.0
 
 
-@pytest.mark.skipif(
-    not HAS_FLUIDSYNTH,
-    reason="fluidsynth binary absent: apt-get install -y --no-install-recommends fluidsynth",
+@needs(
+    "fluidsynth", install="apt-get install --no-install-recommends fluidsynth timgm6mb-soundfont"
 )
 def test_fluidsynth_mp3_of_a_real_piece(tmp_path: Path) -> None:
     out = render.render_audio(EXAMPLE, tmp_path / "ex.mp3", renderer="fluidsynth")
@@ -158,6 +158,31 @@ def test_piano_roll_same_from_path_and_midifile(tmp_path: Path) -> None:
     a = render.piano_roll(EXAMPLE, tmp_path / "a.png", dpi=40)
     b = render.piano_roll(miditoolkit.MidiFile(EXAMPLE), tmp_path / "b.png", dpi=40)
     assert np.array_equal(mpimg.imread(a), mpimg.imread(b))
+
+
+def test_piano_roll_marks_where_the_prompt_ends(tmp_path: Path) -> None:
+    """A red vertical line at the prompt's end: one column of red pixels spanning the roll."""
+    png = render.piano_roll(_empty(tmp_path / "e.mid"), tmp_path / "p.png", dpi=40, prompt_beats=2)
+    rgb = mpimg.imread(png)[..., :3]
+    red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.4) & (rgb[..., 2] < 0.4)
+    columns = np.flatnonzero(red.sum(axis=0) > 0.5 * rgb.shape[0])
+    assert len(columns) and columns.max() - columns.min() <= 3  # one line
+    plain = mpimg.imread(render.piano_roll(_empty(tmp_path / "e.mid"), tmp_path / "n.png", dpi=40))
+    assert not ((plain[..., 0] > 0.7) & (plain[..., 1] < 0.4) & (plain[..., 2] < 0.4)).any()
+
+
+def test_loss_curves_mark_checkpoints_and_chosen_steps(tmp_path: Path) -> None:
+    history = [
+        {"step": s, "train_loss": 5 - s / 100, "valid_loss": 4 + (s - 300) ** 2 / 1e5}
+        | {"valid_loss_pitch": 2 + s / 1000, "valid_loss_duration": 1.0}
+        for s in range(50, 650, 50)
+    ]
+    marks = {"best valid loss": 300, "best sweep score": 500}
+    png = render.loss_curves(history, tmp_path / "c.png", checkpoints=[100, 300, 500], marks=marks)
+    rgb = mpimg.imread(png)[..., :3]
+    assert rgb.shape[:2] == (560, 800)
+    red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.4) & (rgb[..., 2] < 0.4)
+    assert (red.sum(axis=0) > 0.3 * rgb.shape[0]).any()  # the best-valid STEP's line
 
 
 def test_piano_roll_of_an_empty_file(tmp_path: Path) -> None:
