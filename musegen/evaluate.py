@@ -238,8 +238,8 @@ def evaluate_model(
     loaded = load_model(checkpoint)
     caps = GenerateParams(
         checkpoint=str(checkpoint), num_samples=params.num_samples, max_bars=params.crop_bars,
-        max_minutes=0, max_words=64 * params.crop_bars, prompt_bars=0, out_dir=str(samples),
-        device="auto",
+        min_bars=params.crop_bars, max_minutes=0, max_words=64 * params.crop_bars, prompt_bars=0,
+        out_dir=str(samples), device="auto",
     )  # fmt: skip
     write_samples(loaded, sample, caps, samples, seed=params.seed, progress=False)
     result = evaluate(samples, reference, out / "details.json", params)

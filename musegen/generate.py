@@ -75,6 +75,8 @@ class GenerateParams:
         checkpoint: default --checkpoint, a .pt file or a `models:/NAME@ALIAS` URI.
         num_samples: pieces per call (--n); piece i uses seed + i.
         max_bars: cap on bars per piece, prompt included; 0 = no cap.
+        min_bars: bars per piece before it may end, prompt included (EOS is masked until then;
+            at most max_bars): a piece asked for 16 bars holds 16. 0 = the model may end it.
         max_minutes: cap on music time per piece (tempo events, else 120 BPM); 0 = no cap.
         max_words: cap on sampled words (CP) or tokens (REMI) after the prompt; 0 = no cap.
         prompt_bars: bars of --prompt kept as the opening.
@@ -85,6 +87,7 @@ class GenerateParams:
     checkpoint: str
     num_samples: int
     max_bars: int
+    min_bars: int
     max_minutes: float
     max_words: int
     prompt_bars: int
@@ -225,13 +228,14 @@ class _CPMasks:
         self.bar_beat = [(arange == BAR) | (arange >= 3 + p) for p in range(-1, POSITIONS)]
         self.from_ = [torch.arange(v, device=device) for v in sizes]
 
-    def type_mask(self, state: _State, sequential: bool) -> Tensor:
+    def type_mask(self, state: _State, sequential: bool, min_bars: int) -> Tensor:
+        eos_ok = state.bar >= min_bars  # the piece has closed min_bars bars (bar min_bars is open)
         note_ok = state.pos is not None
         if sequential and state.last_note is not None:  # canonical order must leave a note
             note_ok &= state.last_note != tuple(
                 self.sizes[f] - 1 for f in (PITCH, DURATION, VELOCITY)
             )
-        allowed = torch.tensor([False, True, True, note_ok], device=self.device)
+        allowed = torch.tensor([False, eos_ok, True, note_ok], device=self.device)
         return allowed
 
     def field_mask(  # noqa: PLR0911 (a grammar table reads best as early returns)
@@ -304,10 +308,12 @@ def generate(
     prompt: np.ndarray | None = None,
     max_words: int | None = None,
     max_bars: int | None = None,
+    min_bars: int = 0,
     max_minutes: float | None = None,
     seed: int = 0,
     progress: bool = False,
     trace: list[Tensor] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Compose one piece, word by word, until EOS or a cap.
 
@@ -318,11 +324,17 @@ def generate(
             Bar word (REMI: a Bar token). It must not contain EOS.
         max_words: cap on sampled words (CP) or tokens (REMI) after the prompt.
         max_bars: cap on bars in the piece, prompt included.
+        min_bars: bars the piece holds before it may end, prompt included: EOS is masked until
+            the piece is in bar `min_bars` (0-based), so only a cap can stop it sooner. A
+            piece asked for N bars with min_bars = max_bars = N ends at the Bar word of bar N.
         max_minutes: cap on music time (tempo events generated, else 120 BPM).
         seed: seeds the torch.Generator; same seed, same piece.
         progress: show a tqdm bar with words/s.
         trace: if a list, each step's type (REMI: token) logits (1, V_0) are appended before
             masking (tests compare them with a full recompute).
+        stats: if a dict, `bars` is set to the bars the piece closed (a bar closes when the next
+            Bar word or EOS comes; a word or time cap leaves the last one open), so a caller
+            can tell a piece that holds `min_bars` bars from one a cap cut short.
 
     Returns:
         The array, prompt first, ending with exactly one EOS; `loaded.tokenizer.decode` reads it.
@@ -340,7 +352,7 @@ def generate(
     from tqdm import tqdm
 
     run = _Run(loaded, sample, _Stream(loaded.model), gen, max_words, max_bars, max_seconds)
-    run.trace = trace
+    run.trace, run.min_bars = trace, min_bars
     run.bar = tqdm(
         total=max_words, unit="word" if cp else "token", disable=not progress, desc="generate"
     )
@@ -357,6 +369,8 @@ def generate(
     finally:
         torch.set_num_threads(threads)
         run.bar.close()
+    if stats is not None:
+        stats["bars"] = run.closed_bars
     return out
 
 
@@ -373,6 +387,8 @@ class _Run:
     max_seconds: float | None
     trace: list[Tensor] | None = None
     bar: Any = None  # tqdm
+    min_bars: int = 0
+    closed_bars: int = 0  # set when the loop ends
 
     def words_done(self, n_new: int) -> bool:
         return self.max_words is not None and n_new >= self.max_words
@@ -419,11 +435,14 @@ def _run_cp(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
             # forbid the repeated word's value in one more field, most musical first
             forbid.setdefault(f, set()).add(int(w[f]))
         if w[TYPE] == EOS or state.exceeds(w, run.max_bars, run.max_seconds):
+            run.closed_bars = state.bar + int(w[TYPE] == EOS or w[BAR_BEAT] == BAR)
             break
         state.apply(w)
         words.append(w)
         run.bar.update(1)
         h = run.stream.feed(w[None])
+    else:  # the word cap: the current bar is still open
+        run.closed_bars = state.bar
     eos = np.zeros(len(FIELDS), np.int64)
     eos[TYPE] = EOS
     return np.stack([*words, eos]).astype(np.int32)
@@ -439,7 +458,7 @@ def _draw_word(
     if run.trace is not None and not forbid:  # a redraw for the loop guard is the same step
         run.trace.append(type_logits.clone())
     w = np.zeros(len(FIELDS), np.int64)
-    w[TYPE] = _draw(type_logits, masks.type_mask(state, seq), *settings[TYPE], gen)
+    w[TYPE] = _draw(type_logits, masks.type_mask(state, seq, run.min_bars), *settings[TYPE], gen)
     if w[TYPE] == EOS:
         return w
     next_type = torch.tensor([[w[TYPE]]], device=h.device)
@@ -447,6 +466,9 @@ def _draw_word(
     drawn: dict[int, int] = {}
     for f in _NON_TYPE:
         allowed = masks.field_mask(f, int(w[TYPE]), state, drawn, seq)
+        if f == REST and allowed is not None and state.bar + 1 < run.min_bars:
+            # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
+            allowed = allowed & (masks.from_[REST] <= run.min_bars - 2 - state.bar)
         if allowed is not None:
             if f in forbid:
                 narrowed = allowed.clone()
@@ -466,6 +488,7 @@ class _RemiMasks:
         v = len(tok.events)
         self.field_of = tok._field_of.tolist()  # REMI id -> CP field
         self.value_of = tok._id_in_field.tolist()  # REMI id -> id within that field
+        self.value = torch.as_tensor(tok._id_in_field, device=device)  # (V,) the same
         field_of = torch.as_tensor(tok._field_of, device=device)
         self.of = {f: field_of == f for f in range(1, len(FIELDS))}  # (V,) per field
         self.base = torch.zeros(v, dtype=torch.bool, device=device)
@@ -514,6 +537,12 @@ def _run_remi(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
         if run.trace is not None:
             run.trace.append(logits.clone())
         allowed = masks.allowed(cur, state)
+        is_bar = cur[TYPE] == METRICAL and cur[BAR_BEAT] == BAR
+        if state.bar + (1 + int(cur[REST]) if is_bar else 0) < run.min_bars:
+            allowed = allowed.clone()
+            allowed[1] = False  # 1 = EOS: the piece has not reached bar min_bars yet
+            if is_bar:  # as in CP: no rest past bar min_bars - 1
+                allowed &= ~(masks.of[REST] & (masks.value > run.min_bars - 2 - state.bar))
         banned = run.banned(tokens)
         if banned:
             narrowed = mask_logits(forbid_ids(logits, banned), allowed)
@@ -523,9 +552,11 @@ def _run_remi(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
         f = masks.field_of[t]
         if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
             if state.exceeds(cur, run.max_bars, run.max_seconds):
+                run.closed_bars = state.bar + int(is_bar)
                 return _close_remi(tokens[: max(cur_start, len(prompt))])
             state.apply(cur)
             if f == TYPE:
+                run.closed_bars = state.bar + 1
                 break
             cur = np.zeros(len(FIELDS), np.int64)
             cur[TYPE] = METRICAL if f == BAR_BEAT else NOTE
@@ -535,6 +566,7 @@ def _run_remi(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
         run.bar.update(1)
         h = run.stream.feed(np.array([[t]]))
     else:  # the word cap: drop an unfinished Note, or a last word past a cap
+        run.closed_bars = state.bar
         unfinished = cur[TYPE] == NOTE and not cur[VELOCITY]
         if unfinished or state.exceeds(cur, run.max_bars, run.max_seconds):
             tokens = tokens[: max(cur_start, len(prompt))]
@@ -641,19 +673,30 @@ def sampling_for(params_path: Path | str) -> SampleParams:
 def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:
     """A checkpoint file from a path or an MLflow URI (`models:/musegen@champion`, `runs:/…`).
 
-    For a URI the artifacts are downloaded (to `dst`, else a temp folder) and the one .pt file
-    inside is returned; a registered pyfunc holds it under its artifact key "checkpoint".
+    For a URI the artifacts are downloaded (to `dst`, else a temp folder) from the tracking
+    store (`tracking.open_store`) and the one .pt file inside is returned; a registered pyfunc
+    holds it under its artifact key "checkpoint".
 
     Raises:
-        FileNotFoundError: a path that does not exist, or artifacts with no .pt file.
+        TrackingError: no tracking store (outside the repository, or nothing trained yet).
+        FileNotFoundError: a path that does not exist, a URI the store lacks, or artifacts
+            with no .pt file.
         ValueError: artifacts holding several .pt files and none under "checkpoint".
     """
     text = str(ref)
     if "://" not in text and not text.startswith(("models:/", "runs:/")):
         return Path(text)
     import mlflow
+    from musegen import tracking
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=dst and str(dst)))
+    uri = tracking.open_store()  # the repository's store, never MLflow's default ./mlflow.db
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(text, dst_path=dst and str(dst)))
+    except mlflow.exceptions.MlflowException as exc:  # no such model, version, alias or run
+        raise FileNotFoundError(
+            f"{text}: not found in the MLflow store {uri} ({exc.message[:200]}); "
+            "register one with `musegen register` (or `make demo`)"
+        ) from exc
     if local.is_file():
         return local
     mlmodel = local / "MLmodel"
@@ -706,13 +749,15 @@ def write_samples(
     caps = {
         "max_words": params.max_words or None,
         "max_bars": params.max_bars or None,
+        "min_bars": min(params.min_bars, params.max_bars or params.min_bars),
         "max_minutes": params.max_minutes or None,
     }
     stem = prompt.stem if prompt is not None else "sample"
     paths, log = [], []
     for i in range(params.num_samples):
         t0 = time.perf_counter()
-        kw = {**caps, "seed": seed + i, "progress": progress}
+        stats: dict[str, Any] = {}
+        kw = {**caps, "seed": seed + i, "progress": progress, "stats": stats}
         if prompt is not None:
             head, out = continue_midi(loaded, sample, prompt, params.prompt_bars, **kw)
         else:
@@ -732,6 +777,7 @@ def write_samples(
             "seconds_compute": round(took, 3), "words_per_s": round(new / max(took, 1e-9), 1),
             "seconds_music": round(piece_seconds(loaded.tokenizer, out), 2),
             "decode_errors": int(loaded.tokenizer.last_decode_errors),
+            "bars": stats["bars"], "complete": stats["bars"] >= caps["min_bars"],
         })  # fmt: skip
     meta = {
         "checkpoint": str(loaded.checkpoint),

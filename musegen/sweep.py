@@ -266,16 +266,20 @@ def sweep(
         step = int(path.stem.removeprefix("step_"))
         col = {"key": f"step_{step}", "label": f"STEP {step}", "step": step, "cells": []}
         conts = []
+        bars = params.prompt_bars + params.continue_bars  # the caps count the prompt's bars
         for r, song in enumerate(shown):
             t0 = time.perf_counter()
+            stats: dict[str, Any] = {}
             _, full = continue_midi(
                 loaded,
                 sample,
                 Path(raw_dir) / song["path"],
                 params.prompt_bars,
-                max_bars=params.prompt_bars + params.continue_bars,
+                max_bars=bars,
+                min_bars=bars,  # every cell holds the same bars: EOS is masked until then
                 max_words=params.max_words,
                 seed=params.seed + r,
+                stats=stats,
             )
             timing["generate"] += time.perf_counter() - t0
             midi = loaded.tokenizer.decode(full)
@@ -285,10 +289,18 @@ def sweep(
                 )
             )
             col["cells"].append(cell(midi, col["key"], r, conts[-1]))
-            col["cells"][-1]["n_words"] = len(full)
+            # a cell the word cap cut short is shown, marked, and left out of the score
+            col["cells"][-1] |= {"n_words": len(full), "complete": stats["bars"] >= bars}
         history = torch_history(path)
         col["valid_loss"] = _valid_loss(history, step)
-        col |= set_score(conts, reference, eval_params)
+        done = [c for c, x in zip(conts, col["cells"], strict=True) if x["complete"]]
+        # no complete cell: the proxy's floor (OA 0, every loop penalty), ranked last
+        col |= (
+            set_score(done, reference, eval_params)
+            if done
+            else {"sweep_score": -1.0, "mean_oa": 0.0}
+        )
+        col["num_incomplete"] = len(conts) - len(done)
         t0 = time.perf_counter()
         col["mlflow_run_id"] = _log_child(loaded.mlflow_run_id, experiment, col, assets, params)
         timing["mlflow"] += time.perf_counter() - t0
@@ -333,6 +345,7 @@ def _summarize(columns: list[dict], shown: list[dict], songs: list[dict], p: Swe
         entry = {
             "sweep_score": col["sweep_score"],
             "mean_oa": col["mean_oa"],
+            **({"num_incomplete": col["num_incomplete"]} if "num_incomplete" in col else {}),
             **({"valid_loss": col["valid_loss"]} if col.get("valid_loss") is not None else {}),
             **{k: stats[k]["mean"] for k in metrics.PIECE_METRICS},
         }
@@ -372,6 +385,7 @@ def _log_child(
             }
         )
         logged = {"sweep_score": col["sweep_score"], "mean_oa": col["mean_oa"]}
+        logged["num_incomplete"] = col["num_incomplete"]
         if col["valid_loss"] is not None:
             logged["valid_loss"] = col["valid_loss"]
         for k in metrics.PIECE_METRICS:
@@ -447,7 +461,8 @@ def _cell_html(c: dict, r: int, label: str, ref: dict) -> str:
         f'<td><audio controls preload="none" src="assets/{c["stem"]}.mp3"></audio>'
         f'<img src="assets/{c["stem"]}.png" alt="{alt}">'
         f'<a href="assets/{c["stem"]}.mid" download>MIDI</a> · {c["seconds"]:.0f} s'
-        f'<div class="m hide">{"".join(zs)}</div>'
+        + ("" if c.get("complete", True) else " · <b>incomplete</b> (word cap; not scored)")
+        + f'<div class="m hide">{"".join(zs)}</div>'
         f'<div class="rate" data-cell="{c["stem"]}" data-prompt="{r}" data-col="{e(label)}">'
         f"rating {rate}</div></td>"
     )

@@ -200,11 +200,16 @@ def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0
 
 @dataclasses.dataclass
 class Clip:
-    """One generated clip: a blind file name (content hash), its MIDI and its measured bars."""
+    """One generated clip: a blind file name (content hash), its MIDI and its measured bars.
+
+    `complete` is False when the word cap stopped it before its last bar closed: it is kept
+    (and shown) but never scored.
+    """
 
     midi: Path
     tokens: np.ndarray
     score: Score
+    complete: bool
 
 
 def make_clips(
@@ -217,20 +222,26 @@ def make_clips(
     """Continue every prompt with `sample` (seed tune.seed + k for prompt k) into `out_dir`.
 
     File names are the first 16 hex digits of the MIDI's sha256: blind, and equal clips share
-    a name. The measured part is the continuation (bars after the prompt).
+    a name. The measured part is the continuation (bars after the prompt). Every clip holds
+    exactly prompt_bars + clip_bars bars (EOS is masked until then), unless the word cap cuts
+    it short: then it is marked incomplete.
     """
     from musegen.generate import generate
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
+    bars = params.prompt_bars + params.clip_bars  # the caps count the prompt's bars
     for k, prompt in enumerate(bench.prompts):
+        stats: dict[str, Any] = {}
         tokens = generate(
             loaded,
             sample,
             prompt=prompt,
-            max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
+            max_bars=bars,
+            min_bars=bars,
             max_words=params.max_clip_words,
             seed=params.seed + k,
+            stats=stats,
         )
         midi = loaded.tokenizer.decode(tokens)
         tmp = out_dir / f".clip{k}.mid"
@@ -238,8 +249,23 @@ def make_clips(
         path = out_dir / f"{hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]}.mid"
         tmp.replace(path)
         score = bars_window(to_score(midi), params.prompt_bars, params.clip_bars)
-        clips.append(Clip(path, np.asarray(tokens), score))
+        clips.append(Clip(path, np.asarray(tokens), score, stats["bars"] >= bars))
     return clips
+
+
+def complete_only(clips: list[Clip], trial: optuna.Trial) -> list[Clip]:
+    """The clips that hold every requested bar (the rest are recorded on the trial, unscored).
+
+    Raises:
+        optuna.TrialPruned: no clip is complete, so the settings cannot be scored.
+    """
+    done = [c for c in clips if c.complete]
+    trial.set_user_attr("incomplete_clips", len(clips) - len(done))
+    if not done:
+        raise optuna.TrialPruned(
+            f"none of {len(clips)} clips reached its last bar within tune.max_clip_words"
+        )
+    return done
 
 
 def measure(scores: Sequence[Score], bench: Bench, evaluate: EvaluateParams) -> dict[str, Any]:
@@ -471,7 +497,9 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         values = suggest(trial, tp)
         with tempfile.TemporaryDirectory(prefix="musegen-tune-") as tmp:
             work = Path(tmp)
-            clips = make_clips(loaded, to_sampling(base, values), bench, tp, work)
+            clips = complete_only(
+                make_clips(loaded, to_sampling(base, values), bench, tp, work), trial
+            )
             result = measure([c.score for c in clips], bench, ev)
             value = listener.predict(result["metrics"]) if listener else result["proxy_score"]
             for name, c in result["constraints"].items():
