@@ -363,7 +363,15 @@ def evaluate(
         if samples is None or reference is None:
             _fail("give both --samples and --reference (or neither, for the pipeline stage)")
         result = stage.evaluate(samples, reference, out or Path(p.out_dir) / "metrics.json", p)
-        typer.echo(f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}")
+        typer.echo(
+            f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}, "
+            f"order {result['order_score']:.3f}"
+        )
+        for kind, rung in result["ladder"].items():  # the samples against their perturbations
+            typer.echo(
+                f"  ladder {kind:16s} proxy {rung['proxy_score']:.3f}  per piece "
+                f"{rung['mean']:.3f} +/- {rung['sd']:.3f}"
+            )
         return
     data = load_section(DataParams, "data", params)
     ckpt = Path(load_section(TrainParams, "train", params).out_dir) / "checkpoints" / "best.pt"

@@ -31,7 +31,7 @@ import pandas as pd
 
 from musegen import metrics
 from musegen.config import ParamsError
-from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.evaluate import EvaluateParams, score_set
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -171,12 +171,9 @@ def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepPar
 
 def set_score(samples: list[Score], reference: list[Score], ev: EvaluateParams) -> dict:
     """evaluate.proxy_score of continuation Scores against the real ones (plus mean OA)."""
-    smp = [metrics.piece_metrics(s, ev.seed) for s in samples]
     ref = [metrics.piece_metrics(s, ev.seed) for s in reference]
-    oa = metrics.mgeval(metrics.set_features(reference, ref), metrics.set_features(samples, smp))
-    result = {"mean_oa": float(np.mean([v["oa"] for v in oa.values()]))}
-    result["loops"] = loop_checks(ref, smp, ev.loop_percentile, ev.loop_margin)
-    return {"sweep_score": proxy_score(result), "mean_oa": result["mean_oa"]}
+    result = score_set(samples, metrics.set_features(reference, ref), ref, ev)
+    return {"sweep_score": result["proxy_score"], "mean_oa": result["mean_oa"]}
 
 
 def _valid_loss(history: list[dict], step: int) -> float | None:

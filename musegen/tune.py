@@ -39,7 +39,7 @@ import yaml
 
 from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
-from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.evaluate import EvaluateParams, score_set
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -276,18 +276,15 @@ def measure(scores: Sequence[Score], bench: Bench, evaluate: EvaluateParams) -> 
         measure, share_beyond - chance share; <= 0 is feasible), "metrics" (mean per clip
         metric: the learned listener's input)}.
     """
-    pieces = [metrics.piece_metrics(s, evaluate.seed) for s in scores]
-    features = metrics.set_features(list(scores), pieces)
-    mgeval = metrics.mgeval(bench.ref_features, features)
-    mean_oa = float(np.mean([v["oa"] for v in mgeval.values()]))
-    loops = loop_checks(bench.ref_metrics, pieces, evaluate.loop_percentile, evaluate.loop_margin)
+    result = score_set(list(scores), bench.ref_features, bench.ref_metrics, evaluate)
     chance = 1 - evaluate.loop_percentile / 100
     return {
-        "proxy_score": proxy_score({"mean_oa": mean_oa, "loops": loops}),
-        "mean_oa": mean_oa,
-        "loops": loops,
-        "constraints": {k: v["share_beyond"] - chance for k, v in loops.items()},
-        "metrics": {k: float(np.mean([p[k] for p in pieces])) for k in LISTENER_FEATURES},
+        "proxy_score": result["proxy_score"],
+        "mean_oa": result["mean_oa"],
+        "order_score": result["order_score"],
+        "loops": result["loops"],
+        "constraints": {k: v["share_beyond"] - chance for k, v in result["loops"].items()},
+        "metrics": {k: float(np.mean([p[k] for p in result["pieces"]])) for k in LISTENER_FEATURES},
     }
 
 
