@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from musegen import train as stage
+from musegen.checkpoint import load as load_checkpoint
 from musegen.config import DataParams, load_section
 from musegen.model import ModelParams
 
@@ -61,7 +62,7 @@ def run(
     )
     print(f"\n== {name}: {p.representation}, {m.attention} attention, {p.max_steps} steps")
     final = stage.train(tokens, out, p, m)
-    history = torch.load(final, weights_only=True)["history"]
+    history = load_checkpoint(final, ("history",))["history"]
     n_targets, n_notes = note_share(tokens, p)
     for row in history:  # valid_loss = summed field NLL per target (weights are all 1)
         row["nll_per_note"] = row["valid_loss"] * n_targets / n_notes

@@ -1,16 +1,21 @@
-"""Generation speed, real-time factor and a 36-minute piece, against a recompute peer.
+"""Generation speed, real-time factor and a 36-minute piece, against peers from the same run.
 
-1. Real-time factor of `generate()` end to end (sampling and grammar masks included): seconds
-   of music per second of compute, with --checkpoint (a trained model gives a realistic
-   music-per-word rate; without it, a random-init model of the params.yaml shape).
+1. Batched vs single-stream decoding with `generate_batch` end to end (sampling and grammar
+   masks included), with --checkpoint (a trained model gives a realistic music-per-word rate;
+   without it, a random-init model of the params.yaml shape): words/s of 1 piece and of --n
+   pieces in one batch (runs interleaved, best of each), their ratio (goal >= 5x at n = 8),
+   the batch's aggregate real-time factor (seconds of music per second; goal >= 100x), and
+   single-stream words/s as a share of the forward compute bound: a 1-thread fp32 matmul
+   peak measured here divided by `flops_per_token(max_len)` (goal >= 2%); the bare model
+   step (`Decoder.step`, no sampling) is shown beside it, so the profile says where time goes.
 2. A 36-minute piece (max_minutes=36, EOS suppressed so only the cap ends it): wall time,
    peak RSS (getrusage; tracemalloc would miss tensors and slows Python ~2x), and per
    2-minute window the duplicate-bar rate and pitch-class entropy (metrics.piece_metrics).
 3. Words/s of one decoding step at 256, 1k and 4k words of context on the params.yaml model
    shape (random init, max_len = context): the KV cache (one new word against a cache trimmed
-   to max_len - 1, as `musegen.generate` runs it) vs recomputing the whole window each step
-   (what a cache-less sampler such as netpi's CP port does). The peer gets its best thread
-   count (1 or all); the cached path runs on 1 thread, as `generate` does on CPU.
+   to max_len - 1: `Decoder.step`, as `musegen.generate` runs it) vs recomputing the whole
+   window each step (what a cache-less sampler such as netpi's CP port does). The peer gets
+   its best thread count (1 or all); the cached path runs on 1 thread, as `generate` does on CPU.
    Runs last, so the 4k-word peer's memory does not show in part 2's peak RSS.
 
     .venv/bin/python -m bench.generate --checkpoint models/cp/checkpoints/best.pt
@@ -35,7 +40,7 @@ from musegen import generate as gen
 from musegen.config import load_section
 from musegen.metrics import piece_metrics
 from musegen.midi import TICKS_PER_BEAT, Score, to_score
-from musegen.model import ModelConfig, ModelParams, MusicTransformer
+from musegen.model import Decoder, ModelConfig, ModelParams, MusicTransformer
 from musegen.sampling import SampleParams
 from musegen.tokenizer import EOS, get_tokenizer
 
@@ -51,12 +56,11 @@ def step_rates(shape: ModelParams, vocab: dict, context: int, steps: int) -> dic
     out = {}
     with torch.inference_mode():
         torch.set_num_threads(1)
-        _, cache = model.hidden(x[:, : context - 1], window=context)  # a full window
+        dec = Decoder(model, 1)
+        dec.prime(0, x[0, : context - 1])  # a full window
         t = time.perf_counter()
         for i in range(steps):
-            cache = cache.trim(context - 1)
-            h, cache = model.hidden(x[:, context - 1 + i : context + i], cache)
-            model.head_logits(h)
+            dec.type_logits(dec.step(x[:, context - 1 + i]))
         out["cached"] = steps / (time.perf_counter() - t)
         best = 0.0
         for threads in sorted({1, torch.get_num_interop_threads(), _cores()}):
@@ -76,6 +80,56 @@ def _cores() -> int:
     import os
 
     return len(os.sched_getaffinity(0))
+
+
+def batch_rates(
+    loaded: gen.Loaded, sample: SampleParams, n: int, words: int
+) -> dict[int, dict[str, float]]:
+    """Words/s, music seconds and real-time factor of 1 and n pieces (interleaved, best of 2)."""
+    out: dict[int, dict[str, float]] = {}
+    for _ in range(2):
+        for b in (1, n):
+            t = time.perf_counter()
+            pieces = gen.generate_batch(loaded, sample, [None] * b, list(range(b)), max_words=words)
+            took = time.perf_counter() - t
+            music = sum(gen.piece_seconds(loaded.tokenizer, p) for p in pieces)
+            row = {"words_per_s": sum(len(p) - 2 for p in pieces) / took, "music": music}
+            row["rtf"] = music / took
+            if b not in out or row["words_per_s"] > out[b]["words_per_s"]:
+                out[b] = row
+    return out
+
+
+def matmul_peak_1thread(n: int = 1024, repeat: int = 5) -> float:
+    """FLOP/s of an n x n fp32 matmul on one thread, best of `repeat`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    return 2 * n**3 / best
+
+
+def step_only(model: MusicTransformer, steps: int) -> float:
+    """Words/s of the bare `Decoder.step` + type head at a full window, 1 thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    sizes = torch.tensor(model.config.vocab_sizes)
+    x = (torch.rand(model.config.max_len + steps, len(sizes)) * sizes).long()  # (T, F)
+    with torch.inference_mode():
+        dec = Decoder(model, 1)
+        dec.prime(0, x[: model.config.max_len - 1])
+        t = time.perf_counter()
+        for i in range(steps):
+            dec.type_logits(dec.step(x[None, model.config.max_len - 1 + i]))
+        took = time.perf_counter() - t
+    torch.set_num_threads(threads)
+    return steps / took
 
 
 def tick_seconds(score: Score, ticks: np.ndarray) -> np.ndarray:
@@ -111,7 +165,8 @@ def main() -> None:
     ap.add_argument("--contexts", default="256,1024,4096")
     ap.add_argument("--steps", type=int, default=64, help="cached steps timed per context")
     ap.add_argument("--minutes", type=float, default=36.0)
-    ap.add_argument("--rtf-words", type=int, default=2000)
+    ap.add_argument("--rtf-words", type=int, default=1000, help="words per piece in part 1")
+    ap.add_argument("--n", type=int, default=8, help="pieces in the batch of part 1")
     args = ap.parse_args()
     shape = load_section(ModelParams, "model", "params.yaml")
     sample = load_section(SampleParams, "sample", "params.yaml")
@@ -129,13 +184,26 @@ def main() -> None:
     with torch.no_grad():  # only the caps end a piece here
         loaded.model.heads[0].bias[EOS] = float("-inf")
 
-    print(f"1. real-time factor of generate(), {what}")
-    t = time.perf_counter()
-    out = gen.generate(loaded, sample, max_words=args.rtf_words, seed=0)
-    took = time.perf_counter() - t
-    music = gen.piece_seconds(loaded.tokenizer, out)
-    print(f"{len(out) - 2} words in {took:.2f} s = {(len(out) - 2) / took:.0f} words/s; "
-          f"{music:.0f} s of music -> real-time factor {music / took:.0f}x")  # fmt: skip
+    print(f"1. batched vs single-stream decoding, {what}, CPU")
+    rates = batch_rates(loaded, sample, args.n, args.rtf_words)
+    single, batch = rates[1], rates[args.n]
+    peak = matmul_peak_1thread()
+    flops = loaded.model.flops_per_token()  # per word at a full window (max_len)
+    bound = peak / flops
+    print(f"{'pieces':>6} {'words/s':>9} {'music s':>8} {'real-time':>10}")
+    for n, r in rates.items():
+        print(f"{n:>6} {r['words_per_s']:9.0f} {r['music']:8.0f} {r['rtf']:9.0f}x")
+    print(
+        f"batched {args.n} vs 1: {batch['words_per_s'] / single['words_per_s']:.1f}x words/s "
+        f"(goal >= 5x at 8); aggregate real-time factor {batch['rtf']:.0f}x (goal >= 100x)"
+    )
+    step = step_only(loaded.model, 256)
+    print(
+        f"forward compute bound: 1-thread fp32 matmul peak {peak / 1e9:.1f} GFLOP/s / "
+        f"{flops / 1e6:.2f} MFLOP per word = {bound:,.0f} words/s; single stream "
+        f"{single['words_per_s']:.0f} words/s = {single['words_per_s'] / bound:.2%} of it "
+        f"(goal >= 2%); the bare model step {step:.0f} words/s = {step / bound:.2%}"
+    )
 
     print(f"\n2. a {args.minutes:g}-minute piece (max_minutes), {what}")
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

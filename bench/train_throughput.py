@@ -1,14 +1,20 @@
 """Training throughput and model FLOP utilisation (MFU) against a matmul peak from the same run.
 
 For each device (CPU; CUDA in bf16 when present) it times full training steps (forward,
-backward, clip, AdamW) of the params.yaml model at train.seq_len x train.batch_size, then
-times a large square matmul on the same device for the achieved peak FLOP/s, and prints
+backward, clip, fused AdamW) of the params.yaml model at train.seq_len x train.batch_size:
+absolute attention, and relative attention through each path that has a backward there
+(skew, gather; flex on CUDA), optionally compiled (--compile); then it times a large square
+matmul on the same device for the achieved peak FLOP/s, and prints per variant tokens/s, the
+ratio to absolute attention, and
 
     MFU = 3 * flops_per_token * tokens/s / peak   (forward + 2x for backward; PaLM App. B)
 
+(on CUDA also against the vendor's dense bf16 peak). The README's "auto" choice per device
+comes from this table.
+
 The batch is random ids within the vocab sizes: throughput does not depend on the values.
 
-    .venv/bin/python bench/train_throughput.py [--override params-gpu.yaml] [--steps 10]
+    .venv/bin/python -m bench.train_throughput [--override params-gpu.yaml] [--steps 10]
 """
 
 from __future__ import annotations
@@ -17,13 +23,23 @@ import argparse
 import contextlib
 import json
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from musegen.config import DataParams, load_section
 from musegen.model import ModelConfig, ModelParams, MusicTransformer
+from musegen.tokenizer import get_tokenizer
 from musegen.train import TrainParams
+
+#: dense bf16 tensor-core peaks from the vendor's data sheets (FLOP/s), matched by name
+VENDOR_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def vendor_peak(name: str) -> float | None:
+    return next((v for k, v in VENDOR_BF16.items() if k in name), None)
 
 
 def sync(device: torch.device) -> None:
@@ -46,13 +62,14 @@ def matmul_peak(device: torch.device, n: int, dtype: torch.dtype, repeat: int) -
     return 2 * n**3 / best
 
 
-def train_rate(
-    config: ModelConfig, p: TrainParams, device: torch.device, steps: int
-) -> tuple[float, int, int]:
-    """Training tokens/s at p.batch_size x p.seq_len, forward FLOPs per token, parameters."""
+def make_step(
+    config: ModelConfig, p: TrainParams, device: torch.device, impl: str, compiled: bool
+) -> tuple[Callable[[], None], MusicTransformer]:
+    """One full training step (forward, backward, clip, AdamW) of a fresh model, as a closure."""
     torch.manual_seed(0)
-    model = MusicTransformer(config).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, fused=device.type == "cuda")
+    model = MusicTransformer(config).to(device).set_attention_impl(impl)
+    opt = torch.optim.AdamW(model.parameters(), lr=p.lr, fused=True)  # fused: CPU and CUDA
+    forward = torch.compile(model) if compiled else model
     sizes = torch.tensor(config.vocab_sizes, device=device)
     # random ids in [0, V_f) per field: (B, T + 1, F)
     shape = (p.batch_size, p.seq_len + 1, len(sizes))
@@ -61,12 +78,10 @@ def train_rate(
     cuda = device.type == "cuda"
     autocast = torch.autocast("cuda", torch.bfloat16) if cuda else contextlib.nullcontext()
     next_type = y[..., 0] if len(sizes) > 1 else None
-    elapsed = 0.0
-    for i in range(steps + 2):  # the first 2 steps warm up (allocator, kernels)
-        sync(device)
-        t = time.perf_counter()
+
+    def step() -> None:
         with autocast:
-            logits = model(x, next_type=next_type)
+            logits = forward(x, next_type=next_type)
         loss = sum(
             torch.nn.functional.cross_entropy(lg.float().flatten(0, 1), y[..., f].flatten())
             for f, lg in enumerate(logits)
@@ -75,10 +90,30 @@ def train_rate(
         torch.nn.utils.clip_grad_norm_(model.parameters(), p.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sync(device)
-        elapsed += (time.perf_counter() - t) if i >= 2 else 0.0
-    tps = steps * p.batch_size * p.seq_len / elapsed
-    return tps, model.flops_per_token(p.seq_len), model.num_params()
+
+    return step, model
+
+
+def time_steps(
+    steps: dict[str, Callable[[], None]], device: torch.device, rounds: int
+) -> dict[str, float]:
+    """Best seconds per step of each variant, the variants interleaved round by round.
+
+    Interleaving and the minimum keep the ratios fair on a shared machine: a burst of load
+    from other processes hits every variant, and the least-disturbed step is the estimate.
+    """
+    for step in steps.values():  # warm-up: allocator, kernels, compilation
+        for _ in range(2):
+            step()
+    best = dict.fromkeys(steps, float("inf"))
+    for _ in range(rounds):
+        for name, step in steps.items():
+            sync(device)
+            t = time.perf_counter()
+            step()
+            sync(device)
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
 
 
 def main() -> None:
@@ -86,7 +121,8 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--override", action="append", default=[], help="e.g. params-gpu.yaml")
     ap.add_argument("--vocab", help="vocab.json (default <data.tokens_dir>/<repr>/vocab.json)")
-    ap.add_argument("--steps", type=int, default=5, help="timed training steps per device")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per variant (rounds)")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile (slow)")
     ap.add_argument("--devices", default="cpu,cuda", help="comma list; cuda is skipped if absent")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -96,36 +132,54 @@ def main() -> None:
     m = load_section(ModelParams, "model", args.params, overrides)
     tokens = Path(load_section(DataParams, "data", args.params, overrides).tokens_dir)
     vocab_path = Path(args.vocab or tokens / p.representation / "vocab.json")
-    if not vocab_path.is_file():
-        raise SystemExit(f"{vocab_path}: not found; run `dvc repro tokenize` or pass --vocab")
-    config = ModelConfig.from_params(m, json.loads(vocab_path.read_text()))
+    if vocab_path.is_file():
+        vocab = json.loads(vocab_path.read_text())
+    else:  # before `dvc repro tokenize`: the tokenizer's default vocab has the same sizes
+        vocab = get_tokenizer(p.representation).vocab
+    config = ModelConfig.from_params(m, vocab)
 
     results = []
     for name in args.devices.split(","):
         if name == "cuda" and not torch.cuda.is_available():
-            print("cuda: not available, skipped")
+            print("cuda: not available, skipped (GPU figures not measured)")
             continue
         device = torch.device(name)
-        tps, fpt, n_params = train_rate(config, p, device, args.steps)
+        impls = ["skew", "gather"] + (["flex"] if name == "cuda" else [])
+        variants = {
+            "absolute": make_step(replace(config, attention="absolute"), p, device, "auto", False)
+        }
+        if config.attention == "relative":
+            variants |= {f"relative/{i}": make_step(config, p, device, i, False) for i in impls}
+        if args.compile:  # train.compile: true, the auto path compiled
+            variants["relative/auto compiled"] = make_step(config, p, device, "auto", True)
+        best = time_steps({k: v[0] for k, v in variants.items()}, device, args.steps)
         # CPU trains in fp32, CUDA under bf16 autocast: the peak uses the same dtype
         dtype, n = (torch.bfloat16, 8192) if name == "cuda" else (torch.float32, 2048)
         peak = matmul_peak(device, n, dtype, repeat=5)
-        mfu = 3 * fpt * tps / peak
-        cpu = f"cpu x{torch.get_num_threads()} threads"
-        row = {"device": torch.cuda.get_device_name() if name == "cuda" else cpu}
-        row |= {"dtype": str(dtype).removeprefix("torch."), "tokens_per_s": round(tps, 1)}
-        row |= {
-            "train_tflops": round(3 * fpt * tps / 1e12, 4),
-            "peak_tflops": round(peak / 1e12, 3),
-        }
-        row |= {"mfu": round(mfu, 4), "params_m": round(n_params / 1e6, 2)}
-        row |= {"seq_len": p.seq_len, "batch_size": p.batch_size, "repr": p.representation}
-        results.append(row)
-        print(
-            f"{row['device']:>24} {row['dtype']:>8}: {tps:12,.0f} tokens/s, "
-            f"{row['train_tflops']:.3f} TFLOP/s of {row['peak_tflops']:.3f} matmul peak "
-            f"-> MFU {mfu:.1%} ({row['params_m']} M params, B={p.batch_size}, T={p.seq_len})"
+        label = (
+            torch.cuda.get_device_name() if name == "cuda" else f"cpu x{torch.get_num_threads()}"
         )
+        vendor = vendor_peak(label) if name == "cuda" else None
+        print(f"\n{label}, {str(dtype).removeprefix('torch.')}, B={p.batch_size} T={p.seq_len}: "
+              f"matmul peak {peak / 1e12:.3f} TFLOP/s (measured)"
+              + (f", vendor bf16 peak {vendor / 1e12:.0f}" if vendor else ""))  # fmt: skip
+        print(f"{'variant':>24} {'tokens/s':>10} {'vs absolute':>12} {'MFU':>7}"
+              + (f" {'MFU vendor':>11}" if vendor else ""))  # fmt: skip
+        tps_abs = p.batch_size * p.seq_len / best["absolute"]
+        for variant, (_, model) in variants.items():
+            tps = p.batch_size * p.seq_len / best[variant]
+            mfu = 3 * model.flops_per_token(p.seq_len) * tps / peak
+            row = {"device": label, "variant": variant, "dtype": str(dtype).removeprefix("torch.")}
+            row |= {"tokens_per_s": round(tps, 1), "vs_absolute": round(tps / tps_abs, 3)}
+            row |= {"peak_tflops": round(peak / 1e12, 3), "mfu": round(mfu, 4)}
+            row |= {"params_m": round(model.num_params() / 1e6, 2), "seq_len": p.seq_len}
+            line = f"{variant:>24} {tps:10,.0f} {tps / tps_abs:11.2f}x {mfu:7.1%}"
+            if vendor:
+                row["mfu_vendor"] = round(mfu * peak / vendor, 4)
+                line += f" {row['mfu_vendor']:11.1%}"
+            print(line)
+            results.append(row)
+    print("\n(variants interleaved, best step of each; the box may be shared: compare ratios)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

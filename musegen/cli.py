@@ -62,9 +62,14 @@ def corpus_pop1k7(
     from musegen import corpus
 
     data = load_section(DataParams, "data", params)
-    out = corpus.fetch_pop1k7(
-        Path(data.raw_root) / "pop1k7", load_section(corpus.CorpusParams, "corpus", params), source
-    )
+    try:
+        out = corpus.fetch_pop1k7(
+            Path(data.raw_root) / "pop1k7",
+            load_section(corpus.CorpusParams, "corpus", params),
+            source,
+        )
+    except corpus.CorpusError as exc:
+        _fail(str(exc))
     if use_dvc:
         subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
     typer.echo(f"pop1k7: {out} (set data.corpus: pop1k7 in params.yaml to use it)")
@@ -210,6 +215,7 @@ def register(
             p,
             Path(train_p.out_dir) / "checkpoints",
             sampling_for(params),
+            limits=stage.limits_for(params),
             sweep_metrics=Path(load_section(SweepParams, "sweep", params).metrics_file),
             experiment=train_p.experiment,
         )
@@ -440,13 +446,15 @@ def _at_root(command: Any, root: Path, here: Path) -> None:
 
 def main() -> None:
     """Entry point: runs at the repository root, turns configuration errors into one line."""
+    from musegen.checkpoint import CheckpointError
+
     command = typer.main.get_command(app)
     root, here = repo_root(), Path.cwd()
     if root is not None and root != here.resolve():
         _at_root(command, root, here)
     try:
         command()
-    except (ParamsError, FileNotFoundError, TrackingError) as exc:
+    except (ParamsError, FileNotFoundError, TrackingError, CheckpointError) as exc:
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 

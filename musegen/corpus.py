@@ -11,6 +11,7 @@ folder on disk), verifies it, and installs the ``midi_analyzed`` files atomicall
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -18,20 +19,27 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
+import stat
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 import warnings
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePosixPath
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
+from musegen import files
+from musegen.config import ParamsError
+from musegen.files import printable
 from musegen.midi import TICKS_PER_BEAT, MidiError, load_midi, to_score
 
 MUSIC21_VERSION = "10.5.1"  # the committed manifest's hashes hold for this version only
@@ -90,6 +98,18 @@ class CorpusParams:
     max_files: int  # 0 = all; N = the first N of `m21_sources()` (small profiles)
     zenodo_api: str  # records API base URL (tests point it at a local server)
     pop1k7_record: int  # Zenodo record id of the Pop1K7 mirror
+    max_entry_mb: float  # archive guard (`_Guard`): largest file taken from an archive or folder
+    max_total_mb: float  # ... all files taken together
+    max_entries: int  # ... members in one archive, folders and skipped files included
+    max_ratio: float  # ... bytes extracted per byte of archive (a zip bomb is ~1000)
+
+    def __post_init__(self) -> None:
+        limits = (self.max_entry_mb, self.max_total_mb, self.max_entries, self.max_ratio)
+        if min(limits) <= 0:
+            raise ParamsError(
+                "corpus.max_entry_mb, max_total_mb, max_entries and max_ratio must be > 0, "
+                f"found {', '.join(map(str, limits))} (fix params.yaml)"
+            )
 
 
 # ---------------------------------------------------------------- m21-keyboard
@@ -440,32 +460,149 @@ def download_record(api: str, record: int, into: Path) -> list[Path]:
     return paths
 
 
-def _unpack(archive: Path, into: Path) -> None:
-    """Extract a .zip, .tar.gz/.tgz or .tar into `into`, refusing members outside it."""
-    name = archive.name.lower()
-    if name.endswith(".zip"):
-        with zipfile.ZipFile(archive) as zf:
-            root = into.resolve()
-            for member in zf.namelist():
-                if not (into / member).resolve().is_relative_to(root):
-                    raise CorpusError(
-                        f"{archive}: member {member!r} would extract outside the folder"
+class _Guard:
+    """The one archive guard: every file taken from an archive or a folder goes through it.
+
+    Only regular files with a MIDI name are written, streamed in 1 MiB chunks (never a whole
+    entry in memory), counted as they are written (sizes in headers may lie), and refused past
+    `max_entry_mb` each, `max_total_mb` together, or `max_ratio` times the archive's size; an
+    archive with over `max_entries` members is refused. Links, devices, FIFOs and names that
+    leave the folder (absolute, `..`) are refused. Each refusal is a CorpusError naming the
+    archive, the entry and the limit.
+    """
+
+    def __init__(self, params: CorpusParams, source: Path) -> None:
+        self.p, self.source = params, source
+        self.entries = self.written = 0
+
+    def refuse(self, name: str, why: str) -> CorpusError:
+        if "corpus.max_" in why:
+            why += " (raise it in params.yaml only for an archive you trust)"
+        return CorpusError(
+            f"{self.source}: refused entry {printable(name)!r}: {why}; nothing was installed"
+        )
+
+    def member(self, name: str, kind: str, size: int) -> bool:
+        """Check one member before anything is read; True when it is a MIDI file to take.
+
+        Args:
+            name: its path in the archive.
+            kind: "file", "dir", or what else it is ("symlink", "hard link", "device", ...).
+            size: its declared size in bytes.
+        """
+        self.entries += 1
+        if self.entries > self.p.max_entries:
+            raise self.refuse(name, f"over corpus.max_entries={self.p.max_entries} members")
+        parts = PurePosixPath(name.replace("\\", "/")).parts
+        if not parts or name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+            raise self.refuse(name, "its path leaves the folder (absolute or '..')")
+        if kind not in ("file", "dir"):
+            raise self.refuse(name, f"a {kind}; only files and folders are taken")
+        if size > self.p.max_entry_mb * 1e6:
+            raise self.refuse(
+                name, f"{size / 1e6:.1f} MB, over corpus.max_entry_mb={self.p.max_entry_mb:g}"
+            )
+        return kind == "file" and parts[-1].lower().endswith((".mid", ".midi"))
+
+    def copy(
+        self, name: str, src: BinaryIO, dest: Path, packed: Callable[[], int] | None = None
+    ) -> None:
+        """Stream `src` to `dest`, enforcing the size and ratio limits as bytes arrive.
+
+        Args:
+            packed: archive bytes consumed so far (ratio = bytes written / that); None for a
+                folder. Checked past 1 MB written: a small file cannot be a bomb.
+        """
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        size, max_entry = 0, self.p.max_entry_mb * 1e6
+        with dest.open("xb") as out:  # "x": two members with one name are not merged silently
+            while chunk := src.read(1 << 20):
+                size += len(chunk)
+                self.written += len(chunk)
+                if size > max_entry:
+                    raise self.refuse(name, f"over corpus.max_entry_mb={self.p.max_entry_mb:g}")
+                if self.written > self.p.max_total_mb * 1e6:
+                    raise self.refuse(
+                        name, f"files total over corpus.max_total_mb={self.p.max_total_mb:g}"
                     )
-            zf.extractall(into)
-    elif name.endswith((".tar.gz", ".tgz", ".tar")):
-        with tarfile.open(archive) as tf:
-            tf.extractall(into, filter="data")  # "data" rejects absolute paths, links out, devices
-    else:
-        raise CorpusError(f"{archive}: expected a .zip, .tar.gz, .tgz or .tar archive, or a folder")
+                ratio_cap = self.p.max_ratio * packed() if packed else None
+                if ratio_cap is not None and self.written > max(ratio_cap, 1e6):
+                    raise self.refuse(
+                        name,
+                        f"expands over corpus.max_ratio={self.p.max_ratio:g} times the "
+                        "archive's size (a decompression bomb?)",
+                    )
+                out.write(chunk)
+
+
+_TAR_KINDS = {
+    tarfile.SYMTYPE: "symlink",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+}
+
+
+def _unpack(archive: Path, into: Path, params: CorpusParams) -> None:
+    """Extract the MIDI files of a .zip, .tar.gz/.tgz or .tar into `into` through `_Guard`."""
+    name = archive.name.lower()
+    try:
+        with files.open_regular(archive) as (fh, _):
+            guard = _Guard(params, archive)
+            if name.endswith(".zip"):
+                with zipfile.ZipFile(fh) as zf:
+                    packed = 0  # compressed bytes of the members so far, this one included
+                    for info in zf.infolist():
+                        packed += info.compress_size
+                        mode = info.external_attr >> 16
+                        kind = "dir" if info.is_dir() else "file"
+                        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                            kind = "symlink" if stat.S_ISLNK(mode) else "special file"
+                        if guard.member(info.filename, kind, info.file_size):
+                            with zf.open(info) as src:
+                                guard.copy(
+                                    info.filename, src, into / info.filename, lambda n=packed: n
+                                )
+            elif name.endswith((".tar.gz", ".tgz", ".tar")):
+                # stream mode ("r|*"): members in order, nothing seeks or reads ahead
+                with tarfile.open(fileobj=fh, mode="r|*") as tf:
+                    for member in tf:
+                        kind = "file" if member.isreg() else "dir" if member.isdir() else None
+                        kind = kind or _TAR_KINDS.get(member.type, "special file")
+                        if guard.member(member.name, kind, member.size):
+                            src = tf.extractfile(member)
+                            assert src is not None  # a regular member
+                            guard.copy(member.name, src, into / member.name, fh.tell)
+            else:
+                raise CorpusError(
+                    f"{archive}: expected a .zip, .tar.gz, .tgz or .tar archive, or a folder"
+                )
+    except files.FileRefusedError as exc:
+        raise CorpusError(f"{exc}; fix: pass an archive file or a folder to --from") from exc
+    except FileExistsError as exc:
+        raise CorpusError(f"{archive}: two members named {exc.filename!r}") from exc
+    except CorpusError:
+        raise
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, OSError, zlib.error) as exc:
+        raise CorpusError(
+            f"{archive}: cannot extract ({type(exc).__name__}: {exc}); fix: download it again"
+        ) from exc
+    except (RuntimeError, NotImplementedError) as exc:  # zipfile: encrypted, unknown method
+        raise CorpusError(f"{archive}: cannot extract ({exc})") from exc
 
 
 def _is_midi(path: Path) -> bool:
-    """A MIDI file by name, skipping macOS resource forks (``._x.mid``, ``__MACOSX/``)."""
+    """A MIDI file by name, skipping macOS resource forks (``._x.mid``, ``__MACOSX/``).
+
+    Not a folder; anything else by that name (a FIFO, a link to a device) is refused when it
+    is copied, never skipped silently.
+    """
     return (
         path.suffix.lower() in (".mid", ".midi")
         and not path.name.startswith("._")
         and "__MACOSX" not in path.parts
-        and path.is_file()
+        and not path.is_dir()
     )
 
 
@@ -550,8 +687,14 @@ def fetch_pop1k7(dest: Path, params: CorpusParams, source: Path | None = None) -
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    # work beside dest: the final rename stays on one filesystem; removed even on error
-    with tempfile.TemporaryDirectory(prefix=f".{dest.name}-", dir=dest.parent) as tmp_name:
+    _remove_stale(dest)
+    # work beside dest: the final rename stays on one filesystem; removed even on error, Ctrl-C
+    # or SIGTERM (_signals_exit); a SIGKILL leaves it for the next run's _remove_stale
+    prefix = f".{dest.name}-{os.getpid()}-"
+    with (
+        _signals_exit(),
+        tempfile.TemporaryDirectory(prefix=prefix, dir=dest.parent) as tmp_name,
+    ):
         tmp = Path(tmp_name)
         if source is not None and Path(source).is_dir():
             root = Path(source)
@@ -568,13 +711,21 @@ def fetch_pop1k7(dest: Path, params: CorpusParams, source: Path | None = None) -
                 )
             root = tmp / "unpacked"
             for archive in archives:
-                _unpack(archive, root)
-        base, files = _select_midi(root)
+                _unpack(archive, root, params)
+        base, midis = _select_midi(root)
         stage = tmp / "stage"
-        for rel in tqdm(files, desc="pop1k7 copy", unit="file"):
+        guard = _Guard(params, Path(source or "Zenodo"))
+        for rel in tqdm(midis, desc="pop1k7 copy", unit="file"):
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(base / rel, stage / rel)
-        for rel in files[:_SAMPLE]:
+            if root.is_relative_to(tmp):  # extracted by _unpack's guard: move, don't copy
+                (base / rel).rename(stage / rel)
+                continue
+            try:  # a folder: the same safe read and limits as an archive's members
+                with files.open_regular(base / rel) as (src, _):
+                    guard.copy(str(rel), src, stage / rel)
+            except files.FileRefusedError as exc:
+                raise CorpusError(f"{exc}; fix: remove it from {source} or replace it") from exc
+        for rel in midis[:_SAMPLE]:
             if problems := check_pop1k7_format(stage / rel):
                 warnings.warn(
                     f"{base / rel}: not in Pop1K7 format: {'; '.join(problems)} "
@@ -591,5 +742,36 @@ def fetch_pop1k7(dest: Path, params: CorpusParams, source: Path | None = None) -
             if old.exists():
                 old.rename(dest)  # put the previous install back
             raise
-    print(f"pop1k7: {len(files)} MIDI files from {source or 'Zenodo'} -> {dest}")
+    print(f"pop1k7: {len(midis)} MIDI files from {source or 'Zenodo'} -> {dest}")
     return dest
+
+
+def _remove_stale(dest: Path) -> None:
+    """Remove temp folders of earlier installs into `dest` whose process is gone (SIGKILL)."""
+    for tmp in dest.parent.glob(f".{dest.name}-*"):
+        pid = tmp.name.removeprefix(f".{dest.name}-").split("-")[0]
+        if pid.isdigit() and int(pid) != os.getpid():
+            try:
+                os.kill(int(pid), 0)  # still running: another install, leave it alone
+            except ProcessLookupError:
+                shutil.rmtree(tmp, ignore_errors=True)
+            except PermissionError:  # alive, another user's
+                pass
+
+
+@contextlib.contextmanager
+def _signals_exit() -> Iterator[None]:
+    """Turn SIGTERM and SIGHUP into SystemExit inside the block, so `finally` clean-up runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum: int, _frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    saved = {sig: signal.signal(sig, leave) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)

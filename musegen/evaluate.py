@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from musegen import metrics
 from musegen.config import ParamsError
+from musegen.files import from_printable
 from musegen.midi import MidiError, Score, load_midi, to_score
 from musegen.prepare import list_files
 
@@ -333,7 +334,7 @@ def evaluate_model(
     if held_out.empty:
         raise FileNotFoundError(f"{manifest}: no ok test-split file to compare against")
     for rel in held_out.path:
-        shutil.copy(Path(raw_dir) / rel, reference / rel.replace("/", "__"))
+        shutil.copy(Path(raw_dir) / from_printable(rel), reference / rel.replace("/", "__"))
     loaded = load_model(checkpoint)
     caps = GenerateParams(
         checkpoint=str(checkpoint), num_samples=params.num_samples, max_bars=params.crop_bars,

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ import torch
 import yaml
 from torch import Tensor
 
+from musegen.checkpoint import CheckpointError
+from musegen.checkpoint import load as load_checkpoint
 from musegen.config import ParamsError, merge, read_yaml
-from musegen.model import KVCache, ModelConfig, MusicTransformer
-from musegen.sampling import SampleParams, forbid_ids, loop_guard, mask_logits, sample_field
+from musegen.model import Decoder, ModelConfig, MusicTransformer
+from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
 from musegen.tokenizer import (
     BAR,
     BAR_BEAT,
@@ -132,26 +135,14 @@ def load_model(checkpoint: Path | str, device: str = "auto") -> Loaded:
         ValueError: the file is not a musegen checkpoint (the message names it and the fix).
     """
     path = Path(checkpoint)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found (train one with `musegen train`)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # pickle, zip and weights_only errors all mean: not ours
-        raise ValueError(
-            f"{path}: not a musegen checkpoint ({type(exc).__name__}: {str(exc)[:120]}); "
-            "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
-        ) from exc
-    need = ("model", "model_config", "vocab")
-    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
-        found = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ValueError(
-            f"{path}: not a musegen checkpoint: expected keys {list(need)}, found {found}; "
-            "pass a step_<STEP>.pt or best.pt from train.out_dir/checkpoints"
-        )
+    ckpt = load_checkpoint(path)  # checked: keys, model_config, names, shapes, finite
     config = ModelConfig(**ckpt["model_config"])
-    tokenizer = from_vocab(ckpt["vocab"], path)
-    if list(config.vocab_sizes) != list(ckpt["vocab"]["sizes"]):
-        raise ValueError(f"{path}: model vocab sizes differ from its vocab; the file is corrupt")
+    try:
+        tokenizer = from_vocab(ckpt["vocab"], path)
+    except (KeyError, TypeError) as exc:  # a vocab dict with parts missing
+        raise CheckpointError(
+            path, f"its vocab is incomplete ({type(exc).__name__}: {exc})"
+        ) from None
     dev = "cuda" if device == "auto" and torch.cuda.is_available() else device
     dev = "cpu" if dev == "auto" else dev
     model = MusicTransformer(config)
@@ -275,32 +266,6 @@ def _repair(w: np.ndarray) -> None:
 
 
 # ---- the decoding loop -------------------------------------------------------------------
-class _Stream:
-    """Feeds words through the model with a KV cache trimmed to a sliding window."""
-
-    def __init__(self, model: MusicTransformer):
-        self.model, self.window = model, model.config.max_len
-        self.cache: KVCache | None = None
-
-    def feed(self, words: np.ndarray) -> Tensor:
-        """Feed (T, F) ids; return the last hidden state (1, 1, D)."""
-        x = torch.as_tensor(np.asarray(words, np.int64), device=self.model.ln_f.weight.device)
-        h = None
-        for i in range(0, len(x), self.window):  # chunks keep attention memory O(window^2)
-            if self.cache is not None:
-                self.cache = self.cache.trim(self.window - 1)
-            chunk = x[None, i : i + self.window]  # (1, T, F)
-            # window= only matters for a chunk of several words; one word sees the whole cache
-            win = self.window if chunk.size(1) > 1 else None
-            h, self.cache = self.model.hidden(chunk, self.cache, window=win)
-        assert h is not None
-        return h[:, -1:]  # (1, 1, D)
-
-
-def _draw(logits: Tensor, mask: Tensor, temp: float, top_p: float, gen: torch.Generator) -> int:
-    return int(sample_field(mask_logits(logits, mask), temp, top_p, gen)[0])
-
-
 def generate(
     loaded: Loaded,
     sample: SampleParams,
@@ -315,7 +280,7 @@ def generate(
     trace: list[Tensor] | None = None,
     stats: dict[str, Any] | None = None,
 ) -> np.ndarray:
-    """Compose one piece, word by word, until EOS or a cap.
+    """Compose one piece, word by word, until EOS or a cap (a batch of one: `generate_batch`).
 
     Args:
         loaded: from `load_model`.
@@ -324,11 +289,12 @@ def generate(
             Bar word (REMI: a Bar token). It must not contain EOS.
         max_words: cap on sampled words (CP) or tokens (REMI) after the prompt.
         max_bars: cap on bars in the piece, prompt included.
-        min_bars: bars the piece holds before it may end, prompt included: EOS is masked until
-            the piece is in bar `min_bars` (0-based), so only a cap can stop it sooner. A
-            piece asked for N bars with min_bars = max_bars = N ends at the Bar word of bar N.
+        min_bars: bars the piece holds before it may end, prompt included: EOS (and a rest
+            past bar min_bars - 1) is masked until the piece is in bar `min_bars` (0-based),
+            so only a cap can stop it sooner. With min_bars = max_bars = N the piece ends at
+            the Bar word of bar N: exactly N bars.
         max_minutes: cap on music time (tempo events generated, else 120 BPM).
-        seed: seeds the torch.Generator; same seed, same piece.
+        seed: seeds the piece's torch.Generator; same seed, same piece (alone or in a batch).
         progress: show a tqdm bar with words/s.
         trace: if a list, each step's type (REMI: token) logits (1, V_0) are appended before
             masking (tests compare them with a full recompute).
@@ -343,18 +309,57 @@ def generate(
     Raises:
         ValueError: the prompt has the wrong shape, ids out of range, or an EOS.
     """
+    caps = {"max_words": max_words, "max_bars": max_bars, "max_minutes": max_minutes}
+    found: list[dict[str, Any]] = []
+    (out,) = generate_batch(
+        loaded, sample, [prompt], [seed], **caps, min_bars=min_bars, progress=progress,
+        trace=trace, stats=found,
+    )  # fmt: skip
+    if stats is not None:
+        stats.update(found[0])
+    return out
+
+
+def generate_batch(
+    loaded: Loaded,
+    sample: SampleParams,
+    prompts: Sequence[np.ndarray | None],
+    seeds: Sequence[int],
+    *,
+    max_words: int | None = None,
+    max_bars: int | None = None,
+    max_minutes: float | None = None,
+    min_bars: int = 0,
+    progress: bool = False,
+    trace: list[Tensor] | None = None,
+    stats: list[dict[str, Any]] | None = None,
+) -> list[np.ndarray]:
+    """Compose len(prompts) pieces at once: one model step per word feeds every piece.
+
+    Piece i continues prompts[i] (None: from a Bar word) with its own random stream
+    (seeds[i]), grammar state, loop guard and stop, so it equals `generate(..., seed=seeds[i])`
+    alone; a finished piece leaves the batch. Arguments and returns as `generate`, one per
+    piece; `trace` gets (B_active, V_0) per step; `stats`, if a list, gets one dict per piece.
+    """
+    if len(prompts) != len(seeds) or not prompts:
+        raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(seeds)} seeds")
     sample.require_fields(loaded.fields)
     cp = loaded.tokenizer.representation == "cp"
-    prompt = _start(loaded, prompt)
-    max_seconds = max_minutes * 60.0 if max_minutes is not None else None
+    starts = [_start(loaded, p) for p in prompts]
     device = loaded.device
-    gen = torch.Generator(device=device).manual_seed(int(seed))
     from tqdm import tqdm
 
-    run = _Run(loaded, sample, _Stream(loaded.model), gen, max_words, max_bars, max_seconds)
-    run.trace, run.min_bars = trace, min_bars
-    run.bar = tqdm(
-        total=max_words, unit="word" if cp else "token", disable=not progress, desc="generate"
+    unit = "word" if cp else "token"
+    run = _Run(
+        loaded,
+        sample,
+        Decoder(loaded.model, len(starts)),
+        max_words,
+        max_bars,
+        max_minutes * 60.0 if max_minutes is not None else None,
+        trace,
+        tqdm(total=max_words, unit=unit, disable=not progress, desc="generate"),
+        min_bars,
     )
     # One word is a few small matmuls: on CPU, thread hand-offs cost more than they save
     # (measured on 2 busy cores: 300 words in 13.5 s with 2 threads, 0.6 s with 1), so
@@ -364,31 +369,33 @@ def generate(
         torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            h = run.stream.feed(prompt if cp else prompt[:, None])
-            out = _run_cp(run, h, prompt) if cp else _run_remi(run, h, prompt)
+            pieces = []
+            for i, (words, seed) in enumerate(zip(starts, seeds, strict=True)):
+                x = torch.as_tensor(words if cp else words[:, None], device=device)
+                gen = torch.Generator(device=device).manual_seed(int(seed))
+                pieces.append(_Piece(words, gen, run.decoder.prime(i, x)))
+            outs = _run_cp(run, pieces) if cp else _run_remi(run, pieces)
+            if stats is not None:
+                stats.extend({"bars": p.closed_bars} for p in pieces)
+            return outs
     finally:
         torch.set_num_threads(threads)
         run.bar.close()
-    if stats is not None:
-        stats["bars"] = run.closed_bars
-    return out
 
 
 @dataclass
 class _Run:
-    """What one generate call's loop needs (fixed for the call)."""
+    """What one generate_batch call's loop needs (fixed for the call)."""
 
     loaded: Loaded
     sample: SampleParams
-    stream: _Stream
-    gen: torch.Generator
+    decoder: Decoder
     max_words: int | None
     max_bars: int | None
     max_seconds: float | None
-    trace: list[Tensor] | None = None
-    bar: Any = None  # tqdm
+    trace: list[Tensor] | None
+    bar: Any  # tqdm
     min_bars: int = 0
-    closed_bars: int = 0  # set when the loop ends
 
     def words_done(self, n_new: int) -> bool:
         return self.max_words is not None and n_new >= self.max_words
@@ -399,6 +406,39 @@ class _Run:
         if period <= 0 or repeats <= 0:
             return []
         return loop_guard(np.array(history[-period * repeats :]), period, repeats)
+
+    def uniforms(self, pieces: list[_Piece], n: int) -> Tensor:
+        """(B, n) uniforms, row i from piece i's own generator (batch-independent draws)."""
+        device = self.loaded.device
+        return torch.stack([torch.rand(n, generator=p.gen, device=device) for p in pieces])
+
+    def step(self, pieces: list[_Piece], rows: list[int], words: np.ndarray) -> list[_Piece]:
+        """Feed each piece in `rows` its new word; pieces not in rows leave the batch."""
+        if len(rows) < len(pieces):
+            self.decoder.keep(torch.tensor(rows, dtype=torch.long, device=self.loaded.device))
+            pieces = [pieces[r] for r in rows]
+        if pieces:
+            x = torch.as_tensor(words[rows], device=self.loaded.device)  # (B, F)
+            h = self.decoder.step(x)  # (B, D)
+            for i, p in enumerate(pieces):
+                p.h = h[i]
+        self.bar.update(1)
+        return pieces
+
+
+@dataclass
+class _Piece:
+    """One piece of a batch: its words so far, random stream, grammar state, last hidden."""
+
+    prompt: np.ndarray
+    gen: torch.Generator
+    h: Tensor  # (D,) hidden state that predicts the next word
+    state: _State = dataclasses.field(default_factory=_State)
+    out: list = dataclasses.field(default_factory=list)  # CP rows or REMI ids, prompt first
+    result: np.ndarray | None = None  # set when the piece ends
+    cur: np.ndarray | None = None  # REMI: the word being written (later fields may come)
+    cur_start: int = 0  # REMI: index of its first token
+    closed_bars: int = 0  # set when the piece ends (generate's `stats`)
 
 
 def _start(loaded: Loaded, prompt: np.ndarray | None) -> np.ndarray:
@@ -417,67 +457,98 @@ def _start(loaded: Loaded, prompt: np.ndarray | None) -> np.ndarray:
     return prompt.astype(np.int64)
 
 
-def _run_cp(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
+def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
     masks = _CPMasks(run.loaded.config.vocab_sizes, run.loaded.device)
-    state = _State()
-    for w in prompt:
-        state.apply(w)
-    words = list(prompt)
-    while not run.words_done(len(words) - len(prompt)):
-        banned = run.banned(words)
-        forbid: dict[int, set[int]] = {}
-        order = iter(_GUARD_ORDER)
-        while True:
-            w = _draw_word(run, h, state, masks, forbid)
-            f = next(order, None) if tuple(w.tolist()) in banned else None
-            if f is None:  # not a loop, or every field already tried: keep the word
-                break
-            # forbid the repeated word's value in one more field, most musical first
-            forbid.setdefault(f, set()).add(int(w[f]))
-        if w[TYPE] == EOS or state.exceeds(w, run.max_bars, run.max_seconds):
-            run.closed_bars = state.bar + int(w[TYPE] == EOS or w[BAR_BEAT] == BAR)
-            break
-        state.apply(w)
-        words.append(w)
-        run.bar.update(1)
-        h = run.stream.feed(w[None])
-    else:  # the word cap: the current bar is still open
-        run.closed_bars = state.bar
     eos = np.zeros(len(FIELDS), np.int64)
     eos[TYPE] = EOS
-    return np.stack([*words, eos]).astype(np.int32)
+    everyone = list(pieces)
+    for p in pieces:
+        for w in p.prompt:
+            p.state.apply(w)
+        p.out = list(p.prompt)
+    n_new = 0
+    while pieces and not run.words_done(n_new):
+        words = _draw_words(run, pieces, masks, [{} for _ in pieces], trace=True)
+        # the loop guard: a word that continues a loop is drawn again with one more field's
+        # value forbidden, most musical first, until it is no loop or every field was tried
+        forbid = [{} for _ in pieces]
+        order = [iter(_GUARD_ORDER) for _ in pieces]
+        redo = list(range(len(pieces)))
+        while redo:
+            again = []
+            for r in redo:
+                banned = run.banned(pieces[r].out)
+                f = next(order[r], None) if tuple(words[r].tolist()) in banned else None
+                if f is not None:
+                    forbid[r].setdefault(f, set()).add(int(words[r, f]))
+                    again.append(r)
+            if again:
+                sub = [pieces[r] for r in again]
+                words[again] = _draw_words(run, sub, masks, [forbid[r] for r in again])
+            redo = again
+        keep = []
+        for r, (p, w) in enumerate(zip(pieces, words, strict=True)):
+            if w[TYPE] == EOS or p.state.exceeds(w, run.max_bars, run.max_seconds):
+                # EOS or a next Bar word closes the current bar; a time cap leaves it open
+                p.closed_bars = p.state.bar + int(w[TYPE] == EOS or w[BAR_BEAT] == BAR)
+                p.result = np.stack([*p.out, eos]).astype(np.int32)
+                continue
+            p.state.apply(w)
+            p.out.append(w)
+            keep.append(r)
+        pieces = run.step(pieces, keep, words)
+        n_new += 1
+    for p in pieces:  # the word cap: the current bar is still open
+        p.closed_bars = p.state.bar
+        p.result = np.stack([*p.out, eos]).astype(np.int32)
+    return [p.result for p in everyone]
 
 
-def _draw_word(
-    run: _Run, h: Tensor, state: _State, masks: _CPMasks, forbid: dict[int, set[int]]
+def _draw_words(
+    run: _Run,
+    pieces: list[_Piece],
+    masks: _CPMasks,
+    forbid: list[dict[int, set[int]]],
+    trace: bool = False,
 ) -> np.ndarray:
-    """One CP word: the type, then each other field given it (masked by the grammar)."""
-    model, seq, gen = run.loaded.model, run.sample.use_sequential_fields, run.gen
+    """One CP word per piece (B, F): the type, then each other field given it (grammar masks).
+
+    Every field is one batched draw; each piece's masks come from its own grammar state.
+    """
+    dec, seq = run.decoder, run.sample.use_sequential_fields
     settings = [run.sample.field(name) for name in run.loaded.fields]
-    type_logits = model.head_logits(h)[0][0]  # (1, V_type)
-    if run.trace is not None and not forbid:  # a redraw for the loop guard is the same step
+    h = torch.stack([p.h for p in pieces])  # (B, D)
+    u = run.uniforms(pieces, len(FIELDS))  # (B, F): every field draws, forced or not
+    type_logits = dec.type_logits(h)  # (B, V_type)
+    if trace and run.trace is not None:
         run.trace.append(type_logits.clone())
-    w = np.zeros(len(FIELDS), np.int64)
-    w[TYPE] = _draw(type_logits, masks.type_mask(state, seq, run.min_bars), *settings[TYPE], gen)
-    if w[TYPE] == EOS:
-        return w
-    next_type = torch.tensor([[w[TYPE]]], device=h.device)
-    logits = model.head_logits(h, next_type=next_type)
-    drawn: dict[int, int] = {}
+    allowed = torch.stack([masks.type_mask(p.state, seq, run.min_bars) for p in pieces])
+    kinds = sample_field(mask_logits(type_logits, allowed), *settings[TYPE], u=u[:, TYPE])
+    w = np.zeros((len(pieces), len(FIELDS)), np.int64)
+    w[:, TYPE] = kinds.cpu().numpy()
+    logits = dec.field_logits(h, kinds)  # an EOS row's fields are drawn and dropped
     for f in _NON_TYPE:
-        allowed = masks.field_mask(f, int(w[TYPE]), state, drawn, seq)
-        if f == REST and allowed is not None and state.bar + 1 < run.min_bars:
-            # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
-            allowed = allowed & (masks.from_[REST] <= run.min_bars - 2 - state.bar)
-        if allowed is not None:
-            if f in forbid:
-                narrowed = allowed.clone()
-                narrowed[list(forbid[f])] = False
-                allowed = narrowed if narrowed.any() else allowed  # the guard never empties a field
-            w[f] = _draw(logits[f][0], allowed, *settings[f], gen)
-        drawn[f] = int(w[f])
+        rows = []
+        for r, p in enumerate(pieces):
+            drawn = dict(enumerate(w[r, :f].tolist()))
+            m = masks.field_mask(f, int(w[r, TYPE]), p.state, drawn, seq)
+            if f == REST and m is not None and p.state.bar + 1 < run.min_bars:
+                # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
+                m = m & (masks.from_[REST] <= run.min_bars - 2 - p.state.bar)
+            if m is not None and f in forbid[r]:
+                narrowed = m.clone()
+                narrowed[list(forbid[r][f])] = False
+                m = narrowed if narrowed.any() else m  # the guard never empties a field
+            rows.append(m)
+        if all(m is None for m in rows):
+            continue  # forced to Ignore everywhere (uniforms drawn all the same)
+        allowed = torch.stack([masks.any[f] if m is None else m for m in rows])
+        ids = sample_field(mask_logits(logits[f - 1], allowed), *settings[f], u=u[:, f])
+        ids = ids.cpu().numpy()
+        w[:, f] = [0 if m is None else i for m, i in zip(rows, ids, strict=True)]
     if not seq:
-        _repair(w)
+        for row in w:
+            _repair(row)
     return w
 
 
@@ -520,57 +591,72 @@ class _RemiMasks:
         return allowed
 
 
-def _run_remi(run: _Run, h: Tensor, prompt: np.ndarray) -> np.ndarray:
-    model, tok = run.loaded.model, run.loaded.tokenizer
+def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
+    tok = run.loaded.tokenizer
     masks = _RemiMasks(tok, run.loaded.device)
     temp, top_p = run.sample.field(run.loaded.fields[0])
-    words, _ = tok._to_words(prompt)
-    state = _State()
-    for w in words[:-1]:
-        state.apply(w)
-    cur = words[-1].copy()  # the word being written (its later fields may still come)
-    openers = [i for i, t in enumerate(prompt.tolist()) if masks.field_of[t] in (BAR_BEAT, PITCH)]
-    cur_start = openers[-1] if openers else 0
-    tokens = prompt.tolist()
-    while not run.words_done(len(tokens) - len(prompt)):
-        logits = model.head_logits(h)[0][0]  # (1, V)
+    everyone = list(pieces)
+    for p in pieces:
+        words, _ = tok._to_words(p.prompt)
+        for w in words[:-1]:
+            p.state.apply(w)
+        p.cur = words[-1].copy()
+        ids = p.prompt.tolist()
+        openers = [i for i, t in enumerate(ids) if masks.field_of[t] in (BAR_BEAT, PITCH)]
+        p.cur_start, p.out = (openers[-1] if openers else 0), ids
+    n_new = 0
+    while pieces and not run.words_done(n_new):
+        logits = run.decoder.type_logits(torch.stack([p.h for p in pieces]))  # (B, V)
         if run.trace is not None:
             run.trace.append(logits.clone())
-        allowed = masks.allowed(cur, state)
-        is_bar = cur[TYPE] == METRICAL and cur[BAR_BEAT] == BAR
-        if state.bar + (1 + int(cur[REST]) if is_bar else 0) < run.min_bars:
-            allowed = allowed.clone()
-            allowed[1] = False  # 1 = EOS: the piece has not reached bar min_bars yet
-            if is_bar:  # as in CP: no rest past bar min_bars - 1
-                allowed &= ~(masks.of[REST] & (masks.value > run.min_bars - 2 - state.bar))
-        banned = run.banned(tokens)
-        if banned:
-            narrowed = mask_logits(forbid_ids(logits, banned), allowed)
-            # the guard never empties the choice: with nothing left, the loop continues
-            logits = narrowed if not torch.isneginf(narrowed).all() else logits
-        t = _draw(logits, allowed, temp, top_p, run.gen)
-        f = masks.field_of[t]
-        if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
-            if state.exceeds(cur, run.max_bars, run.max_seconds):
-                run.closed_bars = state.bar + int(is_bar)
-                return _close_remi(tokens[: max(cur_start, len(prompt))])
-            state.apply(cur)
-            if f == TYPE:
-                run.closed_bars = state.bar + 1
-                break
-            cur = np.zeros(len(FIELDS), np.int64)
-            cur[TYPE] = METRICAL if f == BAR_BEAT else NOTE
-            cur_start = len(tokens)
-        cur[f] = masks.value_of[t]
-        tokens.append(t)
-        run.bar.update(1)
-        h = run.stream.feed(np.array([[t]]))
-    else:  # the word cap: drop an unfinished Note, or a last word past a cap
-        run.closed_bars = state.bar
-        unfinished = cur[TYPE] == NOTE and not cur[VELOCITY]
-        if unfinished or state.exceeds(cur, run.max_bars, run.max_seconds):
-            tokens = tokens[: max(cur_start, len(prompt))]
-    return _close_remi(tokens)
+        rows = []
+        for p in pieces:
+            allowed = masks.allowed(p.cur, p.state)
+            is_bar = p.cur[TYPE] == METRICAL and p.cur[BAR_BEAT] == BAR
+            if p.state.bar + (1 + int(p.cur[REST]) if is_bar else 0) < run.min_bars:
+                allowed = allowed.clone()
+                allowed[1] = False  # 1 = EOS: the piece has not reached bar min_bars yet
+                if is_bar:  # as in CP: no rest past bar min_bars - 1
+                    too_far = masks.value > run.min_bars - 2 - p.state.bar
+                    allowed &= ~(masks.of[REST] & too_far)
+            banned = run.banned(p.out)
+            if banned:
+                narrowed = allowed.clone()
+                narrowed[banned] = False
+                # the guard never empties the choice: with nothing left, the loop continues
+                allowed = narrowed if narrowed.any() else allowed
+            rows.append(allowed)
+        u = run.uniforms(pieces, 1)[:, 0]
+        drawn = sample_field(mask_logits(logits, torch.stack(rows)), temp, top_p, u=u)
+        keep, tokens = [], drawn.cpu().numpy()
+        for r, (p, t) in enumerate(zip(pieces, tokens.tolist(), strict=True)):
+            f = masks.field_of[t]
+            if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
+                if p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
+                    is_bar = p.cur[TYPE] == METRICAL and p.cur[BAR_BEAT] == BAR
+                    p.closed_bars = p.state.bar + int(is_bar)
+                    p.result = _close_remi(p.out[: max(p.cur_start, len(p.prompt))])
+                    continue
+                p.state.apply(p.cur)
+                if f == TYPE:
+                    p.closed_bars = p.state.bar + 1
+                    p.result = _close_remi(p.out)
+                    continue
+                p.cur = np.zeros(len(FIELDS), np.int64)
+                p.cur[TYPE] = METRICAL if f == BAR_BEAT else NOTE
+                p.cur_start = len(p.out)
+            p.cur[f] = masks.value_of[t]
+            p.out.append(t)
+            keep.append(r)
+        pieces = run.step(pieces, keep, tokens[:, None])
+        n_new += 1
+    for p in pieces:  # the word cap: drop an unfinished Note, or a last word past a cap
+        p.closed_bars = p.state.bar
+        unfinished = p.cur[TYPE] == NOTE and not p.cur[VELOCITY]
+        if unfinished or p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
+            p.out = p.out[: max(p.cur_start, len(p.prompt))]
+        p.result = _close_remi(p.out)
+    return [p.result for p in everyone]
 
 
 def _close_remi(tokens: list[int]) -> np.ndarray:
@@ -634,12 +720,23 @@ def continue_midi(
         MidiError: the file cannot be read.
         ValueError: prompt_bars < 1, or the file has no notes to continue from.
     """
+    prompt = midi_prompt(loaded.tokenizer, midi_path, prompt_bars)
+    return prompt, generate(loaded, sample, prompt=prompt, **caps)
+
+
+def midi_prompt(tokenizer: Tokenizer, midi_path: Path | str, prompt_bars: int) -> np.ndarray:
+    """The first `prompt_bars` bars of a MIDI file as a prompt (`continue_midi`'s opening).
+
+    Raises:
+        MidiError: the file cannot be read.
+        ValueError: prompt_bars < 1, or the file has no notes to continue from.
+    """
     if prompt_bars < 1:
         raise ValueError(f"prompt_bars {prompt_bars}: expected >= 1 (use no prompt instead)")
-    prompt = prompt_of(loaded.tokenizer, loaded.tokenizer.encode(midi_path), prompt_bars)
+    prompt = prompt_of(tokenizer, tokenizer.encode(midi_path), prompt_bars)
     if len(prompt) == 0:
         raise ValueError(f"{midi_path}: no words before bar {prompt_bars}; pick a file with notes")
-    return prompt, generate(loaded, sample, prompt=prompt, **caps)
+    return prompt
 
 
 # ---- sampling settings, model references, files ------------------------------------------
@@ -735,8 +832,9 @@ def write_samples(
 ) -> list[Path]:
     """Generate `params.num_samples` pieces into `out_dir` (MIDI, optional MP3/PNG, JSON log).
 
-    Piece i uses seed + i and is named `<prompt stem or "sample">_seed<seed + i>.mid`;
-    generate.json records the checkpoint, sampling settings and words/s of every piece.
+    Piece i uses seed + i and is named `<prompt stem or "sample">_seed<seed + i>.mid`.
+    The pieces decode as one batch; generate.json records the checkpoint, sampling settings,
+    every piece's words and music seconds, and the batch's compute seconds and words/s.
 
     Returns:
         The MIDI paths.
@@ -753,31 +851,31 @@ def write_samples(
         "max_minutes": params.max_minutes or None,
     }
     stem = prompt.stem if prompt is not None else "sample"
+    head = midi_prompt(loaded.tokenizer, prompt, params.prompt_bars) if prompt else np.zeros(0)
+    seeds = [seed + i for i in range(params.num_samples)]
+    t0 = time.perf_counter()  # the pieces decode as one batch
+    stats: list[dict[str, Any]] = []
+    outs = generate_batch(
+        loaded, sample, [head if prompt else None] * len(seeds), seeds, **caps,
+        progress=progress, stats=stats,
+    )  # fmt: skip
+    took = time.perf_counter() - t0
     paths, log = [], []
-    for i in range(params.num_samples):
-        t0 = time.perf_counter()
-        stats: dict[str, Any] = {}
-        kw = {**caps, "seed": seed + i, "progress": progress, "stats": stats}
-        if prompt is not None:
-            head, out = continue_midi(loaded, sample, prompt, params.prompt_bars, **kw)
-        else:
-            head, out = np.zeros(0), generate(loaded, sample, **kw)
-        took = time.perf_counter() - t0
+    for piece_seed, out, got in zip(seeds, outs, stats, strict=True):
         midi = loaded.tokenizer.decode(out)
-        path = out_dir / f"{stem}_seed{seed + i}.mid"
+        path = out_dir / f"{stem}_seed{piece_seed}.mid"
         midi.dump(str(path))
         if mp3:
             render_audio(path, path.with_suffix(".mp3"))
         if roll:
             piano_roll(midi, path.with_suffix(".png"))
         paths.append(path)
-        new = len(out) - len(head)
         log.append({
-            "file": path.name, "seed": seed + i, "prompt_words": len(head), "words": int(new),
-            "seconds_compute": round(took, 3), "words_per_s": round(new / max(took, 1e-9), 1),
+            "file": path.name, "seed": piece_seed, "prompt_words": len(head),
+            "words": len(out) - len(head),
             "seconds_music": round(piece_seconds(loaded.tokenizer, out), 2),
             "decode_errors": int(loaded.tokenizer.last_decode_errors),
-            "bars": stats["bars"], "complete": stats["bars"] >= caps["min_bars"],
+            "bars": got["bars"], "complete": got["bars"] >= caps["min_bars"],
         })  # fmt: skip
     meta = {
         "checkpoint": str(loaded.checkpoint),
@@ -786,6 +884,8 @@ def write_samples(
         "prompt": str(prompt) if prompt else None,
         "params": dataclasses.asdict(params),
         "sample": dataclasses.asdict(sample),
+        "seconds_compute": round(took, 3),  # the whole batch
+        "words_per_s": round(sum(p["words"] for p in log) / max(took, 1e-9), 1),
         "pieces": log,
     }
     (out_dir / "generate.json").write_text(json.dumps(meta, indent=1, default=dict) + "\n")

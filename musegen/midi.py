@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from musegen import files
+
 TICKS_PER_BEAT = 480  # the Pop1K7 / CP grid; every Score is rescaled to it
 
 #: reason codes a MidiError may carry (the manifest's `reason` column).
@@ -32,7 +34,16 @@ REASONS = (
     "too_long",
     "duplicate",
     "header_only",
+    # from files.open_regular (too_large above is shared): a dangling link, a FIFO, device or
+    # folder, a file or folder without read permission
+    "missing",
+    "not_regular",
+    "unreadable",
 )
+assert set(files.REASONS) <= set(REASONS)
+#: the most any reader takes when the caller gives no limit (prepare.max_file_mb rejects larger
+#: corpus files first); piano MIDI is ~10-100 kB, and parsing costs ~15-100x the file size
+MAX_MIDI_BYTES = 16_000_000
 
 
 class MidiError(ValueError):
@@ -40,8 +51,9 @@ class MidiError(ValueError):
 
     def __init__(self, path: Path | str, reason: str, detail: str) -> None:
         assert reason in REASONS, reason
-        self.path, self.reason, self.detail = str(path), reason, detail
-        super().__init__(f"{path}: {reason}: {detail}")
+        # printable: a name that is not UTF-8 must not crash whoever prints the error
+        self.path, self.reason, self.detail = files.printable(path), reason, detail
+        super().__init__(f"{self.path}: {reason}: {detail}")
 
 
 @dataclass
@@ -104,11 +116,16 @@ def read_header(data: bytes, path: Path | str) -> tuple[int, int, int]:
 
 
 def read_checked(path: Path, max_bytes: int | None = None) -> bytes:
-    """The file's bytes after the size limit (checked before reading) and the header checks."""
-    size = path.stat().st_size
-    if max_bytes is not None and size > max_bytes:
-        raise MidiError(path, "too_large", f"{size / 1e6:.1f} MB exceeds {max_bytes / 1e6:.1f} MB")
-    data = path.read_bytes()
+    """The file's bytes after the safe read (`files.read_regular`) and the header checks.
+
+    Raises:
+        MidiError: not a readable regular file of at most `max_bytes` (default MAX_MIDI_BYTES),
+            or a bad header.
+    """
+    try:
+        data = files.read_regular(path, MAX_MIDI_BYTES if max_bytes is None else max_bytes)
+    except files.FileRefusedError as exc:
+        raise MidiError(exc.path, exc.reason, exc.detail) from exc
     read_header(data, path)
     return data
 
@@ -185,15 +202,25 @@ def read_score(path: Path | str, max_bytes: int | None = None) -> Score:
     Raises:
         MidiError: the header is bad (see read_header) or symusic cannot parse the body.
     """
+    return parse_score(read_checked(Path(path), max_bytes), path)
+
+
+def parse_score(data: bytes, path: Path | str) -> Score:
+    """The Score of MIDI bytes already read and header-checked (see read_score).
+
+    `path` only names the file in errors.
+
+    Raises:
+        MidiError: symusic cannot parse the body.
+    """
     import symusic
 
-    path = Path(path)
-    data = read_checked(path, max_bytes)
     try:
         sm = symusic.Score.from_midi(data)
     except Exception as exc:  # symusic raises RuntimeError('MiniMidi: ...') on any bad body
-        reason = "truncated" if "remaining" in str(exc) or "length" in str(exc) else "corrupt"
-        raise MidiError(path, reason, f"{type(exc).__name__}: {exc}") from exc
+        if "remaining" in str(exc) or "length" in str(exc):
+            raise MidiError(path, "truncated", f"ends inside a chunk ({exc})") from exc
+        raise MidiError(path, "corrupt", f"{type(exc).__name__}: {exc}") from exc
     tpb = int(sm.ticks_per_quarter)
     parts, n_drum = [], 0
     for track in sm.tracks:

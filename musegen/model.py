@@ -13,7 +13,9 @@ ICLR 2019 (arXiv 1809.04281); init follows nanoGPT (Karpathy) / GPT-2.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,11 @@ from torch import Tensor, nn
 from musegen.config import ParamsError
 
 ATTENTION_KINDS = ("relative", "absolute")
+#: how relative attention is computed; all are exact and tested equal to "skew" (the
+#: reference). "auto" picks per device: "skew" on CPU (measured fastest there by
+#: bench.train_throughput), "flex" (FlexAttention, compiled) on CUDA, where the T x T bias
+#: keeps SDPA off its fused kernels. FlexAttention has no CPU backward (torch 2.13).
+ATTENTION_IMPLS = ("auto", "skew", "gather", "flex")
 
 
 class FieldEmbedding(nn.Module):
@@ -94,19 +101,94 @@ def skew(qe: Tensor) -> Tensor:
     return flat[..., t_q:].reshape(*lead, t_q, t_k)  # (..., Tq, Tk)
 
 
-def relative_logits(q: Tensor, rel: Tensor, t_k: int) -> Tensor:
-    """S_rel for queries q (B, H, Tq, Dh) against the last Tk keys, via `skew`.
+def _distances(t_q: int, t_k: int, n_dist: int, device: torch.device) -> Tensor:
+    """(Tq, Tk) distance of each key from each query, clipped to [0, n_dist - 1].
 
-    `rel` (max_len, Dh) holds one learned vector per distance 0..max_len-1, shared by the
-    heads of a layer; distances past max_len - 1 are clipped to the farthest vector.
+    The Tq queries are the last Tq keys; entries above the causal diagonal clip to 0 (they
+    are masked anyway).
     """
-    dist = (t_k - 1 - torch.arange(t_k, device=q.device)).clamp(max=rel.size(0) - 1)  # (Tk,)
-    qe = q @ rel[dist].transpose(0, 1)  # (B, H, Tq, Dh) @ (Dh, Tk) -> (B, H, Tq, Tk)
+    q_at = torch.arange(t_k - t_q, t_k, device=device)[:, None]  # (Tq, 1)
+    return (q_at - torch.arange(t_k, device=device)[None, :]).clamp(0, n_dist - 1)  # (Tq, Tk)
+
+
+def relative_logits(q: Tensor, rel: Tensor, t_k: int) -> Tensor:
+    """S_rel for queries q (B, H, Tq, Dh) against the last Tk keys, via `skew` (reference).
+
+    `rel` holds one learned vector per distance 0..max_len-1: (max_len, Dh) shared by the
+    heads of a layer, or (H, max_len, Dh) per head; distances past max_len - 1 are clipped
+    to the farthest vector.
+    """
+    dist = (t_k - 1 - torch.arange(t_k, device=q.device)).clamp(max=rel.size(-2) - 1)  # (Tk,)
+    # (B, H, Tq, Dh) @ (Dh, Tk) or (H, Dh, Tk) -> (B, H, Tq, Tk)
+    qe = q @ rel[..., dist, :].transpose(-2, -1)
     return skew(qe)
 
 
+def relative_logits_gather(q: Tensor, rel: Tensor, t_k: int) -> Tensor:
+    """`relative_logits` by a gather: q · E_r for every distance, then picked per (i, j).
+
+    Costs Tq x min(Tk, max_len) dot products (the skew pays Tq x Tk) and one gather; the
+    result equals the skew's on and below the causal diagonal (0-distance above it).
+    """
+    t_q, n_dist = q.size(-2), min(t_k, rel.size(-2))
+    qe = q @ rel[..., :n_dist, :].transpose(-2, -1)  # (B, H, Tq, n_dist): q_i · E_r[d]
+    dist = _distances(t_q, t_k, n_dist, q.device)  # (Tq, Tk)
+    return qe.gather(-1, dist.expand(*qe.shape[:-1], t_k))  # (B, H, Tq, Tk)
+
+
+@functools.cache
+def _compiled_flex() -> Any:
+    """FlexAttention compiled once per process (eager flex materialises the scores)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+@functools.lru_cache(maxsize=32)
+def _flex_mask(t_q: int, t_k: int, window: int | None, device: str) -> Any:
+    """Causal (optionally local) block mask for Tq queries that are the last Tq of Tk keys."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    offset = t_k - t_q
+
+    def allowed(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        ok = kv_idx <= q_idx + offset
+        return ok & (kv_idx > q_idx + offset - window) if window is not None else ok
+
+    return create_block_mask(allowed, None, None, t_q, t_k, device=device)
+
+
+def flex_relative_attention(
+    q: Tensor, k: Tensor, v: Tensor, rel: Tensor, window: int | None
+) -> Tensor:
+    """Causal relative attention through FlexAttention; the T x T logits never exist.
+
+    `score_mod` adds q_i · E_r[dist(i, j)] / sqrt(Dh), read from the precomputed
+    (B, H, Tq, n_dist) product (PyTorch FlexAttention docs, "relative position"); a causal
+    block mask skips the blocks above the diagonal. Compiled on CUDA; eager (forward only,
+    for tests) on CPU, where FlexAttention has no backward (torch 2.13).
+    """
+    from torch.nn.attention.flex_attention import flex_attention
+
+    t_q, t_k = q.size(-2), k.size(-2)
+    n_dist, offset = min(t_k, rel.size(-2)), t_k - t_q
+    qe = (q @ rel[..., :n_dist, :].transpose(-2, -1)) / math.sqrt(q.size(-1))  # (B,H,Tq,n)
+
+    def add_relative(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        dist = (q_idx + offset - kv_idx).clamp(0, n_dist - 1)  # masked entries clip to 0
+        return score + qe[b, h, q_idx, dist]
+
+    mask = _flex_mask(t_q, t_k, window, str(q.device))
+    attend = _compiled_flex() if q.is_cuda else flex_attention
+    return attend(q, k, v, score_mod=add_relative, block_mask=mask)  # (B, H, Tq, Dh)
+
+
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention, plain or with Music Transformer relative positions."""
+    """Multi-head causal self-attention, plain or with Music Transformer relative positions.
+
+    `impl` (one of ATTENTION_IMPLS, set through `MusicTransformer.set_attention_impl`) says
+    how the relative term is computed; every choice gives the same numbers (tests).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -114,8 +196,17 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)  # residual projection
         d_head = config.d_model // config.n_head
-        relative = config.attention == "relative"
-        self.rel = nn.Parameter(torch.zeros(config.max_len, d_head)) if relative else None
+        self.rel: nn.Parameter | None = None
+        if config.attention == "relative":  # one E_r per layer (max_len, Dh), or per head
+            heads = (config.n_head,) if config.rel_per_head else ()
+            self.rel = nn.Parameter(torch.zeros(*heads, config.max_len, d_head))
+        self.impl = "auto"
+
+    def resolved_impl(self, device: torch.device) -> str:
+        """The relative-attention path "auto" stands for on `device` (measured, README)."""
+        if self.impl != "auto":
+            return self.impl
+        return "flex" if device.type == "cuda" else "skew"
 
     def forward(
         self, x: Tensor, past: tuple[Tensor, Tensor] | None, window: int | None
@@ -130,6 +221,17 @@ class CausalSelfAttention(nn.Module):
             v = torch.cat([past[1], v], dim=2)
         t_k = k.size(2)
         drop = self.dropout if self.training else 0.0
+        impl = self.resolved_impl(x.device) if self.rel is not None else None
+        if impl == "flex" and t_q > 1:
+            if drop > 0:
+                warnings.warn(
+                    "flex relative attention applies no dropout to the attention weights "
+                    "(residual and embedding dropout still apply)",
+                    stacklevel=2,
+                )
+            y = flex_relative_attention(q, k, v, self.rel, window)
+            y = y.transpose(1, 2).reshape(B, t_q, D)  # (B, H, Tq, Dh) -> (B, Tq, D)
+            return self.proj(y), (k, v)
         bias: Tensor | None = None  # None: plain causal over a full sequence (is_causal)
         if self.rel is not None or window is not None or t_q not in (t_k, 1):
             allowed = causal_mask(t_q, t_k, window, x.device)  # (Tq, Tk)
@@ -137,7 +239,8 @@ class CausalSelfAttention(nn.Module):
             if self.rel is not None:
                 # SDPA adds the mask after scaling QK^T, so S_rel / sqrt(Dh) gives
                 # (QK^T + S_rel) / sqrt(Dh) (Huang et al. eq. 3).
-                s_rel = relative_logits(q, self.rel, t_k) / math.sqrt(q.size(-1))
+                rel_logits = relative_logits if impl == "skew" else relative_logits_gather
+                s_rel = rel_logits(q, self.rel, t_k) / math.sqrt(q.size(-1))
                 bias = s_rel.to(q.dtype).masked_fill(~allowed, float("-inf"))  # (B, H, Tq, Tk)
         if t_q == 1:
             # One new token (decoding): two small matmuls. SDPA may pick cuDNN here, which
@@ -231,6 +334,7 @@ class ModelParams:
     dropout: float
     max_len: int
     attention: str
+    rel_per_head: bool
 
 
 @dataclass(frozen=True)
@@ -250,6 +354,7 @@ class ModelConfig:
     dropout: float
     max_len: int  # context window and number of relative distances
     attention: str  # "relative" | "absolute"
+    rel_per_head: bool = False  # one E_r per head (H, max_len, Dh); older checkpoints: shared
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "vocab_sizes", tuple(int(v) for v in self.vocab_sizes))
@@ -336,6 +441,18 @@ class MusicTransformer(nn.Module):
     def n_fields(self) -> int:
         """F: 8 for CP words, 1 for REMI."""
         return len(self.config.vocab_sizes)
+
+    def set_attention_impl(self, impl: str) -> MusicTransformer:
+        """Choose how relative attention is computed: one of ATTENTION_IMPLS (default auto).
+
+        Every path gives the same numbers (tests: equal to "skew" within 1e-5 in float32);
+        "flex" trains only on CUDA (no CPU backward in torch 2.13).
+        """
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
+        for block in self.blocks:
+            block.attn.impl = impl
+        return self
 
     def _check_ids(self, ids: Tensor, sizes: Sequence[int], what: str) -> None:
         """Raise on float ids, or (CPU only) on ids outside [0, V_f); ids: (..., len(sizes))."""
@@ -435,3 +552,123 @@ class MusicTransformer(nn.Module):
         n_matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         per_layer = (6 if self.config.attention == "relative" else 4) * t * self.config.d_model
         return 2 * n_matmul + self.config.n_layer * per_layer
+
+
+class Decoder:
+    """Batched incremental decoding for generation: B streams, one new word each per step.
+
+    Build with `Decoder(model, batch)`, `prime(i, words)` each stream with its prompt, then
+    `step(words)` once per word. Equal to `KVCache` decoding trimmed to max_len - 1 (and so
+    to `model.hidden(x, window=max_len)` over each stream; tests), but lean per word:
+
+    - keys/values live in a preallocated ring of W = max_len slots per layer (B, H, W, Dh);
+      the new word overwrites the oldest slot, so nothing is copied or concatenated. Slot s
+      holds the word (c - s) mod W positions back (c = the step counter, shared by the
+      streams), which is its relative distance; slots a stream has not filled are masked;
+    - the field embeddings and their projection are folded into one table (sum_f V_f, D),
+      the CP type projection's embedding half into a (V_type, D) table, and the heads of the
+      non-type fields into one matmul: three ops where the model takes about twenty;
+    - no id checks (the sampler draws legal ids) and no host syncs.
+
+    The folded tables hold the weights at build time: build a new Decoder after training.
+    """
+
+    def __init__(self, model: MusicTransformer, batch: int):
+        cfg, p = model.config, next(model.parameters())
+        self.model, self.window, self.batch = model, cfg.max_len, batch
+        d_head = cfg.d_model // cfg.n_head
+        ring = (batch, cfg.n_head, cfg.max_len, d_head)
+        self.keys = [p.new_zeros(ring) for _ in model.blocks]  # (B, H, W, Dh) per layer
+        self.values = [p.new_zeros(ring) for _ in model.blocks]
+        self.filled = torch.zeros(batch, dtype=torch.long, device=p.device)  # slots in use
+        self.pos = torch.zeros(batch, dtype=torch.long, device=p.device)  # next position
+        self.count = 0  # c: steps taken; the next word goes to slot c mod W
+        self.slots = torch.arange(cfg.max_len, device=p.device)
+        with torch.no_grad():
+            emb = model.embed
+            parts, start = [], 0  # proj(cat_f(e_f * s_f)) = sum_f (E_f * s_f) @ P_f^T + b
+            for table, scale in zip(emb.tables, emb.scales, strict=True):
+                cols = emb.proj.weight[:, start : start + table.embedding_dim]  # (D, E_f)
+                parts.append((table.weight * scale) @ cols.T)  # (V_f, D)
+                start += table.embedding_dim
+            parts[0] = parts[0] + emb.proj.bias
+            self.table = torch.cat(parts)  # (sum V_f, D)
+            sizes = torch.tensor(cfg.vocab_sizes, device=p.device)
+            self.offsets = torch.cumsum(sizes, 0) - sizes  # (F,) first row of each field
+            if model.type_proj is not None:
+                d = cfg.d_model
+                w_h, w_e = model.type_proj.weight[:, :d], model.type_proj.weight[:, d:]
+                self.type_h = w_h  # (D, D)
+                e_type = emb.tables[0].weight * emb.scales[0]  # (V_type, E_type)
+                self.type_e = e_type @ w_e.T + model.type_proj.bias  # (V_type, D)
+                self.heads_w = torch.cat([h.weight for h in model.heads[1:]])  # (sum V, D)
+                self.heads_b = torch.cat([h.bias for h in model.heads[1:]])
+                self.split = [h.out_features for h in model.heads[1:]]
+
+    def prime(self, i: int, words: Tensor) -> Tensor:
+        """Feed stream i its opening (T, F) words; return its last hidden state (D,).
+
+        Chunks of at most max_len words through `model.hidden` (attention memory O(W^2)),
+        then the newest W - 1 keys/values go into row i of the ring, ending at slot c - 1.
+        """
+        cache, h = None, None
+        for s in range(0, len(words), self.window):
+            cache = cache.trim(self.window - 1) if cache is not None else None
+            chunk = words[None, s : s + self.window]  # (1, T, F)
+            win = self.window if chunk.size(1) > 1 else None
+            h, cache = self.model.hidden(chunk, cache, window=win)
+        assert h is not None and cache is not None
+        cache = cache.trim(self.window - 1)
+        n = len(cache)
+        slots = (self.count - n + torch.arange(n, device=h.device)) % self.window  # (n,)
+        for ring, kept in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
+            ring[i].index_copy_(1, slots, kept[0])  # (H, n, Dh) into (H, W, Dh)
+        self.filled[i], self.pos[i] = n, cache.pos
+        return h[0, -1]
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop the streams not in `rows` (finished pieces), in that order."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.filled, self.pos, self.batch = self.filled[rows], self.pos[rows], len(rows)
+
+    def step(self, words: Tensor) -> Tensor:
+        """Feed one word per stream, words (B, F); return the final hidden states (B, D)."""
+        model, W = self.model, self.window
+        h = self.table[words + self.offsets].sum(1)  # (B, F, D) -> (B, D)
+        if model.config.attention == "absolute":
+            h = h + sinusoidal(self.pos, model.config.d_model).to(h.dtype)  # (B, D)
+        slot = self.count % W
+        self.filled = (self.filled + 1).clamp_(max=W)
+        dist = (self.count - self.slots) % W  # (W,) distance of each slot's word
+        empty = dist[None, :] >= self.filled[:, None]  # (B, W): slots without this stream's words
+        bias = torch.zeros(empty.shape, dtype=h.dtype, device=h.device)
+        bias = bias.masked_fill_(empty, float("-inf"))[:, None, None]  # (B, 1, 1, W)
+        B, D = h.shape
+        for block, keys, values in zip(model.blocks, self.keys, self.values, strict=True):
+            attn = block.attn
+            qkv = attn.qkv(block.ln_1(h)).view(B, 3, attn.n_head, -1)  # (B, 3, H, Dh)
+            q, k, v = qkv.unbind(1)  # 3 x (B, H, Dh)
+            keys[:, :, slot] = k  # into the ring, over the word W positions back
+            values[:, :, slot] = v
+            q = q[:, :, None]  # (B, H, 1, Dh)
+            att = q @ keys.transpose(-2, -1)  # (B, H, 1, W)
+            if attn.rel is not None:  # + q · E_r[distance of each slot] (Huang et al. eq. 3)
+                qe = q @ attn.rel.transpose(-2, -1)  # (B, H, 1, W) by distance, W = max_len
+                att = att + qe.index_select(-1, dist)  # by slot
+            att = att / math.sqrt(q.size(-1)) + bias
+            y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
+            h = h + attn.proj(y)
+            h = h + block.mlp(block.ln_2(h))
+        self.count += 1
+        self.pos += 1
+        return model.ln_f(h)  # (B, D)
+
+    def type_logits(self, h: Tensor) -> Tensor:
+        """(B, D) -> (B, V_type) (REMI: the token logits)."""
+        return self.model.heads[0](h)
+
+    def field_logits(self, h: Tensor, next_type: Tensor) -> list[Tensor]:
+        """CP: logits of fields 1..F-1 given each stream's drawn type (B,): (B, V_f) each."""
+        y = h @ self.type_h.T + self.type_e[next_type]  # type_proj(cat(h, emb(type)))
+        return list(torch.addmm(self.heads_b, y, self.heads_w.T).split(self.split, dim=-1))

@@ -11,7 +11,12 @@ A row is `ok` or `rejected` with a reason code (REASONS):
 - read_header / load_midi (musegen.midi): not_midi, empty_file, truncated, corrupt, format_2,
   smpte_division, zero_division; `header_only` (an MThd chunk and nothing else) is split off
   `truncated` here.
-- too_large: size checked with stat() before anything is read, so memory stays bounded.
+- too_large: size checked on the opened descriptor before anything is read (neither parsed
+  nor hashed), and the read itself is bounded, so memory stays bounded.
+- missing, not_regular, unreadable (musegen.files.open_regular, the one safe read): a
+  dangling link; a FIFO, device, socket or a link to one (never opened, so nothing blocks or
+  streams forever); a file or folder without read permission. A folder that cannot be listed
+  is one row (its path ends in "/"), so the files in it are never dropped silently.
 - drums_only / no_notes: no pitched notes, or fewer than `min_notes`.
 - too_long: seconds from the tempo map (O(tempo changes), nothing per tick), over
   `max_seconds`; a single 10-hour note costs as little as a short one.
@@ -46,7 +51,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from musegen import midi
+from musegen import files, midi
 from musegen.config import ParamsError
 from musegen.midi import TICKS_PER_BEAT, MidiError
 
@@ -57,7 +62,7 @@ MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
 CORPUS_BOOKKEEPING = ("manifest.json",)  # musegen.corpus's own record, top level only
 
 COLUMNS = (
-    "path",  # relative to raw_dir, POSIX
+    "path",  # relative to raw_dir, POSIX, as files.printable text (a non-UTF-8 byte is \xNN)
     "sha256",
     "bytes",
     "status",  # ok | rejected
@@ -119,9 +124,17 @@ class PrepareParams:
 
 
 def list_files(raw_dir: Path) -> list[str]:
-    """Relative POSIX paths of every data file under raw_dir, sorted (see module docstring)."""
-    found, seen_dirs = [], set()
-    for root, dirs, names in os.walk(raw_dir, followlinks=True):
+    """Relative paths of every data file under raw_dir, sorted (see module docstring).
+
+    A folder that cannot be listed (no read permission, I/O error) is an entry too, its path
+    ending in "/", so the files in it are reported missing instead of silently dropped. Names
+    are the OS's (surrogate-escaped where not UTF-8); `files.printable` turns them into text.
+
+    Raises:
+        FileNotFoundError: raw_dir itself cannot be listed.
+    """
+    found, seen_dirs, unlistable = [], set(), []
+    for root, dirs, names in os.walk(raw_dir, followlinks=True, onerror=unlistable.append):
         real = os.path.realpath(root)
         if real in seen_dirs:  # a directory link back up the tree: walk each folder once
             dirs.clear()
@@ -135,31 +148,34 @@ def list_files(raw_dir: Path) -> list[str]:
             for n in names
             if not (n.startswith(".") or n.endswith(".dvc") or (top and n in CORPUS_BOOKKEEPING))
         ]
+    for exc in unlistable:
+        rel = Path(exc.filename).relative_to(raw_dir)
+        if rel == Path():
+            raise FileNotFoundError(f"{raw_dir}: cannot list the folder ({exc.strerror})")
+        found.append(rel.as_posix() + "/")
     return sorted(found)
-
-
-def _sha256_stream(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(1 << 16):  # 64 KiB at a time: memory independent of size
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
     """Fill `row` with what the file holds; raise MidiError when it must be rejected."""
-    size = path.stat().st_size
-    row["bytes"] = size
     max_bytes = int(params.max_file_mb * 1e6)
-    if size > max_bytes:
-        row["sha256"] = _sha256_stream(path)
-        raise MidiError(
-            path,
-            "too_large",
-            f"{size / 1e6:.2f} MB is over prepare.max_file_mb={params.max_file_mb}; "
-            "drop the file or raise the limit",
-        )
-    data = path.read_bytes()
+    try:  # the one safe read: regular files only, size checked on the opened descriptor
+        with files.open_regular(path) as (fh, size):
+            row["bytes"] = size
+            if size > max_bytes:  # rejected unread: neither parsed nor hashed (a sparse 1 TB file)
+                raise MidiError(
+                    path,
+                    "too_large",
+                    f"{size / 1e6:.2f} MB is over prepare.max_file_mb={params.max_file_mb}; "
+                    "drop the file or raise the limit",
+                )
+            data = fh.read(max_bytes + 1)  # bounded even if the file grows meanwhile
+    except files.FileRefusedError as exc:
+        raise MidiError(path, exc.reason, exc.detail) from exc
+    except OSError as exc:  # EIO and the like while reading
+        raise MidiError(path, "unreadable", f"cannot read: {exc.strerror}") from exc
+    if len(data) > max_bytes:
+        raise MidiError(path, "too_large", f"grew past prepare.max_file_mb={params.max_file_mb}")
     row["sha256"] = hashlib.sha256(data).hexdigest()
     if data.startswith(b"MThd") and len(data) >= 14:  # header facts, even for rejected files
         row["n_tracks"], division = struct.unpack(">HH", data[10:14])
@@ -176,8 +192,9 @@ def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
         row["reason"] = "header_only"
         row["detail"] = f"only an MThd header ({row['n_tracks']} track(s) announced), no MTrk data"
         return
-    score = midi.to_score(midi.load_midi(path, max_bytes))
-    # miditoolkit concatenates tempo events track by track; the timing needs them in order.
+    # symusic (C++), the parser tokenize uses: ~18 MB of memory and ~0.3 s per MB of dense MIDI
+    # (miditoolkit took ~85 MB and ~6.5 s per MB; see README). Tempos sorted for the timing.
+    score = midi.parse_score(data, path)
     score = dataclasses.replace(score, tempos=sorted(score.tempos))
     seconds = score.seconds()
     sigs = [f"{n}/{d}" for _, n, d in sorted(score.time_signatures)]
@@ -230,13 +247,21 @@ def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
 def check_file(raw_dir: Path, rel: str, params: PrepareParams) -> dict[str, Any]:
     """Validate one file; never raises: every outcome is a manifest row (dict of COLUMNS)."""
     row: dict[str, Any] = dict.fromkeys(COLUMNS, "")
-    row.update(dict.fromkeys((*INT_COLUMNS, "seconds")), path=rel, status="rejected")
+    # the path as printable text (files.printable): the manifest is UTF-8 whatever the names
+    row.update(dict.fromkeys((*INT_COLUMNS, "seconds")), path=files.printable(rel))
+    row["status"] = "rejected"
     try:
+        if rel.endswith("/"):  # list_files: a folder it could not list
+            next((Path(raw_dir) / rel).iterdir(), None)  # raises the reason again
+            raise MidiError(rel, "unreadable", "folder became readable during the run; re-run")
         _check(Path(raw_dir) / rel, row, params)
     except MidiError as exc:
-        row.update(reason=exc.reason, detail=exc.detail)
+        row.update(reason=exc.reason, detail=files.printable(exc.detail))
+    except OSError as exc:  # the folder that cannot be listed
+        detail = f"cannot list the folder ({exc.strerror}): the files in it are not checked"
+        row.update(reason="unreadable", detail=detail)
     except Exception as exc:  # never crash on a file: anything unexpected is reported as corrupt
-        row.update(reason="corrupt", detail=f"{type(exc).__name__}: {exc}")
+        row.update(reason="corrupt", detail=files.printable(f"{type(exc).__name__}: {exc}"))
     else:
         if not row["reason"]:  # header_only returns with its reason set
             row["status"] = "ok"
@@ -263,13 +288,6 @@ def _mark_duplicates(rows: list[dict[str, Any]]) -> None:
             row["detail"] = f"same {what} as {same_bytes or same_notes}, which is kept"
             continue
         kept[row["sha256"]] = kept[row["notes_sha256"]] = row["path"]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    # surrogateescape: a file name that is not UTF-8 round-trips instead of crashing the stage
-    tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
-    tmp.replace(path)
 
 
 def summary_counts(manifest: pd.DataFrame) -> dict[str, Any]:
@@ -303,23 +321,23 @@ def prepare(raw_dir: Path, out_dir: Path, params: PrepareParams) -> pd.DataFrame
         raise FileNotFoundError(
             f"{raw_dir}: raw MIDI folder not found; build it (`musegen corpus build`) or pass --raw"
         )
-    files = list_files(raw_dir)
-    if not files:
+    names = list_files(raw_dir)
+    if not names:
         raise FileNotFoundError(
             f"{raw_dir}: no files to prepare (hidden and *.dvc files are skipped)"
         )
-    workers = min(params.num_workers or os.cpu_count() or 1, len(files))
+    workers = min(params.num_workers or os.cpu_count() or 1, len(names))
     check = partial(check_file, raw_dir, params=params)
-    bar = partial(tqdm, total=len(files), desc=f"prepare {raw_dir}", unit="file")
+    bar = partial(tqdm, total=len(names), desc=f"prepare {raw_dir}", unit="file")
     if workers == 1:
-        rows = [check(rel) for rel in bar(files)]
+        rows = [check(rel) for rel in bar(names)]
     else:
         # forkserver, not fork: callers (Prefect, MLflow) may hold threads, which fork can deadlock
         ctx = multiprocessing.get_context("forkserver")
         try:
             with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-                chunk = max(1, len(files) // (workers * 8))
-                rows = list(bar(pool.map(check, files, chunksize=chunk)))  # map keeps order
+                chunk = max(1, len(names) // (workers * 8))
+                rows = list(bar(pool.map(check, names, chunksize=chunk)))  # map keeps order
         except BrokenProcessPool as exc:  # a worker was killed (OOM) or the parser crashed
             raise RuntimeError(
                 f"{raw_dir}: a prepare worker died (out of memory or a parser crash); re-run with "
@@ -333,8 +351,11 @@ def prepare(raw_dir: Path, out_dir: Path, params: PrepareParams) -> pd.DataFrame
     manifest = pd.DataFrame(rows, columns=list(COLUMNS))
     manifest = manifest.astype(dict.fromkeys(INT_COLUMNS, "Int64") | {"seconds": "Float64"})
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out_dir / "manifest.csv", manifest.to_csv(index=False, lineterminator="\n"))
-    _write_atomic(out_dir / "summary.json", json.dumps(summary_counts(manifest), indent=2) + "\n")
+    csv = manifest.to_csv(index=False, lineterminator="\n")
+    files.write_atomic(out_dir / "manifest.csv", csv)
+    files.write_atomic(
+        out_dir / "summary.json", json.dumps(summary_counts(manifest), indent=2) + "\n"
+    )
     return manifest
 
 
@@ -347,7 +368,6 @@ def read_manifest(path: Path) -> pd.DataFrame:
         dtype=dtypes | dict.fromkeys(str_cols, str),
         keep_default_na=False,
         na_values={c: [""] for c in dtypes},
-        encoding_errors="surrogateescape",
     )
 
 

@@ -13,13 +13,23 @@ MLFLOW_TRACKING_URI names the store, see `load_champion`)::
     model = musegen.load_champion()  # models:/musegen@champion
     out = model.predict(pd.DataFrame({"seed": [0, 1], "bars": [8, 8]}))
     # seed: sampling seed; bars: bars to compose (after the prompt when there is one)
-    # optional columns: prompt (MIDI path; "" = compose from scratch), prompt_bars (default 4)
+    # optional columns: prompt (a .mid file's bytes in base64; "" = compose from scratch),
+    # prompt_bars (bars of the prompt kept, default 4)
     # out: one row per input row: midi_base64 (a .mid file, base64), n_words, n_notes
+
+Served (`mlflow models serve -m models:/musegen@champion --env-manager local -h 127.0.0.1`),
+it is a network service, so every request is checked before any work (`check_request`): at
+most MAX_ROWS rows; `bars` and `prompt_bars` in 1..generate.max_bars; a prompt is MIDI bytes
+(base64) of at most prepare.max_file_mb, never a path (nothing on the server is opened); each
+piece stops at generate.max_words sampled words. The bounds are the params.yaml values at
+registration, stored with the version (`limits_for`). A refused request is HTTP 400 with one
+line naming the row, the column and the bound.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import dataclasses
 import io
 import tempfile
@@ -52,6 +62,8 @@ SLIM_KEYS = (
 #: what the served model imports; explicit, so log_model does not spend ~4 s inferring them.
 REQUIREMENTS = ("torch", "numpy", "pandas", "miditoolkit", "pyyaml", "mlflow", "symusic")
 DEFAULT_PROMPT_BARS = 4
+#: pieces one request may ask for: each costs up to generate.max_words words of decoding
+MAX_ROWS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,11 +116,86 @@ def choose_checkpoint(params: RegisterParams, ckpt_dir: Path, sweep_metrics: Pat
     return path
 
 
+def limits_for(params_path: Path | str) -> dict[str, float]:
+    """What one served request may ask for (see the module docstring), from params.yaml.
+
+    Raises:
+        ParamsError: generate.max_words or generate.max_bars is 0 (no cap): a network
+            service needs both bounds.
+    """
+    from musegen.config import load_section
+    from musegen.generate import GenerateParams
+    from musegen.prepare import PrepareParams
+
+    gen = load_section(GenerateParams, "generate", params_path)
+    for key in ("max_words", "max_bars"):
+        if getattr(gen, key) <= 0:
+            raise ParamsError(
+                f"{params_path}: generate.{key} = {getattr(gen, key)} (no cap); the served model "
+                "needs a bound on every request: set it > 0"
+            )
+    max_mb = load_section(PrepareParams, "prepare", params_path).max_file_mb
+    return {"max_bars": gen.max_bars, "max_words": gen.max_words, "max_file_mb": max_mb}
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One checked row of a request: `prompt` is MIDI bytes (None: compose from scratch)."""
+
+    seed: int
+    bars: int
+    prompt: bytes | None
+    prompt_bars: int
+
+
+def check_request(frame: pd.DataFrame, limits: dict[str, float]) -> list[Request]:
+    """Check every row before any work; see the module docstring for the rules.
+
+    Raises:
+        mlflow.exceptions.MlflowException: INVALID_PARAMETER_VALUE (HTTP 400), one line naming
+            the row, the column and the bound; it never quotes a prompt's bytes.
+    """
+    from musegen.midi import MidiError, read_header
+
+    if len(frame) > MAX_ROWS:
+        raise _refuse(f"{len(frame)} rows; at most {MAX_ROWS} pieces per request")
+    max_bars, max_bytes = int(limits["max_bars"]), int(limits["max_file_mb"] * 1e6)
+    out = []
+    for i, row in enumerate(frame.to_dict("records")):
+        bars, keep, text = row.get("bars"), row.get("prompt_bars"), row.get("prompt")
+        keep = DEFAULT_PROMPT_BARS if keep is None or pd.isna(keep) else keep
+        for name, value in (("bars", bars), ("prompt_bars", keep)):
+            if value is None or pd.isna(value) or value != int(value):
+                raise _refuse(f"row {i}: {name} = {value!r}; expected a whole number of bars")
+            if not 1 <= int(value) <= max_bars:
+                raise _refuse(
+                    f"row {i}: {name} = {int(value)}; expected 1 to {max_bars} (generate.max_bars "
+                    "when this version was registered)"
+                )
+        prompt = None
+        if isinstance(text, str) and text:
+            if len(text) > 4 * (max_bytes // 3 + 1):
+                raise _refuse(f"row {i}: prompt over {max_bytes / 1e6:g} MB (prepare.max_file_mb)")
+            try:
+                prompt = base64.b64decode(text, validate=True)
+                read_header(prompt, "prompt")
+            except (binascii.Error, ValueError, MidiError):
+                raise _refuse(
+                    f"row {i}: prompt is not a MIDI file's bytes in base64 (a .mid file starts "
+                    "'TVRo' in base64; a path is never opened)"
+                ) from None
+        elif text is not None and not (isinstance(text, str) or pd.isna(text)):
+            raise _refuse(f"row {i}: prompt must be a string (base64 MIDI bytes) or empty")
+        out.append(Request(int(row["seed"]), int(bars), prompt, int(keep)))
+    return out
+
+
 class Composer(mlflow.pyfunc.PythonModel):
     """MLflow pyfunc that composes with a musegen checkpoint (see the module docstring).
 
     Build with no arguments; MLflow calls `load_context` with artifacts ``checkpoint`` (a
-    slim .pt) and ``sampling`` (the SampleParams YAML the version was registered with).
+    slim .pt) and ``sampling`` (the SampleParams YAML the version was registered with), and
+    the request limits as the model config (`limits_for`).
     """
 
     def load_context(self, context: Any) -> None:
@@ -117,36 +204,64 @@ class Composer(mlflow.pyfunc.PythonModel):
         self.loaded = load_model(context.artifacts["checkpoint"])
         cfg = yaml.safe_load(Path(context.artifacts["sampling"]).read_text())
         self.sample = SampleParams(**cfg)
+        self.limits = dict(context.model_config or {})
+        missing = {"max_bars", "max_words", "max_file_mb"} - set(self.limits)
+        if missing:
+            raise ValueError(
+                f"this model version carries no request limits ({sorted(missing)}); register "
+                "it again with `musegen register`"
+            )
 
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
         """One composition per row: columns seed, bars, optional prompt and prompt_bars."""
-        from musegen.generate import continue_midi, generate
+        from musegen.generate import generate, prompt_of
+        from musegen.midi import to_score
 
         rows = []
-        for _, row in pd.DataFrame(model_input).iterrows():
-            prompt = row.get("prompt")
-            if isinstance(prompt, str) and prompt:
-                bars = row.get("prompt_bars")
-                bars = DEFAULT_PROMPT_BARS if bars is None or pd.isna(bars) else int(bars)
-                # max_bars counts the prompt's bars too; `bars` counts new ones only
-                caps = {"max_bars": bars + int(row["bars"]), "seed": int(row["seed"])}
-                _, tokens = continue_midi(self.loaded, self.sample, prompt, bars, **caps)
-            else:
-                caps = {"max_bars": int(row["bars"]), "seed": int(row["seed"])}
-                tokens = generate(self.loaded, self.sample, **caps)
-            midi = self.loaded.tokenizer.decode(tokens)
+        tok = self.loaded.tokenizer
+        for i, req in enumerate(check_request(pd.DataFrame(model_input), self.limits)):
+            caps = {"seed": req.seed, "max_words": int(self.limits["max_words"])}
+            prompt = None
+            if req.prompt is not None:
+                prompt = prompt_of(
+                    tok, tok.encode(to_score(_parse(req.prompt, i))), req.prompt_bars
+                )
+                if not len(prompt):
+                    raise _refuse(f"row {i}: the prompt has no notes before bar {req.prompt_bars}")
+            # max_bars counts the prompt's bars too; `bars` counts new ones only
+            bars = req.bars + (req.prompt_bars if prompt is not None else 0)
+            tokens = generate(self.loaded, self.sample, prompt=prompt, max_bars=bars, **caps)
+            midi = tok.decode(tokens)
             buf = io.BytesIO()
             midi.dump(file=buf)
             rows.append(
                 {
                     "midi_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
                     "n_words": len(tokens),
-                    "n_notes": sum(len(i.notes) for i in midi.instruments),
+                    "n_notes": sum(len(inst.notes) for inst in midi.instruments),
                 }
             )
         return pd.DataFrame(rows, columns=["midi_base64", "n_words", "n_notes"])
+
+
+def _refuse(message: str) -> Exception:
+    from mlflow.exceptions import MlflowException
+
+    return MlflowException.invalid_parameter_value(message)
+
+
+def _parse(data: bytes, row: int) -> Any:  # -> miditoolkit.MidiFile
+    """MIDI bytes (header already checked) parsed; any failure is one line, no bytes quoted."""
+    import miditoolkit
+
+    try:
+        return miditoolkit.MidiFile(file=io.BytesIO(data))
+    except Exception:  # mido raises OSError, ValueError, KeyError, EOFError on bad bodies
+        raise _refuse(
+            f"row {row}: prompt is not a readable MIDI file (corrupt or cut short)"
+        ) from None
 
 
 def _signature() -> Any:
@@ -185,6 +300,7 @@ def register(
     ckpt_dir: Path,
     sample: SampleParams,
     *,
+    limits: dict[str, float],
     sweep_metrics: Path = Path("reports/sweep/metrics.json"),
     experiment: str = "musegen",
 ) -> Any:
@@ -194,6 +310,7 @@ def register(
         params: the `register` section.
         ckpt_dir: train.out_dir/checkpoints.
         sample: the sampling settings the model composes with (stored with the version).
+        limits: what one served request may ask for (`limits_for`; stored with the version).
         sweep_metrics: the sweep's metrics.json (for choose = best_sweep).
         experiment: MLflow experiment used when the checkpoint's training run is not in the
             store (the run is then top level, with a warning).
@@ -203,8 +320,10 @@ def register(
     """
     import torch
 
+    from musegen.checkpoint import load
+
     path = choose_checkpoint(params, ckpt_dir, sweep_metrics)
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt = load(path, ("step",))  # checked like every checkpoint read
     parent = ckpt.get("mlflow_run_id")
     tags = {"musegen.stage": "register", "step": str(ckpt["step"]), "checkpoint": str(path)}
     exp_id, nesting = tracking.child_of(parent, experiment, f"{path}: the registering run")
@@ -228,6 +347,7 @@ def register(
                 name="model",
                 python_model=str(script),
                 artifacts={"checkpoint": str(slim), "sampling": str(sampling)},
+                model_config=dict(limits),  # context.model_config: the request limits
                 code_paths=[str(Path(__file__).parent)],  # musegen itself: self-contained
                 pip_requirements=_requirements(),
                 signature=_signature(),

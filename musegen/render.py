@@ -272,6 +272,7 @@ def piano_roll(
     height: float = 4.0,
     dpi: int = 80,
     title: str | None = None,
+    prompt_beats: float | None = None,
 ) -> Path:
     """Draw a piano roll: one rectangle per note, coloured by velocity, bar lines every 4 beats.
 
@@ -285,6 +286,7 @@ def piano_roll(
         width, height: figure size in inches.
         dpi: pixels per inch (80 keeps a report of many rolls light).
         title: optional title.
+        prompt_beats: where the prompt ends (beats): a red line, the continuation after it.
 
     Returns:
         `out_png` as a Path.
@@ -329,6 +331,9 @@ def piano_roll(
     ax.set_xticks(bars[::step], [str(int(b // 4) + 1) for b in bars[::step]])
     cs = [p for p in range(low, high + 1) if p % 12 == 0]
     ax.set_yticks(cs, [f"C{p // 12 - 1}" for p in cs])  # MIDI 60 = C4
+    if prompt_beats is not None:
+        ax.axvline(prompt_beats, color="tab:red", lw=1.5, zorder=3)
+        end_beat = max(end_beat, prompt_beats)
     ax.set_xlim(0, end_beat)
     ax.set_ylim(low - 0.5, high + 0.5)
     ax.set_xlabel("bar")
@@ -337,4 +342,57 @@ def piano_roll(
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_png, dpi=dpi)  # no bbox_inches="tight": it would change the pixel size
+    return out_png
+
+
+def loss_curves(
+    history: list[dict],
+    out_png: Path | str,
+    *,
+    checkpoints: list[int],
+    marks: dict[str, int],
+    dpi: int = 80,
+) -> Path:
+    """Validation curves a person can open offline: total and per-field valid loss by STEP.
+
+    Top: train and valid loss (weighted sum); bottom: each field's valid loss. Grey dotted
+    lines are the STEP checkpoints, coloured lines the STEPs in `marks` (label -> STEP, e.g.
+    the best valid loss and the STEP the sweep chose).
+
+    Args:
+        history: the eval rows of a checkpoint (step, train_loss, valid_loss, valid_loss_<f>).
+        out_png: where to write (PNG).
+        checkpoints: STEPs with a checkpoint.
+        marks: labelled STEPs to highlight.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = np.array([r["step"] for r in history])
+    fields = [k.removeprefix("valid_loss_") for k in history[0] if k.startswith("valid_loss_")]
+    fig = Figure(figsize=(10, 7), dpi=dpi, layout="constrained")
+    FigureCanvasAgg(fig)
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=[1, 1.4])
+    if "train_loss" in history[0]:
+        top.plot(steps, [r["train_loss"] for r in history], "--", color="0.4", label="train")
+    top.plot(steps, [r["valid_loss"] for r in history], color="k", lw=2, label="valid")
+    top.set_ylabel("loss (sum of fields)")
+    for f in fields:
+        bottom.plot(steps, [r[f"valid_loss_{f}"] for r in history], label=f)
+    bottom.set_ylabel("valid loss per field")
+    bottom.set_yscale("log")
+    bottom.set_xlabel("STEP")
+    colours = ["tab:red", "tab:blue", "tab:green", "tab:purple"]
+    for ax in (top, bottom):
+        for s in checkpoints:
+            ax.axvline(s, color="0.7", lw=0.8, ls=":", zorder=0)
+        for (label, s), c in zip(marks.items(), colours, strict=False):
+            ax.axvline(s, color=c, lw=1.6, label=f"{label}: STEP {s}" if ax is top else None)
+    top.legend(fontsize=8, loc="upper right")
+    if fields:
+        bottom.legend(fontsize=8, loc="upper right", ncols=2)
+    top.set_title("validation curves (dotted: STEP checkpoints)")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=dpi)
     return out_png

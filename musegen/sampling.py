@@ -228,19 +228,24 @@ def sample_field(
     temperature: float,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
+    *,
+    u: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sample one id per row with temperature and nucleus (top-p) filtering.
 
     Stable at any temperature: log-softmax subtracts the row maximum, so T=0.01 with logits
     of 1e4 does not overflow (the official CP numpy softmax did), and -inf mask entries get
     probability 0. Nucleus keeps the smallest prefix of ids, by descending probability,
-    whose mass is >= top_p; the most likely id is always kept.
+    whose mass is >= top_p; the most likely id is always kept. A row's id is drawn by
+    inverting its cumulative distribution at a uniform number, so a batch of pieces can
+    give each row its own random stream (`u`): a piece is the same alone or in a batch.
 
     Args:
         logits: (B, V) float logits; -inf marks forbidden ids.
         temperature: > GREEDY_EPS samples; below it (0 included) returns the argmax.
         top_p: nucleus mass in (0, 1]; 1.0 keeps every id.
         generator: torch.Generator on the logits' device, for reproducible draws.
+        u: (B,) uniforms in [0, 1), one per row (default: drawn from `generator`).
 
     Returns:
         (B,) int64 ids.
@@ -256,11 +261,11 @@ def sample_field(
     if not 0 < top_p <= 1:
         raise ValueError(f"sample_field: top_p {top_p} must be in (0, 1] (1.0 = off)")
     logits = logits.float()
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():
-        raise ValueError("sample_field: logits hold NaN or +inf; check the model's output")
-    dead = torch.isneginf(logits).all(dim=-1)
-    if dead.any():
-        rows = dead.nonzero().flatten().tolist()
+    # one reduction and one sync: a NaN or +inf anywhere, or a row all -inf, is not finite
+    if not torch.isfinite(logits.amax(dim=-1)).all():
+        if torch.isnan(logits).any() or torch.isposinf(logits).any():
+            raise ValueError("sample_field: logits hold NaN or +inf; check the model's output")
+        rows = torch.isneginf(logits).all(dim=-1).nonzero().flatten().tolist()
         raise ValueError(
             f"sample_field: every id is masked in row(s) {rows}; the grammar or loop-guard "
             f"mask leaves nothing to sample — relax it"
@@ -271,8 +276,14 @@ def sample_field(
     probs = torch.softmax(logits / temperature, dim=-1)  # (B, V); softmax subtracts the max
     if top_p < 1.0:
         probs = probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)
-    # multinomial normalises each row itself.
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if u is None:
+        u = torch.rand(len(probs), generator=generator, device=probs.device)
+    cdf = probs.cumsum(dim=-1)  # (B, V); the last column is the kept mass
+    # the first id whose cumulative mass exceeds u * mass (right=True skips zero-mass ids)
+    ids = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
+    ids = ids.clamp_(max=probs.size(-1) - 1)  # (B, 1)
+    # rounding can land u * mass on the total: fall back to the most likely id
+    return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True))[:, 0]
 
 
 def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:

@@ -32,6 +32,7 @@ import pandas as pd
 from musegen import metrics
 from musegen.config import ParamsError
 from musegen.evaluate import EvaluateParams, score_set
+from musegen.files import from_printable
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -154,7 +155,7 @@ def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepPar
     songs = []
     for rel in rows.path:
         # through the tokenizer: the anchor is quantized exactly as the model's prompt is
-        midi = tokenizer.decode(tokenizer.encode(Path(raw_dir) / rel))
+        midi = tokenizer.decode(tokenizer.encode(Path(raw_dir) / from_printable(rel)))
         if to_score(midi).end_tick > (need - 1) * BAR:  # notes reach the last bar
             real = window(midi, params.prompt_bars, need)
             songs.append({"path": rel, "midi": midi, "real": to_score(real)})
@@ -216,7 +217,7 @@ def sweep(
         The metrics written to `params.metrics_file` (also holds `page`, the index.html path).
     """
     from musegen import render
-    from musegen.generate import continue_midi, load_model
+    from musegen.generate import generate_batch, load_model, midi_prompt
 
     t_start = time.perf_counter()
     chosen = choose_checkpoints(ckpt_dir, params.steps, params.every_k)
@@ -235,7 +236,9 @@ def sweep(
         audio = render.render_audio(
             assets / f"{stem}.mid", assets / f"{stem}.mp3", renderer=params.renderer
         )
-        render.piano_roll(clip, assets / f"{stem}.png", width=6, height=2.4)
+        render.piano_roll(
+            clip, assets / f"{stem}.png", width=6, height=2.4, prompt_beats=4 * params.prompt_bars
+        )
         timing["render"] += time.perf_counter() - t0
         return {
             "stem": stem,
@@ -264,21 +267,25 @@ def sweep(
         col = {"key": f"step_{step}", "label": f"STEP {step}", "step": step, "cells": []}
         conts = []
         bars = params.prompt_bars + params.continue_bars  # the caps count the prompt's bars
-        for r, song in enumerate(shown):
-            t0 = time.perf_counter()
-            stats: dict[str, Any] = {}
-            _, full = continue_midi(
-                loaded,
-                sample,
-                Path(raw_dir) / song["path"],
-                params.prompt_bars,
-                max_bars=bars,
-                min_bars=bars,  # every cell holds the same bars: EOS is masked until then
-                max_words=params.max_words,
-                seed=params.seed + r,
-                stats=stats,
-            )
-            timing["generate"] += time.perf_counter() - t0
+        stats: list[dict[str, Any]] = []
+        t0 = time.perf_counter()  # every row of this column decodes as one batch
+        fulls = generate_batch(
+            loaded,
+            sample,
+            [
+                midi_prompt(
+                    loaded.tokenizer, Path(raw_dir) / from_printable(s["path"]), params.prompt_bars
+                )
+                for s in shown
+            ],
+            [params.seed + r for r in range(len(shown))],
+            max_bars=bars,
+            min_bars=bars,  # every cell holds the same bars: EOS is masked until then
+            max_words=params.max_words,
+            stats=stats,
+        )
+        timing["generate"] += time.perf_counter() - t0
+        for r, (full, got) in enumerate(zip(fulls, stats, strict=True)):
             midi = loaded.tokenizer.decode(full)
             conts.append(
                 to_score(
@@ -287,7 +294,7 @@ def sweep(
             )
             col["cells"].append(cell(midi, col["key"], r, conts[-1]))
             # a cell the word cap cut short is shown, marked, and left out of the score
-            col["cells"][-1] |= {"n_words": len(full), "complete": stats["bars"] >= bars}
+            col["cells"][-1] |= {"n_words": len(full), "complete": got["bars"] >= bars}
         history = torch_history(path)
         col["valid_loss"] = _valid_loss(history, step)
         done = [c for c, x in zip(conts, col["cells"], strict=True) if x["complete"]]
@@ -309,6 +316,9 @@ def sweep(
             )
 
     result = _summarize(columns, shown, songs, params)
+    result |= _curves(
+        chosen, columns, result["best_step"], out, run=loaded.mlflow_run_id, exp=experiment
+    )
     result["seconds"] = {k: round(v, 2) for k, v in timing.items()}
     result["seconds"]["total"] = round(time.perf_counter() - t_start, 2)
     ref = _mean_sd([{"metrics": metrics.piece_metrics(s["real"], eval_params.seed)} for s in songs])
@@ -319,11 +329,30 @@ def sweep(
     return result
 
 
-def torch_history(path: Path) -> list[dict]:
-    """The eval history stored in a checkpoint (mmap: the weights are not read into memory)."""
-    import torch
+def _curves(
+    chosen: list[Path], columns: list[dict], best_step: int, out: Path, *, run: str | None, exp: str
+) -> dict[str, Any]:
+    """curves.png: the valid curves of the last checkpoint's history, the STEP checkpoints,
+    the best valid loss and the sweep's STEP marked; logged to the training run in MLflow."""
+    import mlflow
+    from musegen import render, tracking
 
-    return list(torch.load(path, map_location="cpu", weights_only=True, mmap=True)["history"])
+    history = max((torch_history(p) for p in chosen), key=len)  # the latest holds every eval
+    best_valid = int(min(history, key=lambda r: r["valid_loss"])["step"])
+    marks = {"best valid loss": best_valid, "best sweep score": int(best_step)}
+    steps = [c["step"] for c in columns if c["step"] is not None]
+    path = render.loss_curves(history, out / "curves.png", checkpoints=steps, marks=marks)
+    _, nesting = tracking.child_of(run, exp, "sweep curves")
+    if nesting:  # the training run is in this store: the image sits beside its metrics
+        mlflow.MlflowClient().log_artifact(run, str(path), "sweep")
+    return {"best_valid_step": best_valid, "curves": str(path)}
+
+
+def torch_history(path: Path) -> list[dict]:
+    """The eval history stored in a checkpoint (read and checked like any checkpoint)."""
+    from musegen.checkpoint import load
+
+    return list(load(path, ("history",))["history"])
 
 
 def _mean_sd(cells: list[dict]) -> dict[str, dict[str, float]]:
@@ -401,6 +430,7 @@ body{font:14px system-ui,sans-serif;margin:1em;color:#222}
 table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:6px;vertical-align:top}
 th{background:#f4f4f4;text-align:left;font-weight:normal}th b{font-size:15px}
 img{display:block;width:360px}audio{width:360px}.m{font:12px monospace;margin-top:4px}
+img.curves{width:800px;margin:8px 0}
 .m span{display:inline-block;margin-right:8px}.z1{background:#fde6b0}.z2{background:#f7a8a8}
 .rate button{min-width:2em}.rate button.on{background:#2a6;color:#fff}
 body.blind:not(.revealed) .hide{display:none}
@@ -529,6 +559,9 @@ def write_page(
         f"continuation; colour = |z| &gt; 1 / &gt; 2 against the real continuations of "
         f"{ref['n_bars']['n']} test songs. Ratings stay in this browser (localStorage)."
     )
+    intro += f" A red line in each piano roll marks where the {params.prompt_bars}-bar prompt ends."
+    # the curves name the STEPs: hidden on a blind page until the reveal (like the metrics)
+    intro += '<img class="curves hide" src="curves.png" alt="validation curves by STEP">'
     buttons = '<button id="export">export ratings (JSON)</button>'
     if blind:
         buttons += ' <button id="reveal">reveal</button>'

@@ -29,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from musegen.config import ParamsError
+from musegen.files import from_printable, replacing
 from musegen.midi import read_score
 from musegen.prepare import read_manifest
 from musegen.tokenizer import FIELDS, Tokenizer, get_tokenizer
@@ -71,16 +72,15 @@ def _encode_file(path: Path, params: TokenizeParams) -> tuple[list[np.ndarray], 
     try:
         score = read_score(path)
         toks = _tokenizers(params.representations, params.use_chords, params.num_rest_bars)
-        arrays = [t.encode(score) for t in toks]
-        return arrays, toks[0].last_encode_dropped
+        words = toks[0].words(score)  # once for every representation (chorder is the costly part)
+        return [t.from_words(words) for t in toks], toks[0].last_encode_dropped
     except Exception as exc:  # reported by name and skipped: one bad file must not stop a corpus
         return f"{type(exc).__name__}: {exc}"
 
 
 def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, array)
-    tmp.replace(path)  # atomic: a killed run never leaves a half-written array
+    with replacing(path) as tmp:  # atomic: a killed run never leaves a half-written array
+        np.save(tmp, array)
 
 
 def _stats(lengths: list[int]) -> dict[str, float]:
@@ -125,7 +125,7 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
             f"{manifest}: ok row {bad_split.path.iloc[0]!r} has split "
             f"{bad_split.split.iloc[0]!r}, expected one of {SPLITS}; re-run `musegen prepare`"
         )
-    paths = [raw_dir / p for p in ok.path]
+    paths = [raw_dir / from_printable(p) for p in ok.path]  # the manifest's text -> the name
     workers = min(params.num_workers or os.cpu_count() or 1, len(paths))
     encode = partial(_encode_file, params=params)
     bar = partial(tqdm, total=len(paths), desc=f"tokenize {raw_dir}", unit="file")

@@ -26,9 +26,10 @@ Grid and vocabulary (both representations, the Pop1K7 conventions):
   Rest_max followed by an empty bar, repeated (each chunk covers max + 1 bars).
 - Chord: 12 roots x 11 Pop1K7/chorder qualities + N_N. Taken from Pop1K7 markers
   `Root_Quality_Bass` (the bass is dropped, as in the CP paper) when the file has any;
-  otherwise computed once per beat by template matching on the pitch classes sounding in that
-  beat. Emitted when the chord changes; decode writes each one back as a `Root_Quality_Root`
-  marker, so re-encoding a decoded file reads the same chords back.
+  otherwise computed as Pop1K7 did: one chord per beat by chorder (`chorder_chords`, on the
+  quantized notes; N_N where chorder finds no complete chord). Emitted when the chord
+  changes; decode writes each one back as a `Root_Quality_Root` marker, so re-encoding a
+  decoded file reads the same chords back.
 - id 0 is "Ignore" in every CP field (the field does not apply) and "PAD" in REMI.
 
 Round trip: `encode(decode(encode(x))) == encode(x)` for any file. Through a *written* file it
@@ -81,18 +82,6 @@ EOS, METRICAL, NOTE = 1, 2, 3  # ids in the type field
 BAR = 1  # id of "Bar" in bar_beat; Position_k is 2 + k
 
 
-def _chord_templates() -> np.ndarray:
-    """(132, 12) weights: +1 on chord tones, -1 elsewhere, +0.5 more on the root."""
-    rows = []
-    for root in range(12):
-        for intervals in QUALITIES.values():
-            w = -np.ones(12)
-            w[[(root + i) % 12 for i in intervals]] = 1.0
-            w[root] += 0.5  # prefer the reading whose root sounds (C6 vs Am7)
-            rows.append(w)
-    return np.array(rows)
-
-
 def _first(pair: tuple) -> Any:
     return pair[0]
 
@@ -108,6 +97,64 @@ def parse_chord_marker(text: str) -> int | None:
     if root not in ROOTS or quality not in QUALITIES:
         return None
     return CHORDS.index(f"{root}_{quality}")
+
+
+def chorder_chords(start: np.ndarray, end: np.ndarray, pitch: np.ndarray) -> np.ndarray:
+    """One chord per beat as Pop1K7 made them: index in CHORDS (0 = N_N) for beats 0.. .
+
+    chorder's `Dechorder.dechord` (the recogniser of Pop1K7's analyzer: a one-beat or a
+    two-beat reading per beat, whichever scores better; an incomplete reading is N_N), with
+    its note lookup done per window on a slice of its timepoints (the same notes: it looks 10
+    onsets back from a window's start) so a long piece costs O(n log n), not O(n^2).
+
+    Args:
+        start, end, pitch: note arrays in ticks at 480 per beat.
+    """
+    from collections import OrderedDict
+
+    from chorder import Dechorder
+    from chorder.timepoints import get_notes_at
+
+    midi = miditoolkit.MidiFile(ticks_per_beat=TICKS_PER_BEAT)
+    piano = miditoolkit.Instrument(program=0, name="piano")
+    notes = zip(start.tolist(), end.tolist(), pitch.tolist(), strict=True)
+    piano.notes = [miditoolkit.Note(64, p, s, e) for s, e, p in notes if e > s]
+    midi.instruments.append(piano)
+    midi.max_tick = int(end.max()) if len(end) else 0
+    # chorder.timepoints.get_timepoints: onset -> notes, each given .dur (and .instrument)
+    points: dict[int, list] = {}
+    for note in sorted(piano.notes, key=lambda n: n.start):
+        note.dur, note.instrument = note.end - note.start, piano
+        points.setdefault(note.start, []).append(note)
+    onsets = np.array(sorted(points), np.int64)
+    items = [(t, points[t]) for t in onsets.tolist()]
+
+    def reading(beats: int) -> list[tuple[Any, float]]:  # Dechorder.get_chords(midi, beats)
+        span = TICKS_PER_BEAT * beats
+        out = []
+        for lo in range(0, midi.max_tick, span):
+            first, stop = np.searchsorted(onsets, [lo, lo + span])
+            window = OrderedDict(items[max(int(first) - 10, 0) : int(stop)])
+            sounding = get_notes_at(window, lo, lo + span)
+            out.append(Dechorder.get_chord_quality(sounding, lo, lo + span))
+        return out
+
+    # Dechorder.dechord: each beat keeps its one-beat reading when both one-beat readings of
+    # its pair score at least the two-beat one (halved), else the two-beat reading
+    ones, twos = reading(1), [(c, s / 2) for c, s in reading(2)]
+    chords = []
+    for i, (two, two_score) in enumerate(twos):
+        prev = ones[2 * i]
+        if 2 * i + 1 < len(ones):
+            nxt = ones[2 * i + 1]
+            pair = [prev[0], nxt[0]] if prev[1] >= two_score and nxt[1] >= two_score else [two] * 2
+            chords += pair
+        else:
+            chords.append(prev[0] if prev[1] > two_score else two)
+    return np.array(
+        [CHORDS.index(f"{ROOTS[c.root_pc]}_{c.quality}") if c.is_complete() else 0 for c in chords],
+        np.int64,
+    )
 
 
 class Tokenizer:
@@ -141,7 +188,6 @@ class Tokenizer:
             "rest": ["Ignore", *(f"Rest_{k}" for k in range(1, self.num_rest_bars + 1))],
         }
         self.field_sizes = np.array([len(self.field_events[f]) for f in FIELDS])
-        self._templates = _chord_templates()
         self.last_encode_dropped = 0  # notes outside 21..108 in the last encode
         self.last_decode_errors = 0  # words or tokens skipped or repaired in the last decode
 
@@ -189,6 +235,11 @@ class Tokenizer:
         else:
             score = read_score(source)
         return self._from_words(self.words(score))
+
+    def from_words(self, words: np.ndarray) -> np.ndarray:
+        """This tokenizer's array of a word matrix (`words` of any tokenizer with the same
+        config): encode once, write every representation."""
+        return self._from_words(words)
 
     def words(self, score: Score) -> np.ndarray:
         """The word matrix of a Score: int32 (n_words, 8), CP ids in FIELDS column order."""
@@ -263,18 +314,8 @@ class Tokenizer:
             return self.__changes(cells, np.array([c for _, c in marks], np.int64) + 1, n_cells)
         if not len(cell):
             return empty, empty
-        # pitch classes sounding per cell (difference array), summed per beat: (n_beats, 12)
-        pc = (pitch_id + PITCH_MIN - 1) % 12
-        act = np.zeros((n_cells + 1, 12), np.int64)
-        np.add.at(act, (cell, pc), 1)
-        np.add.at(act, (np.minimum(cell + dur, n_cells), pc), -1)
-        hist = np.cumsum(act[:-1], axis=0).reshape(-1, 8, 12).sum(axis=1).astype(float)
-        score_ = hist @ self._templates.T  # (n_beats, 132)
-        best = score_.argmax(axis=1) + 1  # index in CHORDS (0 is N_N)
-        best[score_.max(axis=1) <= 0] = 0
-        sounding = hist.sum(axis=1) > 0  # silent beats keep the previous chord
-        beats = np.flatnonzero(sounding)
-        return self.__changes(beats * 8, best[beats] + 1, n_cells)
+        beats = chorder_chords(cell * STEP, (cell + dur) * STEP, pitch_id + PITCH_MIN - 1)
+        return self.__changes(np.arange(len(beats)) * 8, beats + 1, n_cells)
 
     @staticmethod
     def __changes(cells: np.ndarray, ids: np.ndarray, n_cells: int) -> tuple[np.ndarray, ...]:

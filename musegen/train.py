@@ -15,15 +15,20 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import hashlib
 import json
 import math
 import os
 import random
+import secrets
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +36,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from musegen import tracking
+from musegen import checkpoint, tracking
+from musegen.augment import Augmenter
 from musegen.config import flatten
 
 if TYPE_CHECKING:
@@ -68,6 +74,8 @@ class TrainParams:
     betas: tuple[float, float]
     grad_clip: float
     loss_weights: dict[str, float]
+    transpose_range: int
+    tempo_shift_range: int
     eval_every: int
     save_every: int
     keep_last: int
@@ -211,6 +219,38 @@ def evaluate(
     return (sums[0] / n).cpu().numpy(), (sums[1] / n).cpu().numpy(), n
 
 
+def _fail_run_on_exit(fn: Callable[..., Path]) -> Callable[..., Path]:
+    """End train's MLflow run FAILED on an error, KILLED on Ctrl-C or SIGTERM, not RUNNING.
+
+    SIGTERM (what DVC, Prefect and torchrun send) becomes SystemExit while training, so this
+    runs; a SIGKILL cannot be caught: the next start marks that run KILLED (`_end_stale_runs`).
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Path:
+        main = threading.current_thread() is threading.main_thread()  # signal needs it
+        old = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main else None
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as exc:
+            import mlflow
+
+            if mlflow.active_run():
+                stop = isinstance(exc, KeyboardInterrupt | SystemExit)
+                mlflow.end_run("KILLED" if stop else "FAILED")
+            raise
+        finally:
+            if main:
+                signal.signal(signal.SIGTERM, old)
+
+    return wrapper
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@_fail_run_on_exit
 def train(
     tokens_dir: Path,
     out_dir: Path,
@@ -285,18 +325,24 @@ def train(
     baseline = {"valid_loss": float(np.dot(weights, entropy))}
     baseline |= {f"valid_loss_{n}": h for n, h in zip(fields, entropy, strict=True)}
     sampler = np.random.default_rng([params.seed, rank])  # own stream per rank
+    augment = Augmenter(vocab, params.transpose_range, params.tempo_shift_range)  # train only
 
     # ---- model: from scratch, or the last checkpoint --------------------------------------
     hashed = flatten({"model": dataclasses.asdict(model_params), "train": _hashed(params)})
     params_hash = _sha(hashed)
     ckpt_dir = out_dir / "checkpoints"
     ckpt = None
+    if master:
+        checkpoint.remove_temps(ckpt_dir)  # temp files of writes a kill interrupted
     if resume:
-        steps = sorted(_step_of(p) for p in ckpt_dir.glob("step_*.pt"))
-        if not steps:
-            raise TrainError(f"--resume: no checkpoint step_<STEP>.pt in {ckpt_dir}; drop --resume")
-        last = ckpt_dir / f"step_{steps[-1]}.pt"
-        ckpt = torch.load(last, map_location="cpu", weights_only=True)
+        # the newest checkpoint that loads and checks out (a kill or a bad disk may have
+        # left the last one truncated or corrupt); nothing usable: stop, never start afresh
+        try:
+            last, ckpt, skipped = checkpoint.newest_good(ckpt_dir)
+        except checkpoint.CheckpointError as exc:
+            raise TrainError(f"--resume: {exc.path}: {exc.problem}; drop --resume") from None
+        if skipped and master:
+            print(f"--resume: skipped {'; '.join(skipped)}; resuming from {last}", file=sys.stderr)
         _check_same(last, ckpt, hashed=hashed, vocab_hash=vocab_hash, world=world)
     config = ModelConfig.from_params(model_params, vocab)
     if params.seq_len > config.max_len:
@@ -345,6 +391,10 @@ def train(
         train_sum = list(ckpt["train_sum"])
         # after model init (which consumed the RNG): the streams continue where they stopped
         _set_rng(ckpt["rng"][rank], sampler)
+        if master:  # best.pt and the reports as of this step (a kill may have left them apart)
+            _restore_best(ckpt_dir, last, ckpt)
+            if history:
+                _write_reports(params, history, best, baseline)
 
     # ---- MLflow: connect (fail before the first step), one run per training ---------------
     run_id = ckpt["mlflow_run_id"] if ckpt else None
@@ -355,7 +405,17 @@ def train(
             experiment_id = tracking.connect(params.experiment)
         except tracking.TrackingError as exc:
             raise TrainError(str(exc)) from exc
-        run = mlflow.start_run(run_id=run_id, experiment_id=None if run_id else experiment_id)
+        where = {"musegen.out_dir": str(Path(out_dir).resolve()), "musegen.pid": str(os.getpid())}
+        where["musegen.host"] = socket.gethostname()
+        _end_stale_runs(experiment_id, where, keep=run_id)
+        # named here: MLflow draws its names from `random`, which is seeded above (same name
+        # for every run); a resumed run keeps its name
+        name = f"train {params.representation} {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        run = mlflow.start_run(
+            run_id=run_id,
+            experiment_id=None if run_id else experiment_id,
+            run_name=None if run_id else f"{name} {secrets.token_hex(2)}",
+        )
         if not run_id:  # a resumed run keeps its params (MLflow forbids changing them)
             run_id = run.info.run_id
             logged = all_params or {"model": model_params, "train": params}
@@ -366,7 +426,10 @@ def train(
             {"git_commit": _git_commit(), "device": str(device), "world_size": world}
             | {"representation": params.representation, "params_hash": params_hash}
             | ({"dvc_exp_name": os.environ["DVC_EXP_NAME"]} if "DVC_EXP_NAME" in os.environ else {})
+            | where
         )
+    # steps a resumed run re-runs were logged before the kill: log each step once
+    logged_to = _last_logged_step(run_id) if master and ckpt else 0
 
     # ---- loop: micro-steps, clip, step, log; eval; checkpoint -----------------------------
     from tqdm import tqdm
@@ -380,6 +443,8 @@ def train(
         for micro in range(params.num_micro_steps):
             picks = sampler.integers(0, len(starts), params.batch_size)  # uniform over bar starts
             batch = [window(rows, starts[i], ends[i], params.seq_len) for i in picks]
+            if augment.active:
+                batch = [(augment(w, sampler), m) for w, m in batch]
             w = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)  # (B, T + 1, F)
             m = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)  # (B, T)
             x, y = w[:, :-1], w[:, 1:]
@@ -394,7 +459,13 @@ def train(
             (loss / params.num_micro_steps).backward()
             loss_sum += loss.item() / params.num_micro_steps
             n_tokens += int(m.sum().item()) * world  # real (unpadded) targets, all ranks
-        torch.nn.utils.clip_grad_norm_(raw_model.parameters(), params.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(raw_model.parameters(), params.grad_clip))
+        if not (math.isfinite(loss_sum) and math.isfinite(norm)):  # one NaN step poisons all
+            raise TrainError(
+                f"step {step + 1}: train loss {loss_sum:.4g}, gradient norm {norm:.4g}: not "
+                f"finite, stopped before the update (checkpoints up to step {step} are intact); "
+                "lower train.lr or check train.loss_weights"
+            )
         lr = opt.param_groups[0]["lr"]
         opt.step()
         sched.step()
@@ -409,12 +480,15 @@ def train(
             window_tokens, window_t = 0, time.perf_counter()
             bar.set_postfix(loss=f"{loss_sum:.3f}", tok_s=f"{tps:,.0f}")
             # asynchronous: a sqlite commit can take a second on a busy disk, the loop goes on
-            logged = {"train_loss": loss_sum, "lr": lr, "tokens_per_s": tps}
-            mlflow.log_metrics(logged, step=step, synchronous=False)
+            # batch_loss: this step's batch; train_loss (eval rows): the mean since the last eval
+            logged = {"batch_loss": loss_sum, "lr": lr, "tokens_per_s": tps}
+            if step > logged_to:
+                mlflow.log_metrics(logged, step=step, synchronous=False)
         bar.update()
 
         is_best = False
-        if step % params.eval_every == 0 or step == params.max_steps:
+        evaluated = step % params.eval_every == 0 or step == params.max_steps
+        if evaluated:
             nll, acc, _ = evaluate(
                 model, wins, masks, batch_size=params.batch_size, device=device, autocast=autocast
             )
@@ -423,14 +497,16 @@ def train(
             row |= {"valid_loss": float((nll * np.array(weights)).sum())}
             row |= {f"valid_loss_{n}": float(v) for n, v in zip(fields, nll, strict=True)}
             row |= {f"valid_acc_{n}": float(v) for n, v in zip(fields, acc, strict=True)}
+            if not math.isfinite(row["valid_loss"]):
+                raise TrainError(f"step {step}: valid loss {row['valid_loss']}: not finite")
             history.append(row)
             train_sum = [0.0, 0]
             is_best = row["valid_loss"] < best["valid_loss"]
             best = row if is_best else best
             if master:
                 logged = {k: v for k, v in row.items() if k != "step"}
-                mlflow.log_metrics(logged, step=step, synchronous=False)
-                _write_reports(params, history, best, baseline)
+                if step > logged_to:
+                    mlflow.log_metrics(logged, step=step, synchronous=False)
                 unigram = baseline["valid_loss"]
                 bar.write(f"step {step}: valid {row['valid_loss']:.4f} (unigram {unigram:.4f})")
         save = step % params.save_every == 0 or step == params.max_steps
@@ -457,13 +533,18 @@ def train(
                 "seconds": seconds,
                 "train_sum": train_sum,
             }
+            bad = [n for n, t in state["model"].items() if not torch.isfinite(t).all()]
+            if bad:  # the loss was finite, yet an update overflowed: never save such weights
+                raise TrainError(f"step {step}: weight {bad[0]} is not finite; not saved")
             if master and save:
-                _save_atomic(state, ckpt_dir / f"step_{step}.pt")
+                checkpoint.save(state, ckpt_dir / f"step_{step}.pt")
                 old = sorted(_step_of(p) for p in ckpt_dir.glob("step_*.pt"))
                 for s in old[: -params.keep_last] if params.keep_last > 0 else []:
                     (ckpt_dir / f"step_{s}.pt").unlink()
             if master and is_best:
-                _save_atomic(state, ckpt_dir / "best.pt")
+                checkpoint.save(state, ckpt_dir / "best.pt")
+        if master and evaluated:  # after the checkpoints: metrics.json never runs ahead of best.pt
+            _write_reports(params, history, best, baseline)
     bar.close()
 
     # ---- finish: final checkpoint and reports as artifacts --------------------------------
@@ -557,12 +638,69 @@ def _set_rng(state: dict[str, Any], sampler: np.random.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temp file in the same folder, then rename: a kill leaves the old file or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic on POSIX (os.replace)
+def _restore_best(ckpt_dir: Path, resumed: Path, ckpt: dict[str, Any]) -> None:
+    """Make best.pt the checkpoint of the resumed state's best STEP.
+
+    A kill between writing step_<STEP>.pt and best.pt (or during best.pt) leaves best.pt at an
+    older STEP; a resume from an earlier checkpoint may find it at a later one.
+    """
+    want, path = ckpt["best"]["step"], ckpt_dir / "best.pt"
+    if not want:
+        return  # no eval yet, no best
+    with contextlib.suppress(checkpoint.CheckpointError, FileNotFoundError):
+        if checkpoint.load(path).get("step") == want:
+            return
+    source = resumed if ckpt["step"] == want else ckpt_dir / f"step_{want}.pt"
+    try:
+        checkpoint.load(source)
+    except (checkpoint.CheckpointError, FileNotFoundError):
+        print(
+            f"--resume: {path} is not STEP {want} (the best so far) and {source.name} is gone "
+            "or unusable; best.pt is rewritten at the next new best",
+            file=sys.stderr,
+        )
+        return
+    checkpoint.copy(source, path)
+    print(f"--resume: {path} restored to STEP {want} (the best so far)", file=sys.stderr)
+
+
+def _end_stale_runs(experiment_id: str, where: dict[str, str], keep: str | None) -> None:
+    """Mark KILLED the runs of this out_dir that a killed training left RUNNING.
+
+    A run counts as stale when it has this out_dir and its process is gone (or ran on another
+    host: two trainings cannot share one out_dir).
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    running = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+    for run in running:
+        tags = run.data.tags
+        if run.info.run_id == keep or tags.get("musegen.out_dir") != where["musegen.out_dir"]:
+            continue
+        pid = int(tags.get("musegen.pid", "0"))
+        if tags.get("musegen.host") == where["musegen.host"] and pid > 0 and _alive(pid):
+            continue  # still training
+        client.set_terminated(run.info.run_id, "KILLED")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _last_logged_step(run_id: str) -> int:
+    """The last step the run logged (train and eval metrics), 0 when none."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    steps = [m.step for key in ("lr", "valid_loss") for m in client.get_metric_history(run_id, key)]
+    return max(steps, default=0)
 
 
 def _write_reports(params: TrainParams, history: list[dict], best: dict, baseline: dict) -> None:

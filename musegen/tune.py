@@ -226,30 +226,30 @@ def make_clips(
     exactly prompt_bars + clip_bars bars (EOS is masked until then), unless the word cap cuts
     it short: then it is marked incomplete.
     """
-    from musegen.generate import generate
+    from musegen.generate import generate_batch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
     bars = params.prompt_bars + params.clip_bars  # the caps count the prompt's bars
-    for k, prompt in enumerate(bench.prompts):
-        stats: dict[str, Any] = {}
-        tokens = generate(
-            loaded,
-            sample,
-            prompt=prompt,
-            max_bars=bars,
-            min_bars=bars,
-            max_words=params.max_clip_words,
-            seed=params.seed + k,
-            stats=stats,
-        )
+    stats: list[dict[str, Any]] = []
+    every = generate_batch(  # the K clips decode as one batch
+        loaded,
+        sample,
+        list(bench.prompts),
+        [params.seed + k for k in range(len(bench.prompts))],
+        max_bars=bars,
+        min_bars=bars,
+        max_words=params.max_clip_words,
+        stats=stats,
+    )
+    for k, (tokens, got) in enumerate(zip(every, stats, strict=True)):
         midi = loaded.tokenizer.decode(tokens)
         tmp = out_dir / f".clip{k}.mid"
         midi.dump(str(tmp))
         path = out_dir / f"{hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]}.mid"
         tmp.replace(path)
         score = bars_window(to_score(midi), params.prompt_bars, params.clip_bars)
-        clips.append(Clip(path, np.asarray(tokens), score, stats["bars"] >= bars))
+        clips.append(Clip(path, np.asarray(tokens), score, got["bars"] >= bars))
     return clips
 
 

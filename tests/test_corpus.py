@@ -16,11 +16,14 @@ from pathlib import Path
 import miditoolkit
 import music21
 import pytest
+import yaml
 from miditoolkit.midi.utils import example_midi_file
 
 from musegen import corpus
 from musegen.corpus import CorpusError, CorpusParams, CorpusWarning
 from musegen.midi import TICKS_PER_BEAT, load_midi, to_score
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # varied and quick: repeat fallback (3/4), lead sheet, voice+piano, atonal piano, two chorales
 # (bwv277 names both a .krn and a .mxl: the .mxl must win), given out of build order.
@@ -36,12 +39,9 @@ EXPECTED = {r["file"]: r for r in json.loads(corpus.EXPECTED_MANIFEST.read_text(
 
 
 def params(**kw: object) -> CorpusParams:
-    base = {
-        "num_workers": 1,
-        "max_files": 0,
-        "zenodo_api": "http://127.0.0.1:9",
-        "pop1k7_record": 7,
-    }
+    """params.yaml's corpus section, offline, with test overrides."""
+    section = yaml.safe_load((ROOT / "params.yaml").read_text())["corpus"]
+    base = section | {"num_workers": 1, "zenodo_api": "http://127.0.0.1:9", "pop1k7_record": 7}
     return CorpusParams(**{**base, **kw})  # type: ignore[arg-type]
 
 

@@ -150,6 +150,27 @@ def test_same_seed_same_piece_other_seed_other_piece(ckpts: dict[str, Path], rep
     assert a.shape != c.shape or not np.array_equal(a, c)
 
 
+@pytest.mark.parametrize("rep", ["cp", "remi"])
+def test_a_batch_equals_each_piece_alone(tmp_path: Path, rep: str) -> None:
+    """generate_batch == generate per piece: prompts of different lengths, pieces that stop
+    at different words (EOS, the bar cap, the word cap), loop guard and sequential fields on."""
+    eos = (0, EOS if rep == "cp" else 1)
+    loaded = gen.load_model(save_random(tmp_path / "m.pt", rep, bias={eos: -1.5}))
+    tok = loaded.tokenizer
+    prompt = gen.prompt_of(tok, tok.encode(example_midi_file()), 99)[:30]
+    prompts, seeds = [None, prompt, prompt[:7], None, prompt[:12]], [3, 4, 5, 6, 7]
+    s = sample(use_sequential_fields=True, loop_max_period=4, loop_max_repeats=2)
+    caps = {"max_words": 40, "max_bars": 6}
+    batch = gen.generate_batch(loaded, s, prompts, seeds, **caps)
+    for p, seed, got in zip(prompts, seeds, batch, strict=True):
+        np.testing.assert_array_equal(got, gen.generate(loaded, s, prompt=p, seed=seed, **caps))
+        assert tok.check(got) == 0
+    new_words = [len(b) - (0 if p is None else len(p)) for p, b in zip(prompts, batch, strict=True)]
+    assert len(set(new_words)) > 2, new_words  # the pieces did stop at different steps
+    with pytest.raises(ValueError, match="2 prompts but 1 seeds"):
+        gen.generate_batch(loaded, s, [None, None], [1])
+
+
 # ---- stopping ----------------------------------------------------------------------------
 @pytest.mark.parametrize("rep", ["cp", "remi"])
 def test_eos_ends_the_piece(tmp_path: Path, rep: str) -> None:
@@ -359,7 +380,8 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
         report=str(tmp_path / "r.json"),
     )
     with pytest.warns(UserWarning, match="training run"):
-        register.register(params, ckpt_dir, SAMPLE, experiment="gen-test")
+        limits = register.limits_for(ROOT / "params.yaml")
+        register.register(params, ckpt_dir, SAMPLE, limits=limits, experiment="gen-test")
     path = gen.resolve_checkpoint("models:/musegen-test@champion", tmp_path / "dl")
     a = gen.load_model(path)
     b = gen.load_model(ckpts["cp"])

@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from musegen.config import ParamsError, load_section
 from musegen.model import (
+    Decoder,
     KVCache,
     ModelConfig,
     ModelParams,
@@ -295,3 +296,96 @@ def test_autocast_bfloat16_full_and_cached(attention: str) -> None:
     assert all(torch.isfinite(o).all() for o in [*full, *step, h1])
     assert cache.keys[0].dtype == torch.bfloat16 and h.dtype == torch.float32
     torch.testing.assert_close(step[0].float(), full[0][:, 9:].float(), rtol=0, atol=0.1)
+
+
+# ---- relative attention paths: each equals the skew reference -----------------------------
+PATHS = ("gather", "flex")
+
+
+def path_outputs(model: MusicTransformer, impl: str, x: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states of a full pass, a windowed pass, and a prompt + chunk through the cache."""
+    model.set_attention_impl(impl)
+    full, _ = model.hidden(x)
+    local, _ = model.hidden(x, window=5)
+    _, cache = model.hidden(x[:, :7])
+    chunk, _ = model.hidden(x[:, 7:11], cache, window=model.config.max_len)
+    step, _ = model.hidden(x[:, 11:12], cache)
+    return [full, local, chunk, step]
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+@pytest.mark.parametrize("impl", PATHS)
+def test_attention_paths_equal_skew_forward(impl: str, per_head: bool) -> None:
+    """Forward on CPU, within 1e-5 (float32); T = 14 > max_len = 8 clips distances too."""
+    config = tiny(rel_per_head=per_head)
+    model = build(config)
+    x = random_ids(config, 2, 14)
+    with torch.no_grad():
+        reference = path_outputs(model, "skew", x)
+        for got, ref in zip(path_outputs(model, impl, x), reference, strict=True):
+            torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device: GPU paths untested")
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+@pytest.mark.parametrize("impl", PATHS)
+def test_attention_paths_equal_skew_forward_and_gradients_cuda(impl: str, per_head: bool) -> None:
+    """On CUDA (float32, Dh = 16 for the Triton kernels): outputs and every gradient."""
+    config = tiny(rel_per_head=per_head, d_model=64, max_len=64)
+    x = random_ids(config, 2, 96).cuda()  # 96 > max_len: clipped distances
+    grads = {}
+    for name in ("skew", impl):
+        model = build(config).cuda().train().set_attention_impl(name)
+        h, _ = model.hidden(x, window=80)
+        h.square().mean().backward()
+        grads[name] = (h.detach(), {n: p.grad for n, p in model.named_parameters()})
+    torch.testing.assert_close(grads[impl][0], grads["skew"][0], rtol=1e-4, atol=1e-4)
+    for n, g in grads["skew"][1].items():
+        torch.testing.assert_close(grads[impl][1][n], g, rtol=1e-3, atol=1e-4, msg=n)
+
+
+def test_per_head_relative_embeddings_and_cpu_training_path() -> None:
+    shared, per_head = build(tiny()), build(tiny(rel_per_head=True))
+    assert shared.blocks[0].attn.rel.shape == (8, 8)  # (max_len, Dh)
+    assert per_head.blocks[0].attn.rel.shape == (4, 8, 8)  # (H, max_len, Dh)
+    x = random_ids(tiny(), 2, 6)
+    with torch.no_grad():
+        ref = per_head.hidden(x)[0]
+        per_head.blocks[0].attn.rel[1] += torch.randn(8, 8)  # one head's table only
+        assert not torch.allclose(per_head.hidden(x)[0], ref)
+    # on CPU "auto" trains through a path that has a backward (FlexAttention has none)
+    assert per_head.blocks[0].attn.resolved_impl(torch.device("cpu")) == "skew"
+    with pytest.raises(ValueError, match="attention impl 'fast'"):
+        per_head.set_attention_impl("fast")
+
+
+@pytest.mark.parametrize(
+    ("attention", "per_head"), [("relative", False), ("relative", True), ("absolute", False)]
+)
+def test_batched_ring_decoder_equals_windowed_forward(attention: str, per_head: bool) -> None:
+    """Decoder steps == hidden(window=max_len) per stream; prompts of different lengths, one
+    longer than the window, a stream dropped halfway (keep), fused heads == head_logits."""
+    config = tiny(attention, rel_per_head=per_head)
+    model = build(config)
+    x = random_ids(config, 3, 40)
+    W, starts = config.max_len, [3, 19, 1]
+    with torch.no_grad():
+        full = [model.hidden(x[i : i + 1], window=W)[0][0] for i in range(3)]  # (T, D) each
+        dec = Decoder(model, 3)
+        for i, n in enumerate(starts):
+            torch.testing.assert_close(dec.prime(i, x[i, :n]), full[i][n - 1], rtol=0, atol=1e-5)
+        rows = [0, 1, 2]
+        for t in range(16):
+            if t == 8:  # stream 1 ends: the batch shrinks to streams 0 and 2
+                rows = [0, 2]
+                dec.keep(torch.tensor(rows))
+            words = torch.stack([x[i, starts[i] + t] for i in rows])  # (B, F)
+            h = dec.step(words)
+            for b, i in enumerate(rows):
+                torch.testing.assert_close(h[b], full[i][starts[i] + t], rtol=0, atol=1e-5)
+        nt = x[rows, 0, 0]  # any types
+        ref = model.head_logits(h[:, None], nt[:, None])
+        torch.testing.assert_close(dec.type_logits(h), ref[0][:, 0], rtol=0, atol=1e-5)
+        for got, want in zip(dec.field_logits(h, nt), ref[1:], strict=True):
+            torch.testing.assert_close(got, want[:, 0], rtol=0, atol=1e-5)

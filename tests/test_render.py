@@ -160,6 +160,31 @@ def test_piano_roll_same_from_path_and_midifile(tmp_path: Path) -> None:
     assert np.array_equal(mpimg.imread(a), mpimg.imread(b))
 
 
+def test_piano_roll_marks_where_the_prompt_ends(tmp_path: Path) -> None:
+    """A red vertical line at the prompt's end: one column of red pixels spanning the roll."""
+    png = render.piano_roll(_empty(tmp_path / "e.mid"), tmp_path / "p.png", dpi=40, prompt_beats=2)
+    rgb = mpimg.imread(png)[..., :3]
+    red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.4) & (rgb[..., 2] < 0.4)
+    columns = np.flatnonzero(red.sum(axis=0) > 0.5 * rgb.shape[0])
+    assert len(columns) and columns.max() - columns.min() <= 3  # one line
+    plain = mpimg.imread(render.piano_roll(_empty(tmp_path / "e.mid"), tmp_path / "n.png", dpi=40))
+    assert not ((plain[..., 0] > 0.7) & (plain[..., 1] < 0.4) & (plain[..., 2] < 0.4)).any()
+
+
+def test_loss_curves_mark_checkpoints_and_chosen_steps(tmp_path: Path) -> None:
+    history = [
+        {"step": s, "train_loss": 5 - s / 100, "valid_loss": 4 + (s - 300) ** 2 / 1e5}
+        | {"valid_loss_pitch": 2 + s / 1000, "valid_loss_duration": 1.0}
+        for s in range(50, 650, 50)
+    ]
+    marks = {"best valid loss": 300, "best sweep score": 500}
+    png = render.loss_curves(history, tmp_path / "c.png", checkpoints=[100, 300, 500], marks=marks)
+    rgb = mpimg.imread(png)[..., :3]
+    assert rgb.shape[:2] == (560, 800)
+    red = (rgb[..., 0] > 0.7) & (rgb[..., 1] < 0.4) & (rgb[..., 2] < 0.4)
+    assert (red.sum(axis=0) > 0.3 * rgb.shape[0]).any()  # the best-valid STEP's line
+
+
 def test_piano_roll_of_an_empty_file(tmp_path: Path) -> None:
     png = render.piano_roll(_empty(tmp_path / "e.mid"), tmp_path / "e.png", dpi=40)
     image = mpimg.imread(png)

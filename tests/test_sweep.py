@@ -191,7 +191,7 @@ def test_same_weights_same_seed_same_music(open_sweep: dict) -> None:
 def test_page_links_are_relative_and_complete(open_sweep: dict) -> None:
     page = (open_sweep["out"] / "index.html").read_text()
     links = re.findall(r'(?:src|href)="([^"]+)"', page)
-    assert len(links) == 2 * 4 * 3  # rows x columns x (mp3, png, mid)
+    assert len(links) == 2 * 4 * 3 + 1  # rows x columns x (mp3, png, mid) + curves.png
     for link in links:
         assert not re.match(r"^(/|[a-z]+:)", link), link  # no absolute path, no URL
         assert (open_sweep["out"] / link).is_file(), link
@@ -216,6 +216,21 @@ def test_mlflow_child_runs_per_checkpoint(store: dict, open_sweep: dict) -> None
         assert {f"p0_step_{step}.mp3", f"p1_step_{step}.mid"} <= names
 
 
+def test_curves_image_marks_steps_and_is_logged(store: dict, open_sweep: dict) -> None:
+    """curves.png beside the page, linked from it, logged to the training run; the best
+    valid loss of make_checkpoint's history (10 - s/10) is at the last STEP."""
+    import matplotlib.image as mpimg
+
+    import mlflow
+
+    result = open_sweep["result"]
+    assert result["best_valid_step"] == 3 and Path(result["curves"]).is_file()
+    assert mpimg.imread(result["curves"]).shape[:2] == (560, 800)
+    assert 'src="curves.png"' in (open_sweep["out"] / "index.html").read_text()
+    logged = mlflow.MlflowClient().list_artifacts(store["run_id"], "sweep")
+    assert "sweep/curves.png" in {a.path for a in logged}
+
+
 def test_blind_page_hides_steps(blind_sweep: dict) -> None:
     out = blind_sweep["out"]
     page = (out / "index.html").read_text()
@@ -224,7 +239,7 @@ def test_blind_page_hides_steps(blind_sweep: dict) -> None:
     for text in [page, *names]:  # no STEP label, column key, valid loss or "real" column
         assert not re.search(r"step[ _]?\d|valid loss|>real<|_real", text, re.I), text[:200]
     assert not re.search(r"step|real", " ".join(names), re.I)
-    alts = re.findall(r'alt="([^"]+)"', page)
+    alts = re.findall(r'alt="([^"]+)"', page.replace('alt="validation curves by STEP"', ""))
     assert len(alts) == 6 and all(
         re.fullmatch(r"piano roll, prompt \d, Sample [A-C]", a) for a in alts
     )
@@ -269,4 +284,5 @@ def test_chromium_loads_every_player_and_roll(
         check = json.loads(found[1])
         if check["audio_ok"] == cells:
             break
-    assert check == {"audio": cells, "audio_ok": cells, "img": cells, "img_ok": cells}
+    imgs = cells + 1  # and the validation curves
+    assert check == {"audio": cells, "audio_ok": cells, "img": imgs, "img_ok": imgs}
