@@ -19,17 +19,20 @@ $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -m pip install -q --upgrade pip
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0
-	@$(BIN)/pip install -q -e ".[dev]"
+	@$(BIN)/pip install -q -e ".[dev,audio]"
+	@$(BIN)/pip install -q --no-deps basic-pitch==0.4.0  # see the audio extra in pyproject.toml
 	@$(MAKE) --no-print-directory apt
 	@touch $(STAMP)
 	@echo "setup: $(VENV) ready ($$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'))"
 
 # FluidSynth + a General MIDI soundfont for real audio (render.py falls back to a numpy
 # synthesiser without them) and Chromium for the sweep report's browser test (skipped
-# without it). Installed where apt is usable (root); skipped with a note elsewhere.
+# without it), sox for bench/transcribe.py's reverb (skipped without it). Installed where
+# apt is usable (root); skipped with a note elsewhere.
 apt:
 	@missing=""; command -v fluidsynth >/dev/null || missing="fluidsynth"; \
 	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	command -v sox >/dev/null || missing="$$missing sox"; \
 	[ -z "$$missing" ] && exit 0; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  echo "setup: apt-get install$$missing"; \

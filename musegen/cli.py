@@ -75,6 +75,37 @@ def corpus_pop1k7(
     typer.echo(f"pop1k7: {out} (set data.corpus: pop1k7 in params.yaml to use it)")
 
 
+@corpus_app.command("transcribe")
+def corpus_transcribe(
+    audio: Annotated[Path, typer.Option("--audio", help="folder of wav/flac/mp3/ogg recordings")],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="corpus folder (default raw_root/<audio name>)")
+    ] = None,
+    use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the result")] = False,
+    params: ParamsOpt = DEFAULT_PARAMS,
+) -> None:
+    """Transcribe recordings to beat-synchronous piano MIDI (basic-pitch): a corpus folder.
+
+    One row per file in <audio>/transcribe.csv (ok, or rejected with a reason); a re-run
+    skips files already done. Then: musegen prepare --raw <out>, or dvc exp run -S
+    data.corpus=<out name> when <out> is under raw_root.
+    """
+    from musegen import transcribe as stage
+
+    out = out or Path(load_section(DataParams, "data", params).raw_root) / audio.name
+    try:
+        report = stage.transcribe(
+            audio, out, load_section(stage.TranscribeParams, "transcribe", params)
+        )
+    except ImportError as exc:
+        _fail(str(exc))
+    typer.echo(stage.summarize(report, out))
+    if not (report.status == "ok").any():
+        _fail(f"{audio}: no file became MIDI; see the reasons above and {audio / stage.REPORT}")
+    if use_dvc:
+        subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
+
+
 @app.command()
 def prepare(
     raw: Annotated[Path | None, typer.Option(help="MIDI folder (default: data.raw_dir)")] = None,
