@@ -26,19 +26,34 @@ $(STAMP): pyproject.toml
 	@echo "setup: $(VENV) ready ($$($(BIN)/python -c 'import torch; print("torch", torch.__version__)'))"
 
 # FluidSynth + a General MIDI soundfont for real audio (render.py falls back to a numpy
-# synthesiser without them) and Chromium for the sweep report's browser test (skipped
-# without it), sox for bench/transcribe.py's reverb (skipped without it). Installed where
-# apt is usable (root); skipped with a note elsewhere.
+# synthesiser without them), Chromium for the sweep report's browser test, sox for
+# bench/transcribe.py's reverb. Installed where apt is usable (root), each tool on its own so
+# one failing package does not take the others down. With CI set, FluidSynth or Chromium still
+# missing fails setup (and their tests fail instead of skipping, tests/conftest.py `needs`):
+# CI must not go green without them. Elsewhere a missing tool is a warning.
+APT_fluidsynth := fluidsynth timgm6mb-soundfont
+APT_chromium := chromium
+APT_sox := sox
+CI_TOOLS := fluidsynth chromium
 apt:
-	@missing=""; command -v fluidsynth >/dev/null || missing="fluidsynth"; \
-	command -v chromium >/dev/null || missing="$$missing chromium"; \
-	command -v sox >/dev/null || missing="$$missing sox"; \
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  updated=""; \
+	  for tool in fluidsynth chromium sox; do \
+	    command -v $$tool >/dev/null && continue; \
+	    case $$tool in fluidsynth) pkgs="$(APT_fluidsynth)";; chromium) pkgs="$(APT_chromium)";; *) pkgs="$(APT_sox)";; esac; \
+	    [ -n "$$updated" ] || { apt-get update -qq; updated=1; }; \
+	    echo "setup: apt-get install $$pkgs"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$pkgs >/dev/null \
+	      || echo "setup: warning: apt-get install $$pkgs failed"; \
+	  done; \
+	fi; \
+	missing=""; for tool in fluidsynth chromium sox; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	[ -z "$$missing" ] && exit 0; \
-	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	  echo "setup: apt-get install$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null \
-	    || echo "setup: warning: apt-get install$$missing failed (numpy audio fallback; browser test skipped)"; \
-	else echo "setup: $$missing absent and apt unusable: numpy audio fallback, browser test skipped"; fi
+	hint="apt-get install $(APT_fluidsynth) $(APT_chromium) $(APT_sox)"; \
+	for tool in $(CI_TOOLS); do \
+	  case " $$missing " in *" $$tool "*) [ -n "$$CI" ] && { echo "setup: ERROR: $$tool missing in CI (CI is set); install: $$hint" >&2; exit 1; };; esac; \
+	done; \
+	echo "setup: warning:$$missing absent: numpy audio fallback, browser test and reverb bench skipped (install: $$hint)"
 
 demo: setup
 	dvc repro

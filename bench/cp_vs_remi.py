@@ -8,9 +8,13 @@ section, seq_len, batch and steps (so the same number of positions per step). Re
 - validation NLL per note: the summed NLL of the fixed validation windows (every target
   scored once) divided by the notes among those targets (CP: type Note words; REMI: Pitch
   tokens), so the two representations are comparable;
-- wall time (training only, eval excluded) until each first reaches the NLL per note that
-  both reach (the worse of the two finals), and the ratio REMI / CP;
-- relative vs absolute attention: final valid loss at the same step.
+- the plateau: each one's best NLL per note (and its step), the budget being long enough
+  when both bottom out before the end (valid loss rising or flat after the best);
+- time to target: training wall time (eval excluded) and steps until each first reaches
+  several NLL-per-note targets between the start and the worse of the two plateaus, and the
+  ratio REMI / CP at each (steps too: on a shared machine the seconds of two sequential runs
+  see different load; both step on the same backbone, batch and seq_len);
+- relative vs absolute attention: final valid loss at the same step (--absolute).
 
     .venv/bin/python -P bench/cp_vs_remi.py [--steps 300] [--eval-every 25] [--override F]
 
@@ -69,9 +73,10 @@ def run(
     return history
 
 
-def first_reach(history: list[dict[str, float]], level: float) -> float:
-    """Training seconds at the first eval whose NLL per note is at or below `level`."""
-    return next(r["seconds"] for r in history if r["nll_per_note"] <= level + 1e-9)
+def first_reach(history: list[dict[str, float]], level: float) -> dict[str, float]:
+    """Training seconds and step at the first eval whose NLL per note is <= `level`."""
+    row = next(r for r in history if r["nll_per_note"] <= level + 1e-9)
+    return {"seconds": row["seconds"], "step": row["step"]}
 
 
 def main() -> None:
@@ -80,6 +85,8 @@ def main() -> None:
     ap.add_argument("--override", action="append", default=[], help="e.g. params-gpu.yaml")
     ap.add_argument("--steps", type=int, help="training steps per run (default train.max_steps)")
     ap.add_argument("--eval-every", type=int, default=25, help="eval interval (curve resolution)")
+    ap.add_argument("--absolute", action="store_true", help="also train CP + absolute attention")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (the goal: 2)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -104,14 +111,22 @@ def main() -> None:
         f"median {np.median(words):.0f}; REMI tokens mean {toks.mean():.0f} median "
         f"{np.median(toks):.0f}; REMI / CP = {toks.sum() / words.sum():.2f}x"
     )
+    torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="cp-vs-remi-") as tmp:
         cp = run(tokens, Path(tmp), p, m, "cp-relative")
         remi = run(tokens, Path(tmp), dataclasses.replace(p, representation="remi"), m, "remi")
         absolute = dataclasses.replace(m, attention="absolute")
-        cp_abs = run(tokens, Path(tmp), p, absolute, "cp-absolute")
+        cp_abs = run(tokens, Path(tmp), p, absolute, "cp-absolute") if args.absolute else None
 
+    best = {
+        name: min(h, key=lambda r: r["nll_per_note"]) for name, h in (("cp", cp), ("remi", remi))
+    }
     level = max(cp[-1]["nll_per_note"], remi[-1]["nll_per_note"])
-    t_cp, t_remi = first_reach(cp, level), first_reach(remi, level)
+    t_cp, t_remi = first_reach(cp, level)["seconds"], first_reach(remi, level)["seconds"]
+    start = min(cp[0]["nll_per_note"], remi[0]["nll_per_note"])
+    floor = max(b["nll_per_note"] for b in best.values())  # the worse plateau: both reach it
+    targets = [floor + share * (start - floor) for share in (0.5, 0.25, 0.1, 0.0)]
+    reach = [{"target": t, "cp": first_reach(cp, t), "remi": first_reach(remi, t)} for t in targets]
     results = {
         "steps": p.max_steps,
         "seq_len": p.seq_len,
@@ -130,8 +145,14 @@ def main() -> None:
         "cp_seconds_to_common": t_cp,
         "remi_seconds_to_common": t_remi,
         "remi_over_cp_time_to_common": t_remi / t_cp,
+        "threads": args.threads,
+        "plateau": {
+            k: {"nll_per_note": b["nll_per_note"], "step": b["step"], "seconds": b["seconds"]}
+            for k, b in best.items()
+        },
+        "time_to_target": reach,
         "relative_final_valid_loss": cp[-1]["valid_loss"],
-        "absolute_final_valid_loss": cp_abs[-1]["valid_loss"],
+        "absolute_final_valid_loss": cp_abs[-1]["valid_loss"] if cp_abs else None,
     }
     print("\n== results")
     print(
@@ -143,10 +164,22 @@ def main() -> None:
         f"time to NLL/note {level:.3f}: CP {t_cp:.1f} s, REMI {t_remi:.1f} s -> "
         f"REMI / CP = {t_remi / t_cp:.2f}x"
     )
-    print(
-        f"CP valid loss at step {p.max_steps}: relative {results['relative_final_valid_loss']:.4f}"
-        f" vs absolute {results['absolute_final_valid_loss']:.4f}"
-    )
+    for k, b in best.items():
+        last = "still falling" if b["step"] == p.max_steps else "then flat or rising"
+        print(f"{k} plateau: NLL/note {b['nll_per_note']:.3f} at step {b['step']} ({last})")
+    print(f"{'target':>8} {'CP s':>7} {'REMI s':>7} {'ratio':>6} {'CP step':>8} {'REMI step':>10}")
+    for r in reach:
+        cp_r, remi_r = r["cp"], r["remi"]
+        print(f"{r['target']:8.3f} {cp_r['seconds']:7.1f} {remi_r['seconds']:7.1f} "
+              f"{remi_r['seconds'] / max(cp_r['seconds'], 1e-9):5.2f}x {cp_r['step']:8d} "
+              f"{remi_r['step']:10d}")  # fmt: skip
+    if cp_abs:
+        print(
+            f"CP valid loss at step {p.max_steps}: relative "
+            f"{results['relative_final_valid_loss']:.4f} vs absolute "
+            f"{results['absolute_final_valid_loss']:.4f}"
+        )
+    print(f"({args.threads} threads; the box may be shared: seconds of sequential runs vary)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -27,8 +27,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from musegen import train as stage
 from musegen.config import DataParams, load_section
 from musegen.model import ModelConfig, ModelParams, MusicTransformer
 from musegen.tokenizer import get_tokenizer
@@ -116,6 +118,22 @@ def time_steps(
     return best
 
 
+def batch_seconds(repr_dir: Path, vocab: dict, p: TrainParams, repeat: int = 20) -> float:
+    """Best seconds to assemble one training batch the way `musegen train` does."""
+    rows, offsets = stage.load_split(repr_dir, "train")
+    starts = stage.bar_starts(rows, offsets, vocab)
+    ends = offsets[np.searchsorted(offsets, starts, side="right")]
+    rng, best = np.random.default_rng(0), float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        picks = rng.integers(0, len(starts), p.batch_size)
+        batch = [stage.window(rows, starts[i], ends[i], p.seq_len) for i in picks]
+        torch.from_numpy(np.stack([b[0] for b in batch]))
+        torch.from_numpy(np.stack([b[1] for b in batch]))
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--params", default="params.yaml")
@@ -179,6 +197,11 @@ def main() -> None:
                 line += f" {row['mfu_vendor']:11.1%}"
             print(line)
             results.append(row)
+    if (tokens / p.representation / "train.npy").is_file():
+        seconds = batch_seconds(tokens / p.representation, vocab, p)
+        step = min(r["seq_len"] * p.batch_size / r["tokens_per_s"] for r in results)
+        print(f"data: one batch from the memory-mapped tokens takes {seconds * 1e3:.2f} ms, "
+              f"{seconds / step:.2%} of the fastest step: not worth a loader thread")  # fmt: skip
     print("\n(variants interleaved, best step of each; the box may be shared: compare ratios)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

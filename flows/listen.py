@@ -23,7 +23,7 @@ from musegen.config import DEFAULT_PARAMS
 
 @task(name="listen-session")
 def session(
-    params: Path, n_trials: int | None, pairwise: bool, port: int, timeout_s: float | None
+    params: Path, n_trials: int | None, pairwise: bool, port: int | None, timeout_s: float | None
 ) -> dict[str, Any]:
     """Serve the dashboard and collect ratings (people are slow: no retries, no cache)."""
     return stage.listen(
@@ -42,7 +42,7 @@ def listen_flow(
     params: Path = DEFAULT_PARAMS,
     n_trials: int | None = None,
     pairwise: bool = False,
-    port: int = 8080,
+    port: int | None = None,  # None = serve.optuna_port
     timeout_s: float | None = 3600.0,
 ) -> dict[str, Any]:
     """One listening session: rate, then report."""

@@ -24,7 +24,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import ROOT, configured, pipeline, tune_flow
 from musegen.config import DEFAULT_PARAMS, load_section
-from musegen.ui import ServeParams, prefect_server, running
+from musegen.ui import ServeParams, prefect_server, running, stop_on_signals
 
 
 def deployments(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> list[RunnerDeployment]:
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         "--start-server", action="store_true", help="also run a Prefect server on serve.host"
     )
     args = parser.parse_args(argv)
+    stop_on_signals()  # `make prefect &` leaves SIGINT ignored; Ctrl-C and kill must stop us
     if not args.start_server:
         serve(*deployments(args.params, args.root))
         return

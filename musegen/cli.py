@@ -20,7 +20,14 @@ from typing import Annotated, Any
 
 import typer
 
-from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, repo_root
+from musegen.config import (
+    DEFAULT_PARAMS,
+    DataParams,
+    ParamsError,
+    load_section,
+    repo_root,
+    with_flags,
+)
 from musegen.tracking import TrackingError
 
 app = typer.Typer(
@@ -116,14 +123,12 @@ def prepare(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
-    import dataclasses
-
     from musegen import prepare as stage
 
     data = load_section(DataParams, "data", params)
-    p = load_section(stage.PrepareParams, "prepare", params)
-    if strict is not None:
-        p = dataclasses.replace(p, use_strict=strict)
+    p = with_flags(
+        load_section(stage.PrepareParams, "prepare", params), {"use_strict": ("--strict", strict)}
+    )
     manifest = stage.prepare(raw or data.raw_dir, out or Path(data.prepared_dir), p)
     typer.echo(stage.summarize(manifest))
     if p.use_strict and (manifest.status != "ok").any():
@@ -191,16 +196,15 @@ def sweep(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Continue the same test prompts with every chosen STEP checkpoint: HTML page + metrics."""
-    import dataclasses
 
     from musegen import sweep as stage
     from musegen.evaluate import EvaluateParams
     from musegen.generate import sampling_for
     from musegen.train import TrainParams
 
-    p = load_section(stage.SweepParams, "sweep", params)
-    if blind is not None:
-        p = dataclasses.replace(p, use_blind=blind)
+    p = with_flags(
+        load_section(stage.SweepParams, "sweep", params), {"use_blind": ("--blind", blind)}
+    )
     data = load_section(DataParams, "data", params)
     train_p = load_section(TrainParams, "train", params)
     try:
@@ -230,16 +234,14 @@ def register(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Register the chosen checkpoint as MLflow model `register.name`; move the alias to it."""
-    import dataclasses
 
     from musegen import register as stage
     from musegen.generate import sampling_for
     from musegen.sweep import SweepParams
     from musegen.train import TrainParams
 
-    p = load_section(stage.RegisterParams, "register", params)
-    changes = {k: v for k, v in (("choose", choose), ("step", step)) if v is not None}
-    p = dataclasses.replace(p, **changes)
+    flags = {"choose": ("--choose", choose), "step": ("--step", step)}
+    p = with_flags(load_section(stage.RegisterParams, "register", params), flags)
     train_p = load_section(TrainParams, "train", params)
     try:
         version = stage.register(
@@ -295,7 +297,9 @@ def listen(
     serve: Annotated[
         bool, typer.Option("--serve", help="also serve optuna-dashboard on 127.0.0.1")
     ] = False,
-    port: Annotated[int, typer.Option(help="dashboard port (with --serve)")] = 8080,
+    port: Annotated[
+        int | None, typer.Option(help="dashboard port (with --serve; default serve.optuna_port)")
+    ] = None,
     pairwise: Annotated[
         bool, typer.Option("--pairwise", help="A/B preference against the incumbent")
     ] = False,
@@ -307,8 +311,15 @@ def listen(
     optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host 127.0.0.1
     """
     from musegen import listen as stage
+    from musegen.ui import ServeParams, ServerError
 
-    summary = stage.listen(params, n_trials=trials, pairwise=pairwise, serve=serve, port=port)
+    sp = with_flags(load_section(ServeParams, "serve", params), {"optuna_port": ("--port", port)})
+    try:
+        summary = stage.listen(
+            params, n_trials=trials, pairwise=pairwise, serve=serve, port=sp.optuna_port
+        )
+    except ServerError as exc:
+        _fail(str(exc))
     typer.echo(f"listen: {summary['told']} rated, {summary['skipped']} skipped; {summary}")
 
 
@@ -352,18 +363,21 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     Sampling: params.yaml's sample section, then <tune.out_dir>/best_sampling.yaml if present,
     then --temperature / --top-p. Writes <out>/<name>_seed<S>.mid (+ .mp3, .png), generate.json.
     """
-    import dataclasses
-
     from musegen import generate as stage
-    from musegen.midi import MidiError
+    from musegen.midi import MidiError, read_checked
 
-    p = load_section(stage.GenerateParams, "generate", params)
-    given = {"num_samples": n, "max_bars": bars, "max_minutes": minutes, "max_words": words}
-    given |= {"min_bars": min_bars}
-    given |= {"prompt_bars": prompt_bars, "out_dir": out and str(out)}
-    p = dataclasses.replace(p, **{k: v for k, v in given.items() if v is not None})
+    flags = {"num_samples": ("--n", n), "max_bars": ("--bars", bars)}
+    flags |= {"max_minutes": ("--minutes", minutes), "max_words": ("--words", words)}
+    flags |= {"min_bars": ("--min-bars", min_bars)}
+    flags |= {"prompt_bars": ("--prompt-bars", prompt_bars), "out_dir": ("--out", out and str(out))}
+    p = with_flags(load_section(stage.GenerateParams, "generate", params), flags)
     if checkpoint and model:
         _fail("give --checkpoint or --model, not both")
+    if prompt is not None:  # before the model loads: a folder, FIFO or typo fails at once
+        try:
+            read_checked(prompt)
+        except MidiError as exc:
+            _fail(f"--prompt {exc}")
     try:
         sample = stage.sampling_for(params).with_overrides(temperature or (), top_p or ())
         path = stage.resolve_checkpoint(model or checkpoint or p.checkpoint)
@@ -431,14 +445,12 @@ def ui(
 
     Waits until each answers, prints the URLs, and stops them all on Ctrl-C.
     """
-    import dataclasses
-
     from musegen import ui as stage
 
-    p = load_section(stage.ServeParams, "serve", params)
-    given = {"host": host, "prefect_port": prefect_port, "mlflow_port": mlflow_port}
-    given |= {"optuna_port": optuna_port}
-    p = dataclasses.replace(p, **{k: v for k, v in given.items() if v is not None})
+    flags = {"host": ("--host", host), "prefect_port": ("--prefect-port", prefect_port)}
+    flags |= {"mlflow_port": ("--mlflow-port", mlflow_port)}
+    flags |= {"optuna_port": ("--optuna-port", optuna_port)}
+    p = with_flags(load_section(stage.ServeParams, "serve", params), flags)
     try:
         stage.ui(params, Path.cwd(), p)
     except stage.ServerError as exc:
@@ -476,16 +488,26 @@ def _at_root(command: Any, root: Path, here: Path) -> None:
 
 
 def main() -> None:
-    """Entry point: runs at the repository root, turns configuration errors into one line."""
-    from musegen.checkpoint import CheckpointError
-
+    """Entry point: runs at the repository root, turns configuration, store and checkpoint
+    errors into one readable line."""
     command = typer.main.get_command(app)
     root, here = repo_root(), Path.cwd()
     if root is not None and root != here.resolve():
         _at_root(command, root, here)
     try:
         command()
-    except (ParamsError, FileNotFoundError, TrackingError, CheckpointError) as exc:
+    except Exception as exc:
+        # musegen.checkpoint imports torch (~200 MB, seconds): only the commands that load a
+        # checkpoint import it, so `corpus` and `prepare` start light
+        checkpoint = sys.modules.get("musegen.checkpoint")
+        known = (
+            ParamsError,
+            FileNotFoundError,
+            TrackingError,
+            *([checkpoint.CheckpointError] if checkpoint else []),
+        )
+        if not isinstance(exc, known):
+            raise
         typer.secho(f"error: {exc}", fg="red", err=True)
         sys.exit(1)
 

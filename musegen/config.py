@@ -7,7 +7,9 @@ equal the section's keys. A missing or unknown key is an error naming the key an
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -20,7 +22,70 @@ DEFAULT_PARAMS = Path(os.environ.get("MUSEGEN_PARAMS", "params.yaml"))
 
 
 class ParamsError(ValueError):
-    """params.yaml (or an override file) does not match what a stage expects."""
+    """params.yaml (or an override file, or a CLI flag) does not match what a stage expects.
+
+    Raised by `check_values` with `key` (the field, e.g. ``max_bars``) and `problem` (what was
+    expected) but no source: `load_section` adds the file, `with_flags` the CLI flag, so the
+    error blames where the value came from.
+    """
+
+    def __init__(self, message: str, key: str | None = None, problem: str = "") -> None:
+        super().__init__(message)
+        self.key, self.problem = key, problem
+
+
+#: a rule for one field: (test of the value, what is expected, for the message)
+Rule = tuple[Callable[[Any], bool], str]
+
+
+def at_least(low: float, note: str = "") -> Rule:
+    """A rule: a whole number >= `low` (an int `low`), or a finite number >= `low` (a float)."""
+    whole = isinstance(low, int)
+
+    def test(value: Any) -> bool:
+        kinds = int if whole else int | float
+        ok_type = isinstance(value, kinds) and not isinstance(value, bool)
+        return ok_type and math.isfinite(value) and value >= low
+
+    return (
+        test,
+        f"{'a whole number' if whole else 'a number'} >= {low:g}{' ' + note if note else ''}",
+    )
+
+
+def one_of(*choices: str) -> Rule:
+    """A rule: one of `choices`."""
+    return (lambda value: value in choices), f"one of {', '.join(choices)}"
+
+
+def check_values(params: object, section: str, rules: Mapping[str, Rule]) -> None:
+    """Check fields of a params dataclass (call from its __post_init__).
+
+    Raises:
+        ParamsError: naming ``section.field``, the value and what is expected (no source:
+            see ParamsError).
+    """
+    for name, (test, expected) in rules.items():
+        value = getattr(params, name)
+        if not test(value):
+            message = f"{section}.{name} = {value!r}: expected {expected}"
+            raise ParamsError(message, key=name, problem=f"expected {expected}")
+
+
+def with_flags(params: T, flags: Mapping[str, tuple[str, Any]]) -> T:
+    """`params` with CLI flag values applied: {field: (flag, value)}, None = not given.
+
+    Raises:
+        ParamsError: a flag's value fails the dataclass's checks; the message names the flag.
+    """
+    given = {name: value for name, (_, value) in flags.items() if value is not None}
+    try:
+        return dataclasses.replace(params, **given)  # type: ignore[type-var]
+    except ParamsError as exc:
+        if exc.key not in given:
+            raise
+        flag = flags[exc.key][0]
+        raise ParamsError(f"{flag} {given[exc.key]}: {exc.problem}", exc.key, exc.problem) from None
 
 
 def repo_root(start: Path | None = None) -> Path | None:
@@ -94,7 +159,13 @@ def load_section(
         )
     if missing:
         raise ParamsError(f"{path}: missing key {section}.{missing[0]} (add it to the file)")
-    return cls(**{n: _freeze(values[n]) for n in names})
+    try:
+        return cls(**{n: _freeze(values[n]) for n in names})
+    except ParamsError as exc:
+        if exc.key is None:  # a message that names its source already
+            raise
+        where = ", ".join(str(p) for p in (path, *overrides))
+        raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

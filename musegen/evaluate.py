@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from musegen import metrics
 from musegen.config import ParamsError
-from musegen.files import from_printable
+from musegen.files import from_printable, write_atomic
 from musegen.midi import MidiError, Score, load_midi, to_score
 from musegen.prepare import list_files
 
@@ -293,9 +293,8 @@ def evaluate(samples: Path, reference: Path, out: Path, params: EvaluateParams) 
     result["ladder"] = ladder(generated, ref_features, ref_metrics, params) if generated else {}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
-    tmp.replace(out)  # atomic: DVC never sees a half-written metrics file
+    # atomic: DVC never sees a half-written metrics file
+    write_atomic(out, json.dumps(result, indent=1, allow_nan=False) + "\n")
     return result
 
 

@@ -33,12 +33,13 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
 from musegen.checkpoint import CheckpointError
 from musegen.checkpoint import load as load_checkpoint
-from musegen.config import ParamsError, merge, read_yaml
+from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
 from musegen.model import Decoder, ModelConfig, MusicTransformer
 from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
 from musegen.tokenizer import (
@@ -96,6 +97,20 @@ class GenerateParams:
     prompt_bars: int
     out_dir: str
     device: str
+
+    def __post_init__(self) -> None:
+        check_values(
+            self,
+            "generate",
+            {
+                "num_samples": at_least(1),
+                "max_bars": at_least(0, "(0 = no cap)"),
+                "min_bars": at_least(0, "(0 = the model may end a piece)"),
+                "max_minutes": at_least(0.0, "(0 = no cap)"),
+                "max_words": at_least(0, "(0 = no cap)"),
+                "prompt_bars": at_least(1),
+            },
+        )
 
 
 @dataclass
@@ -218,6 +233,14 @@ class _CPMasks:
         # bar_beat after position p: Bar, or a position > p (ids 2 + k); row 0 = no position yet
         self.bar_beat = [(arange == BAR) | (arange >= 3 + p) for p in range(-1, POSITIONS)]
         self.from_ = [torch.arange(v, device=device) for v in sizes]
+        self.ignore = [m == 0 for m in self.from_]  # a field forced to Ignore: only id 0
+        # fields 1..F-1 side by side (the Decoder's field_logits) -> (F-1, V_max), padded
+        # with index sum(V) (a -inf logit / False mask column): one draw for every field
+        v_max, start, rows = max(sizes[1:]), 0, []
+        for v in sizes[1:]:
+            rows.append([start + i if i < v else sum(sizes[1:]) for i in range(v_max)])
+            start += v
+        self.padded = torch.tensor(rows, device=device)  # (F-1, V_max)
 
     def type_mask(self, state: _State, sequential: bool, min_bars: int) -> Tensor:
         eos_ok = state.bar >= min_bars  # the piece has closed min_bars bars (bar min_bars is open)
@@ -254,6 +277,31 @@ class _CPMasks:
         tied = all(drawn[g] == last[g] for g in (PITCH, DURATION, VELOCITY) if g < f)
         # the tokenizer orders notes of a position by (pitch, duration, velocity)
         return self.value[f] & (self.from_[f] >= last[f]) if tied else self.value[f]
+
+
+def _field_mask(
+    masks: _CPMasks,
+    f: int,
+    piece: _Piece,
+    w: np.ndarray,
+    *,
+    seq: bool,
+    forbid: dict[int, set[int]],
+    min_bars: int = 0,
+) -> Tensor:
+    """Allowed ids of field f for one piece's word w (its type and earlier fields drawn)."""
+    drawn = dict(enumerate(w[:f].tolist()))
+    m = masks.field_mask(f, int(w[TYPE]), piece.state, drawn, seq)
+    if m is None:
+        return masks.ignore[f]  # forced to Ignore: the draw can only give 0
+    if f == REST and piece.state.bar + 1 < min_bars:
+        # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
+        m = m & (masks.from_[REST] <= min_bars - 2 - piece.state.bar)
+    if f in forbid:
+        narrowed = m.clone()
+        narrowed[list(forbid[f])] = False
+        m = narrowed if narrowed.any() else m  # the guard never empties a field
+    return m
 
 
 def _repair(w: np.ndarray) -> None:
@@ -369,11 +417,13 @@ def generate_batch(
         torch.set_num_threads(1)
     try:
         with torch.inference_mode():
-            pieces = []
+            pieces, primed = [], []
             for i, (words, seed) in enumerate(zip(starts, seeds, strict=True)):
                 x = torch.as_tensor(words if cp else words[:, None], device=device)
+                primed.append(run.decoder.prime(i, x))
                 gen = torch.Generator(device=device).manual_seed(int(seed))
-                pieces.append(_Piece(words, gen, run.decoder.prime(i, x)))
+                pieces.append(_Piece(words, gen))
+            run.h = torch.stack(primed)  # (B, D)
             outs = _run_cp(run, pieces) if cp else _run_remi(run, pieces)
             if stats is not None:
                 stats.extend({"bars": p.closed_bars} for p in pieces)
@@ -395,6 +445,7 @@ class _Run:
     max_seconds: float | None
     trace: list[Tensor] | None
     bar: Any  # tqdm
+    h: Tensor | None = None  # (B, D): row i predicts the next word of the batch's piece i
     min_bars: int = 0
 
     def words_done(self, n_new: int) -> bool:
@@ -419,20 +470,17 @@ class _Run:
             pieces = [pieces[r] for r in rows]
         if pieces:
             x = torch.as_tensor(words[rows], device=self.loaded.device)  # (B, F)
-            h = self.decoder.step(x)  # (B, D)
-            for i, p in enumerate(pieces):
-                p.h = h[i]
+            self.h = self.decoder.step(x)  # (B, D)
         self.bar.update(1)
         return pieces
 
 
 @dataclass
 class _Piece:
-    """One piece of a batch: its words so far, random stream, grammar state, last hidden."""
+    """One piece of a batch: its words so far, random stream and grammar state."""
 
     prompt: np.ndarray
     gen: torch.Generator
-    h: Tensor  # (D,) hidden state that predicts the next word
     state: _State = dataclasses.field(default_factory=_State)
     out: list = dataclasses.field(default_factory=list)  # CP rows or REMI ids, prompt first
     result: np.ndarray | None = None  # set when the piece ends
@@ -468,7 +516,7 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         p.out = list(p.prompt)
     n_new = 0
     while pieces and not run.words_done(n_new):
-        words = _draw_words(run, pieces, masks, [{} for _ in pieces], trace=True)
+        words = _draw_words(run, pieces, run.h, masks, [{} for _ in pieces], trace=True)
         # the loop guard: a word that continues a loop is drawn again with one more field's
         # value forbidden, most musical first, until it is no loop or every field was tried
         forbid = [{} for _ in pieces]
@@ -484,7 +532,8 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
                     again.append(r)
             if again:
                 sub = [pieces[r] for r in again]
-                words[again] = _draw_words(run, sub, masks, [forbid[r] for r in again])
+                h = run.h[again]
+                words[again] = _draw_words(run, sub, h, masks, [forbid[r] for r in again])
             redo = again
         keep = []
         for r, (p, w) in enumerate(zip(pieces, words, strict=True)):
@@ -507,8 +556,10 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
 def _draw_words(
     run: _Run,
     pieces: list[_Piece],
+    h: Tensor,
     masks: _CPMasks,
     forbid: list[dict[int, set[int]]],
+    *,
     trace: bool = False,
 ) -> np.ndarray:
     """One CP word per piece (B, F): the type, then each other field given it (grammar masks).
@@ -517,7 +568,6 @@ def _draw_words(
     """
     dec, seq = run.decoder, run.sample.use_sequential_fields
     settings = [run.sample.field(name) for name in run.loaded.fields]
-    h = torch.stack([p.h for p in pieces])  # (B, D)
     u = run.uniforms(pieces, len(FIELDS))  # (B, F): every field draws, forced or not
     type_logits = dec.type_logits(h)  # (B, V_type)
     if trace and run.trace is not None:
@@ -526,26 +576,43 @@ def _draw_words(
     kinds = sample_field(mask_logits(type_logits, allowed), *settings[TYPE], u=u[:, TYPE])
     w = np.zeros((len(pieces), len(FIELDS)), np.int64)
     w[:, TYPE] = kinds.cpu().numpy()
-    logits = dec.field_logits(h, kinds)  # an EOS row's fields are drawn and dropped
-    for f in _NON_TYPE:
-        rows = []
-        for r, p in enumerate(pieces):
-            drawn = dict(enumerate(w[r, :f].tolist()))
-            m = masks.field_mask(f, int(w[r, TYPE]), p.state, drawn, seq)
-            if f == REST and m is not None and p.state.bar + 1 < run.min_bars:
-                # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
-                m = m & (masks.from_[REST] <= run.min_bars - 2 - p.state.bar)
-            if m is not None and f in forbid[r]:
-                narrowed = m.clone()
-                narrowed[list(forbid[r][f])] = False
-                m = narrowed if narrowed.any() else m  # the guard never empties a field
-            rows.append(m)
-        if all(m is None for m in rows):
-            continue  # forced to Ignore everywhere (uniforms drawn all the same)
-        allowed = torch.stack([masks.any[f] if m is None else m for m in rows])
-        ids = sample_field(mask_logits(logits[f - 1], allowed), *settings[f], u=u[:, f])
-        ids = ids.cpu().numpy()
-        w[:, f] = [0 if m is None else i for m, i in zip(rows, ids, strict=True)]
+    logits = dec.field_logits(h, kinds)  # (B, sum V_f): an EOS row's are drawn and dropped
+    if seq:  # each field's masks depend on the fields drawn before it: one draw per field
+        for f, part in zip(_NON_TYPE, logits.split(dec.split, -1), strict=True):
+            allowed = torch.stack(
+                [
+                    _field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r], min_bars=run.min_bars)
+                    for r, p in enumerate(pieces)
+                ]
+            )
+            ids = sample_field(mask_logits(part, allowed), *settings[f], u=u[:, f])
+            w[:, f] = ids.cpu().numpy()
+    else:  # independent given the type: every field of every piece in one draw
+        allowed = torch.stack(
+            [
+                torch.cat(
+                    [
+                        _field_mask(
+                            masks, f, p, w[r], seq=seq, forbid=forbid[r], min_bars=run.min_bars
+                        )
+                        for f in _NON_TYPE
+                    ]
+                )
+                for r, p in enumerate(pieces)
+            ]
+        )  # (B, sum V_f)
+        pad = masks.padded  # (F-1, V_max)
+        logits = F.pad(logits, (0, 1), value=float("-inf"))[:, pad]  # (B, F-1, V_max)
+        allowed = F.pad(allowed, (0, 1), value=False)[:, pad]
+        temps, tops = (torch.tensor(s, device=h.device) for s in zip(*settings[1:], strict=True))
+        n = len(pieces) * len(_NON_TYPE)
+        ids = sample_field(
+            mask_logits(logits, allowed).view(n, -1),  # (B * (F-1), V_max)
+            temps.repeat(len(pieces)),
+            tops.repeat(len(pieces)),
+            u=u[:, 1:].reshape(n),
+        )
+        w[:, 1:] = ids.view(len(pieces), -1).cpu().numpy()
     if not seq:
         for row in w:
             _repair(row)
@@ -606,7 +673,7 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         p.cur_start, p.out = (openers[-1] if openers else 0), ids
     n_new = 0
     while pieces and not run.words_done(n_new):
-        logits = run.decoder.type_logits(torch.stack([p.h for p in pieces]))  # (B, V)
+        logits = run.decoder.type_logits(run.h)  # (B, V)
         if run.trace is not None:
             run.trace.append(logits.clone())
         rows = []
@@ -764,7 +831,11 @@ def sampling_for(params_path: Path | str) -> SampleParams:
     missing = [n for n in names if n not in section]
     if missing:
         raise ParamsError(f"{params_path}: missing key sample.{missing[0]} (add it to the file)")
-    return SampleParams(**{n: section[n] for n in names})
+    try:
+        return SampleParams(**{n: section[n] for n in names})
+    except ParamsError as exc:  # name the files the values came from
+        where = f"{params_path}" + (f" + {tuned}" if tuned is not None and tuned.is_file() else "")
+        raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
 
 
 def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:

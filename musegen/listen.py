@@ -41,6 +41,7 @@ from musegen import tune as tn
 from musegen.config import DataParams, load_section
 from musegen.evaluate import EvaluateParams
 from musegen.sampling import SampleParams
+from musegen.ui import ServeParams, ServerError
 
 RATING_KEY = "rating"
 PREFERENCE_KEY = "preference"
@@ -79,19 +80,28 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def start_dashboard(
-    storage: Any, artifact_dir: Path | str, port: int = 8080, host: str = "127.0.0.1"
+    storage: Any, artifact_dir: Path | str, port: int, host: str = "127.0.0.1"
 ) -> tuple[WSGIServer, threading.Thread]:
     """Serve optuna-dashboard with the artifact store in a daemon thread.
 
     Returns:
         (server, thread); `server.server_port` is the bound port (pass port 0 for any free
         one); stop with `server.shutdown()`.
+
+    Raises:
+        ServerError: the port cannot be bound (taken, or privileged); the message names it.
     """
     from optuna.artifacts import FileSystemArtifactStore
     from optuna_dashboard import wsgi
 
     app = wsgi(storage, artifact_store=FileSystemArtifactStore(str(artifact_dir)))
-    server = make_server(host, port, app, handler_class=_QuietHandler)
+    try:
+        server = make_server(host, port, app, handler_class=_QuietHandler)
+    except OSError as exc:
+        raise ServerError(
+            f"{host}:{port}: cannot serve optuna-dashboard ({exc.strerror}); is the port taken? "
+            "pass --port or set serve.optuna_port in params.yaml"
+        ) from exc
     thread = threading.Thread(target=server.serve_forever, name="optuna-dashboard", daemon=True)
     thread.start()
     return server, thread
@@ -283,7 +293,7 @@ def listen(
     n_trials: int | None = None,
     pairwise: bool = False,
     serve: bool = False,
-    port: int = 8080,
+    port: int | None = None,
     poll_seconds: float = 2.0,
     timeout_s: float | None = None,
     echo: Callable[[str], None] = print,
@@ -298,7 +308,8 @@ def listen(
         params_path: params.yaml (the `tune` section holds the space and the storage).
         n_trials: ratings to collect in this run.
         pairwise: A/B preference mode instead of 1-5 scores.
-        serve: also serve optuna-dashboard on 127.0.0.1:`port` (printed).
+        serve: also serve optuna-dashboard on serve.host:`port` (printed).
+        port: the dashboard's port; None = serve.optuna_port (0 = any free port).
         poll_seconds: how often to look for submitted ratings.
         timeout_s: stop after this long even without enough ratings (None = never).
         echo: where progress lines go.
@@ -316,8 +327,10 @@ def listen(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         if serve:
-            server, _ = start_dashboard(s.storage, s.tp.artifact_dir, port)
-            echo(f"optuna-dashboard: http://127.0.0.1:{server.server_port}/dashboard/")
+            sp = load_section(ServeParams, "serve", params_path)
+            port = sp.optuna_port if port is None else port
+            server, _ = start_dashboard(s.storage, s.tp.artifact_dir, port, sp.host)
+            echo(f"optuna-dashboard: http://{sp.host}:{server.server_port}/dashboard/")
         while told < n_trials and (deadline is None or time.monotonic() < deadline):
             new, skip = collect(s)
             told, skipped = told + new, skipped + skip

@@ -564,7 +564,7 @@ class Decoder:
     - keys/values live in a preallocated ring of W = max_len slots per layer (B, H, W, Dh);
       the new word overwrites the oldest slot, so nothing is copied or concatenated. Slot s
       holds the word (c - s) mod W positions back (c = the step counter, shared by the
-      streams), which is its relative distance; slots a stream has not filled are masked;
+      streams), which is its relative distance; slots a stream has not written are masked;
     - the field embeddings and their projection are folded into one table (sum_f V_f, D),
       the CP type projection's embedding half into a (V_type, D) table, and the heads of the
       non-type fields into one matmul: three ops where the model takes about twenty;
@@ -580,10 +580,12 @@ class Decoder:
         ring = (batch, cfg.n_head, cfg.max_len, d_head)
         self.keys = [p.new_zeros(ring) for _ in model.blocks]  # (B, H, W, Dh) per layer
         self.values = [p.new_zeros(ring) for _ in model.blocks]
-        self.filled = torch.zeros(batch, dtype=torch.long, device=p.device)  # slots in use
+        # (B, 1, 1, W) added to the scores: -inf on slots a stream has not written yet
+        self.bias = torch.full((batch, 1, 1, cfg.max_len), float("-inf"), device=p.device)
         self.pos = torch.zeros(batch, dtype=torch.long, device=p.device)  # next position
         self.count = 0  # c: steps taken; the next word goes to slot c mod W
-        self.slots = torch.arange(cfg.max_len, device=p.device)
+        # distance of slot s's word at step c is (c - s) mod W: this rolled by c
+        self.dist0 = -torch.arange(cfg.max_len, device=p.device) % cfg.max_len
         with torch.no_grad():
             emb = model.embed
             parts, start = [], 0  # proj(cat_f(e_f * s_f)) = sum_f (E_f * s_f) @ P_f^T + b
@@ -623,14 +625,14 @@ class Decoder:
         slots = (self.count - n + torch.arange(n, device=h.device)) % self.window  # (n,)
         for ring, kept in zip(self.keys + self.values, cache.keys + cache.values, strict=True):
             ring[i].index_copy_(1, slots, kept[0])  # (H, n, Dh) into (H, W, Dh)
-        self.filled[i], self.pos[i] = n, cache.pos
+        self.bias[i, ..., slots], self.pos[i] = 0.0, cache.pos
         return h[0, -1]
 
     def keep(self, rows: Tensor) -> None:
         """Drop the streams not in `rows` (finished pieces), in that order."""
         self.keys = [k[rows] for k in self.keys]
         self.values = [v[rows] for v in self.values]
-        self.filled, self.pos, self.batch = self.filled[rows], self.pos[rows], len(rows)
+        self.bias, self.pos, self.batch = self.bias[rows], self.pos[rows], len(rows)
 
     def step(self, words: Tensor) -> Tensor:
         """Feed one word per stream, words (B, F); return the final hidden states (B, D)."""
@@ -639,11 +641,8 @@ class Decoder:
         if model.config.attention == "absolute":
             h = h + sinusoidal(self.pos, model.config.d_model).to(h.dtype)  # (B, D)
         slot = self.count % W
-        self.filled = (self.filled + 1).clamp_(max=W)
-        dist = (self.count - self.slots) % W  # (W,) distance of each slot's word
-        empty = dist[None, :] >= self.filled[:, None]  # (B, W): slots without this stream's words
-        bias = torch.zeros(empty.shape, dtype=h.dtype, device=h.device)
-        bias = bias.masked_fill_(empty, float("-inf"))[:, None, None]  # (B, 1, 1, W)
+        dist = self.dist0.roll(slot)  # (W,) distance of each slot's word
+        self.bias[..., slot] = 0.0  # the new word's slot is in use from now on
         B, D = h.shape
         for block, keys, values in zip(model.blocks, self.keys, self.values, strict=True):
             attn = block.attn
@@ -656,7 +655,7 @@ class Decoder:
             if attn.rel is not None:  # + q · E_r[distance of each slot] (Huang et al. eq. 3)
                 qe = q @ attn.rel.transpose(-2, -1)  # (B, H, 1, W) by distance, W = max_len
                 att = att + qe.index_select(-1, dist)  # by slot
-            att = att / math.sqrt(q.size(-1)) + bias
+            att = att / math.sqrt(q.size(-1)) + self.bias
             y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
             h = h + attn.proj(y)
             h = h + block.mlp(block.ln_2(h))
@@ -668,7 +667,8 @@ class Decoder:
         """(B, D) -> (B, V_type) (REMI: the token logits)."""
         return self.model.heads[0](h)
 
-    def field_logits(self, h: Tensor, next_type: Tensor) -> list[Tensor]:
-        """CP: logits of fields 1..F-1 given each stream's drawn type (B,): (B, V_f) each."""
+    def field_logits(self, h: Tensor, next_type: Tensor) -> Tensor:
+        """CP: logits of fields 1..F-1 given each stream's drawn type (B,), side by side:
+        (B, V_1 + ... + V_{F-1}); `.split(self.split, -1)` gives one (B, V_f) per field."""
         y = h @ self.type_h.T + self.type_e[next_type]  # type_proj(cat(h, emb(type)))
-        return list(torch.addmm(self.heads_b, y, self.heads_w.T).split(self.split, dim=-1))
+        return torch.addmm(self.heads_b, y, self.heads_w.T)

@@ -42,7 +42,7 @@ import yaml
 import mlflow
 import mlflow.pyfunc
 from musegen import tracking
-from musegen.config import ParamsError, load_section, repo_root
+from musegen.config import ParamsError, at_least, check_values, load_section, one_of, repo_root
 from musegen.sampling import SampleParams
 
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
@@ -77,11 +77,11 @@ class RegisterParams:
     report: str
 
     def __post_init__(self) -> None:
-        if self.choose not in ("best_valid", "best_sweep", "step"):
-            raise ParamsError(
-                f"params.yaml: register.choose = {self.choose!r}; expected best_valid, "
-                "best_sweep or step"
-            )
+        check_values(
+            self,
+            "register",
+            {"choose": one_of("best_valid", "best_sweep", "step"), "step": at_least(0)},
+        )
 
 
 def choose_checkpoint(params: RegisterParams, ckpt_dir: Path, sweep_metrics: Path) -> Path:

@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from musegen.config import ParamsError, at_least, check_values
+
 #: a temperature below this is greedy decoding (argmax); dividing by it would only
 #: reproduce the argmax with extra rounding.
 GREEDY_EPS = 1e-5
@@ -52,27 +54,44 @@ class SampleParams:
     seed: int
 
     def __post_init__(self) -> None:
+        # errors name sample.<key> without a source: the loader adds the file, with_overrides
+        # the CLI flag (config.ParamsError)
         temps, tops = dict(self.temperature), dict(self.top_p)
         if set(temps) != set(tops):
             odd = sorted(set(temps) ^ set(tops))
-            raise ValueError(
-                f"params.yaml: sample.temperature and sample.top_p must name the same fields; "
-                f"{', '.join(odd)} is in only one of them (add it to the other)"
+            raise ParamsError(
+                f"sample.temperature and sample.top_p must name the same fields; "
+                f"{', '.join(odd)} is in only one of them (add it to the other)",
+                key="temperature",
+                problem="the same fields as sample.top_p",
             )
-        for name, t in temps.items():
-            if not (isinstance(t, int | float) and math.isfinite(t) and t >= 0):
-                raise ValueError(
-                    f"params.yaml: sample.temperature.{name} = {t!r}; expected a finite "
-                    f"number >= 0 (0 = greedy)"
+        number = (int, float)
+        rules = {
+            f"temperature.{n}": (
+                t,
+                isinstance(t, number) and math.isfinite(t) and t >= 0,
+                "a finite number >= 0 (0 = greedy)",
+            )
+            for n, t in temps.items()
+        }
+        rules |= {
+            f"top_p.{n}": (
+                p,
+                isinstance(p, number) and 0 < p <= 1,
+                "a number in (0, 1] (1.0 = off)",
+            )
+            for n, p in tops.items()
+        }
+        for key, (value, ok, expected) in rules.items():
+            if not ok:
+                raise ParamsError(
+                    f"sample.{key} = {value!r}: expected {expected}", key, f"expected {expected}"
                 )
-        for name, p in tops.items():
-            if not (isinstance(p, int | float) and 0 < p <= 1):
-                raise ValueError(
-                    f"params.yaml: sample.top_p.{name} = {p!r}; expected a number in (0, 1] "
-                    f"(1.0 = off)"
-                )
-        if self.loop_max_period < 0 or self.loop_max_repeats < 0:
-            raise ValueError("params.yaml: sample.loop_max_period/loop_max_repeats must be >= 0")
+        check_values(
+            self,
+            "sample",
+            {"loop_max_period": at_least(0, "(0 = off)"), "loop_max_repeats": at_least(0)},
+        )
         # Own copies with float values, so a caller's dict cannot change a frozen params object.
         object.__setattr__(self, "temperature", {k: float(v) for k, v in temps.items()})
         object.__setattr__(self, "top_p", {k: float(v) for k, v in tops.items()})
@@ -109,12 +128,20 @@ class SampleParams:
         Raises:
             ValueError: an override names an unknown field or holds a bad number.
         """
-        temps = {
-            **self.temperature,
-            **parse_overrides(temperature, self.temperature, "temperature"),
-        }
-        tops = {**self.top_p, **parse_overrides(top_p, self.top_p, "top-p")}
-        return dataclasses.replace(self, temperature=temps, top_p=tops)
+        new_t = parse_overrides(temperature, self.temperature, "temperature")
+        new_p = parse_overrides(top_p, self.top_p, "top-p")
+        try:
+            return dataclasses.replace(
+                self, temperature={**self.temperature, **new_t}, top_p={**self.top_p, **new_p}
+            )
+        except ParamsError as exc:  # blame the flag when the bad value came from one
+            section, _, field = (exc.key or "").partition(".")
+            flags = {"temperature": ("--temperature", new_t), "top_p": ("--top-p", new_p)}
+            flag, values = flags.get(section, ("", {}))
+            if field not in values:
+                raise
+            message = f"{flag} {field}={values[field]:g}: {exc.problem} (sample.{exc.key})"
+            raise ParamsError(message, exc.key, exc.problem) from None
 
 
 def parse_overrides(items: Sequence[str], known: Iterable[str], flag: str) -> dict[str, float]:
@@ -225,8 +252,8 @@ def loop_guard(history: Sequence[Any] | np.ndarray, max_period: int, max_repeats
 
 def sample_field(
     logits: torch.Tensor,
-    temperature: float,
-    top_p: float = 1.0,
+    temperature: float | torch.Tensor,
+    top_p: float | torch.Tensor = 1.0,
     generator: torch.Generator | None = None,
     *,
     u: torch.Tensor | None = None,
@@ -242,8 +269,10 @@ def sample_field(
 
     Args:
         logits: (B, V) float logits; -inf marks forbidden ids.
-        temperature: > GREEDY_EPS samples; below it (0 included) returns the argmax.
-        top_p: nucleus mass in (0, 1]; 1.0 keeps every id.
+        temperature: > GREEDY_EPS samples; below it (0 included) returns the argmax. A (B,)
+            tensor gives each row its own (several fields drawn in one call; the caller
+            checked the values, as SampleParams does).
+        top_p: nucleus mass in (0, 1]; 1.0 keeps every id. Or a (B,) tensor, as temperature.
         generator: torch.Generator on the logits' device, for reproducible draws.
         u: (B,) uniforms in [0, 1), one per row (default: drawn from `generator`).
 
@@ -256,9 +285,10 @@ def sample_field(
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_field: logits must be (B, V), got {tuple(logits.shape)}")
-    if not (temperature >= 0 and math.isfinite(temperature)):
+    per_row = isinstance(temperature, torch.Tensor)
+    if not per_row and not (temperature >= 0 and math.isfinite(temperature)):
         raise ValueError(f"sample_field: temperature {temperature} must be finite and >= 0")
-    if not 0 < top_p <= 1:
+    if not isinstance(top_p, torch.Tensor) and not 0 < top_p <= 1:
         raise ValueError(f"sample_field: top_p {top_p} must be in (0, 1] (1.0 = off)")
     logits = logits.float()
     # one reduction and one sync: a NaN or +inf anywhere, or a row all -inf, is not finite
@@ -270,11 +300,11 @@ def sample_field(
             f"sample_field: every id is masked in row(s) {rows}; the grammar or loop-guard "
             f"mask leaves nothing to sample — relax it"
         )
-    if temperature < GREEDY_EPS:
+    if not per_row and temperature < GREEDY_EPS:
         return logits.argmax(dim=-1)
-
-    probs = torch.softmax(logits / temperature, dim=-1)  # (B, V); softmax subtracts the max
-    if top_p < 1.0:
+    temp = temperature[:, None].clamp(min=GREEDY_EPS) if per_row else temperature
+    probs = torch.softmax(logits / temp, dim=-1)  # (B, V); softmax subtracts the max
+    if isinstance(top_p, torch.Tensor) or top_p < 1.0:
         probs = probs.masked_fill(~nucleus_mask(probs, top_p), 0.0)
     if u is None:
         u = torch.rand(len(probs), generator=generator, device=probs.device)
@@ -283,19 +313,25 @@ def sample_field(
     ids = torch.searchsorted(cdf, (u.to(cdf.dtype) * cdf[:, -1])[:, None], right=True)
     ids = ids.clamp_(max=probs.size(-1) - 1)  # (B, 1)
     # rounding can land u * mass on the total: fall back to the most likely id
-    return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True))[:, 0]
+    ids = torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True))[:, 0]
+    return torch.where(temperature < GREEDY_EPS, logits.argmax(dim=-1), ids) if per_row else ids
 
 
-def nucleus_mask(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+def nucleus_mask(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tensor:
     """Bool (B, V) mask of the nucleus: the smallest top-ranked set with mass >= top_p.
 
     Args:
         probs: (B, V) probabilities (rows sum to 1).
-        top_p: nucleus mass in (0, 1]; 1.0 keeps every id with nonzero probability.
+        top_p: nucleus mass in (0, 1]; 1.0 keeps every id with nonzero probability. A (B,)
+            tensor gives each row its own.
     """
-    if top_p >= 1.0:
+    per_row = isinstance(top_p, torch.Tensor)
+    if not per_row and top_p >= 1.0:
         return probs > 0
     sorted_p, order = probs.sort(dim=-1, descending=True)  # (B, V) each
     mass_before = sorted_p.cumsum(dim=-1) - sorted_p  # mass of the ids ranked above each
-    keep_sorted = mass_before < top_p  # the first id has 0 < top_p: always kept
+    # the first id has 0 < top_p: always kept; a row with top_p 1.0 keeps every id
+    keep_sorted = mass_before < top_p[:, None] if per_row else mass_before < top_p
+    if per_row:
+        keep_sorted |= (top_p >= 1.0)[:, None]
     return torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted) & (probs > 0)

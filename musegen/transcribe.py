@@ -540,6 +540,8 @@ def transcribe(
         else:  # forkserver: callers (Prefect, MLflow) may hold threads, which fork can deadlock
             _compile_beat_tracker()
             ctx = multiprocessing.get_context("forkserver")
+            # workers fork from a server that imported these once (librosa alone: ~5 s CPU)
+            ctx.set_forkserver_preload([__name__, "librosa.beat", "librosa.feature", "soxr"])
             with ProcessPoolExecutor(
                 workers, ctx, initializer=_init_worker, initargs=(max(1, cores // workers),)
             ) as pool:

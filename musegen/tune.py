@@ -40,6 +40,7 @@ import yaml
 from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
 from musegen.evaluate import EvaluateParams, score_set
+from musegen.files import temp_name, write_atomic
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -244,7 +245,7 @@ def make_clips(
     )
     for k, (tokens, got) in enumerate(zip(every, stats, strict=True)):
         midi = loaded.tokenizer.decode(tokens)
-        tmp = out_dir / f".clip{k}.mid"
+        tmp = temp_name(out_dir / f"clip{k}.mid")  # unique: workers may share out_dir
         midi.dump(str(tmp))
         path = out_dir / f"{hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]}.mid"
         tmp.replace(path)
@@ -583,10 +584,7 @@ def write_results(
             f"# written by `musegen tune` (study {study.study_name}, trial {best.number}, "
             f"{objective_kind} {best.value:.4f}); overlays params.yaml's sample: section\n"
         )
-        tmp = out / "best_sampling.yaml.tmp"
-        tmp.write_text(text + yaml.safe_dump(section, sort_keys=True))
-        tmp.replace(out / "best_sampling.yaml")
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    tmp.replace(out / "metrics.json")
+        # unique temp names: several workers finishing together each replace the file whole
+        write_atomic(out / "best_sampling.yaml", text + yaml.safe_dump(section, sort_keys=True))
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
     return summary

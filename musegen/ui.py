@@ -22,7 +22,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from musegen.config import read_yaml
+from musegen.config import Rule, at_least, check_values, read_yaml
 from musegen.tracking import tracking_uri
 
 BIN = Path(sys.executable).parent
@@ -42,6 +42,11 @@ class ServeParams:
     task_runner: str
     dask_address: str
     num_dask_workers: int
+
+    def __post_init__(self) -> None:
+        port: Rule = (lambda v: isinstance(v, int) and 0 < v < 65536, "a port in 1..65535")
+        ports = dict.fromkeys(("prefect_port", "mlflow_port", "optuna_port"), port)
+        check_values(self, "serve", {**ports, "num_dask_workers": at_least(1)})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +142,16 @@ def _signals_held() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def stop_on_signals() -> None:
+    """Make Ctrl-C and SIGTERM (a supervisor, `kill`) raise KeyboardInterrupt here.
+
+    Also when started from a script that left SIGINT ignored: `make prefect &` in a
+    non-interactive shell starts us with SIGINT set to SIG_IGN, and a Ctrl-C would do nothing.
+    """
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.default_int_handler)
+
+
 @contextlib.contextmanager
 def running(
     servers: list[Server], root: Path, timeout_s: float = 180.0
@@ -198,10 +213,7 @@ def ui(params: Path, root: Path, p: ServeParams) -> None:
         prefect_server(p, root),
         optuna_dashboard(p, root, tune["storage"], tune["artifact_dir"]),
     ]
-    # Ctrl-C and SIGTERM (a supervisor, `kill`) stop the servers; also when started from a
-    # script that left SIGINT ignored (`cmd &` in a non-interactive shell)
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.default_int_handler)
+    stop_on_signals()
     print("starting MLflow, Prefect and optuna-dashboard (MLflow takes ~15-35 s) ...", flush=True)
     with contextlib.suppress(KeyboardInterrupt), running(servers, root) as procs:
         print("all up; Ctrl-C stops them", flush=True)

@@ -61,3 +61,18 @@ def test_repository_params_load() -> None:
     data = load_section(DataParams, "data", ROOT / "params.yaml")
     assert data.raw_dir == Path(data.raw_root) / data.corpus
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
+
+
+@pytest.mark.parametrize("profile", ["params-gpu.yaml", "params-cpu-long.yaml"])
+def test_override_profiles_load(profile: str) -> None:
+    """The README's override profiles only set known keys; the long CPU profile keeps >= 6
+    STEP checkpoints for the sweep."""
+    from musegen.model import ModelParams
+    from musegen.train import TrainParams
+
+    over = (ROOT / profile,)
+    train = load_section(TrainParams, "train", ROOT / "params.yaml", over)
+    load_section(ModelParams, "model", ROOT / "params.yaml", over)
+    if profile == "params-cpu-long.yaml":
+        assert train.max_steps // train.save_every >= 6 and train.keep_last == 0
+        assert train.transpose_range > 0  # trained with augmentation

@@ -34,16 +34,22 @@ from flows.pipeline import LOCKED, UPSTREAM, configured, pipeline, transient
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-#: seconds the stand-in sweep and evaluate sleep (to see whether they overlap)
-SLEEP = 3.0
+#: seconds the stand-in sweep and evaluate each wait for the other to start (dask test only);
+#: a rendezvous, not a sleep: they meet only if both run at once, however busy the machine
+MEET_TIMEOUT = 120.0
 
 #: the files each task reads back, written by the stand-in stage (first path = its out in DVC)
 STAND_IN = r"""
 import json, pathlib, sys, time, yaml
-name, start = sys.argv[1], time.time()
+name, start, met = sys.argv[1], time.time(), None
 params = yaml.safe_load(open("params.yaml"))
-if name in ("sweep", "evaluate"):
-    time.sleep(float(sys.argv[2]))
+if name in ("sweep", "evaluate") and float(sys.argv[2]) > 0:  # meet the other one
+    pathlib.Path(f".started-{name}").touch()
+    other = pathlib.Path(".started-" + ("evaluate" if name == "sweep" else "sweep"))
+    deadline = time.time() + float(sys.argv[2])
+    while not other.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    met = other.exists()
 files = {
     "corpus": {"data/raw/m21-keyboard/manifest.json": json.dumps([{"file": "a.mid"}])},
     "prepare": {"data/prepared/manifest.csv":
@@ -63,7 +69,7 @@ for path, text in files.items():
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(path).write_text(text)
 with open(".runs.log", "a") as log:
-    log.write(json.dumps({"stage": name, "start": start, "end": time.time()}) + "\n")
+    log.write(json.dumps({"stage": name, "start": start, "end": time.time(), "met": met}) + "\n")
 """
 
 #: each stand-in stage's DVC outs (dirs where the real stage writes a dir)
@@ -95,7 +101,7 @@ def make_repo(path: Path, task_runner: str = "sequential") -> Path:
     (path / "stage.py").write_text(STAND_IN)
     stages = {
         name: {
-            "cmd": f"python stage.py {name} {SLEEP}",
+            "cmd": f"python stage.py {name} {MEET_TIMEOUT if task_runner == 'dask' else 0}",
             "deps": ["stage.py", *(OUTS[up][0] for up in ups)],
             **({"params": ["sweep.seed"]} if name == "sweep" else {}),
             "outs": OUTS[name],
@@ -103,7 +109,7 @@ def make_repo(path: Path, task_runner: str = "sequential") -> Path:
         for name, ups in UPSTREAM.items()
     }
     (path / "dvc.yaml").write_text(yaml.safe_dump({"stages": stages}, sort_keys=False))
-    (path / ".gitignore").write_text(".runs.log\n")
+    (path / ".gitignore").write_text(".runs.log\n.started-*\n")
     sh("git", "init", "-q", "-b", "main", cwd=path)
     sh("dvc", "init", "-q", cwd=path)
     return path
@@ -234,9 +240,8 @@ def test_dask_runner_runs_independent_stages_at_once(prefect_server: None, tmp_p
     assert state.is_completed(), state
     done = {r["stage"]: r for r in runs(tiny)}
     assert sorted(done) == sorted(UPSTREAM)
-    sweep, evaluate = done["sweep"], done["evaluate"]
-    # both sleep SLEEP s; on one worker they would take 2 x SLEEP back to back
-    assert max(sweep["start"], evaluate["start"]) < min(sweep["end"], evaluate["end"]), done
+    # each waited for the other to start: on one worker the first would wait in vain
+    assert (done["sweep"]["met"], done["evaluate"]["met"]) == (True, True), done
     for name, ups in UPSTREAM.items():  # and never before an upstream stage finished
         assert all(done[up]["end"] <= done[name]["start"] for up in ups), name
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=tiny)) == {}
@@ -254,7 +259,9 @@ def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_pat
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     cmd = [sys.executable, "-m", "flows.serve", "--params", "params.yaml", "--root", str(tiny)]
     log = (tmp_path / "serve.log").open("w")
-    serve = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # started as `make prefect &` would be: SIGINT ignored (exec keeps it), which it must undo
+    ignoring = ["bash", "-c", 'trap \'\' INT; exec "$0" "$@"', *cmd]
+    serve = subprocess.Popen(ignoring, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
         with get_client(sync_client=True) as client:
             for _ in range(120):
@@ -274,11 +281,10 @@ def test_served_deployments_run_on_schedule_config(prefect_server: None, tmp_pat
         flow_run = run_deployment("musegen-tune/hourly-tune", timeout=120)
         assert flow_run.state and flow_run.state.is_completed(), flow_run.state
         assert [r["stage"] for r in runs(tiny)[before:]] == ["tune"]  # forced: more trials
-    finally:
         serve.send_signal(signal.SIGINT)
-        try:
-            serve.wait(30)
-        except subprocess.TimeoutExpired:
+        serve.wait(30)  # raises TimeoutExpired when Ctrl-C is ignored
+    finally:
+        if serve.poll() is None:
             serve.kill()
             serve.wait()
         log.close()

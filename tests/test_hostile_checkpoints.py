@@ -13,9 +13,11 @@ import json
 import math
 import os
 import shutil
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -294,3 +296,33 @@ def test_resumed_run_logs_each_step_once(tokens: Path, tmp_path: Path) -> None:
     assert steps("train_loss") == steps("valid_loss") == [4, 8, 12]
     rows = (tmp_path / "model/loss.csv").read_text().splitlines()
     assert rows[0].startswith("step,train_loss,valid_loss") and len(rows) == 4
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed(tokens: Path, tmp_path: Path) -> None:
+    override = write_override(
+        tmp_path,
+        tokens,
+        tmp_path / "model",
+        experiment=tmp_path.name,
+        **(RUN | {"max_steps": 5000}),
+    )
+    cmd = [sys.executable, "-m", "musegen", "train", "--override", str(override)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    log = (tmp_path / "train.log").open("w")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log)
+    try:
+        import mlflow
+
+        deadline = time.monotonic() + 120
+        while not (mlflow.MlflowClient().get_experiment_by_name(tmp_path.name) and runs(tmp_path)):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+        time.sleep(1.0)  # inside the loop by now (5000 steps take minutes)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM, (tmp_path / "train.log").read_text()
+    finally:
+        proc.kill()
+        log.close()
+    (run,) = runs(tmp_path)
+    assert run.info.status == "KILLED"

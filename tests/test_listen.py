@@ -220,6 +220,7 @@ def test_flow_session_task_serves_and_collects(params: Path) -> None:
     from flows.listen import session
 
     tp = load_section(tn.TuneParams, "tune", params)
+    tn.open_storage(tp.storage)  # the tables, before two threads race to create them in sqlite
 
     def rate_one() -> None:  # a person who rates the first ready trial 4
         storage = optuna.storages.RDBStorage(tp.storage)
@@ -242,3 +243,27 @@ def test_flow_session_task_serves_and_collects(params: Path) -> None:
     assert result["told"] == 1 and result["best_value"] == 4
     text = ls.markdown(result)
     assert "`temperature.pitch`" in text and "1 rated this run" in text
+
+
+def test_cli_serve_on_a_taken_port_is_one_line_naming_it(params: Path) -> None:
+    """The port comes from serve.optuna_port; taken, it is one error line, not a traceback."""
+    import socket
+
+    import yaml
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = yaml.safe_load(params.read_text())
+        config["serve"]["optuna_port"] = port
+        params.write_text(yaml.safe_dump(config))
+        cmd = [sys.executable, "-m", "musegen", "listen", "--serve", "--params", str(params)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, check=False)
+    lines = [x for x in proc.stderr.splitlines() if x.strip() and "%|" not in x]
+    lines = [x for x in lines if not x.startswith("[I ")]  # optuna's log: the study is opened
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines == [
+        f"error: 127.0.0.1:{port}: cannot serve optuna-dashboard (Address already in use); "
+        "is the port taken? pass --port or set serve.optuna_port in params.yaml"
+    ], proc.stderr[-3000:]

@@ -13,6 +13,7 @@ import soundfile as sf
 from miditoolkit.midi.utils import example_midi_file
 
 from musegen import render
+from tests.conftest import needs
 
 #: the Pop1K7 piece shipped with miditoolkit: 930 notes, last note-off at 79.0 s.
 EXAMPLE = Path(example_midi_file())
@@ -66,9 +67,8 @@ def test_fallback_mp3_of_a_real_piece_decodes(tmp_path: Path) -> None:
     assert np.abs(audio).max() <= 1.0
 
 
-@pytest.mark.skipif(
-    not HAS_FLUIDSYNTH,
-    reason="fluidsynth binary absent: apt-get install -y --no-install-recommends fluidsynth",
+@needs(
+    "fluidsynth", install="apt-get install --no-install-recommends fluidsynth timgm6mb-soundfont"
 )
 def test_fluidsynth_mp3_of_a_real_piece(tmp_path: Path) -> None:
     out = render.render_audio(EXAMPLE, tmp_path / "ex.mp3", renderer="fluidsynth")

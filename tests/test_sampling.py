@@ -242,3 +242,17 @@ def test_loop_guard_bans_the_continuation_of_a_repeated_cycle() -> None:
     banned_ids = loop_guard([4, 4, 4], max_period=3, max_repeats=3)
     out = sample_field(forbid_ids(torch.zeros(200, 6), banned_ids), 1.0, 1.0, _gen())
     assert 4 not in out.tolist()
+
+
+def test_per_row_settings_equal_one_call_per_row() -> None:
+    """A (B,) temperature / top-p tensor draws each row as a scalar call would (same u)."""
+    logits = torch.randn(6, 30, generator=_gen(3)) * 3
+    logits[2, 5:] = float("-inf")  # a masked row
+    temps = torch.tensor([1.0, 0.0, 2.0, 0.5, 1e-6, 1.2])  # greedy rows included
+    tops = torch.tensor([0.9, 1.0, 0.5, 1.0, 0.9, 0.95])
+    for seed in range(20):
+        u = torch.rand(6, generator=_gen(seed))
+        rows = sample_field(logits, temps, tops, u=u)
+        for r in range(6):
+            one = sample_field(logits[r : r + 1], float(temps[r]), float(tops[r]), u=u[r : r + 1])
+            assert rows[r] == one[0], (seed, r)

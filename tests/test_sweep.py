@@ -22,6 +22,7 @@ from musegen.config import load_section
 from musegen.evaluate import EvaluateParams
 from musegen.model import ModelConfig, MusicTransformer
 from musegen.sampling import SampleParams
+from tests.conftest import needs
 
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
@@ -268,7 +269,7 @@ def _chromium(url: str, tmp: Path) -> str:
     return proc.stdout
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: apt-get install chromium")
+@needs("chromium", "chromium-browser", install="apt-get install chromium")
 @pytest.mark.parametrize("mode", ["open_sweep", "blind_sweep"])
 def test_chromium_loads_every_player_and_roll(
     mode: str, request: pytest.FixtureRequest, tmp_path: Path

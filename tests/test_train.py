@@ -215,6 +215,25 @@ def test_baseline_is_the_per_type_unigram_on_the_valid_targets(trained: dict, to
     assert baseline["valid_loss_pitch"] < plain_nll - 0.1
 
 
+@pytest.mark.slow
+def test_compiled_training_follows_the_eager_run(tokens: Path, tmp_path: Path) -> None:
+    """train.compile: true trains the same model (fused kernels round differently)."""
+    losses = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for compiled in (False, True):
+            out = tmp_path / f"compile_{compiled}"
+            p, m = tiny_params(out, max_steps=8, eval_every=4, save_every=8, compile=compiled)
+            m = dataclasses.replace(m, dropout=0.0)  # compiled dropout draws other masks
+            ckpt = torch.load(stage.train(tokens, out / "model", p, m), weights_only=True)
+            losses[compiled] = [r["valid_loss"] for r in ckpt["history"]]
+    finally:
+        torch.set_num_threads(threads)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-3)
+    assert losses[False][-1] < losses[False][0]  # it did train
+
+
 def test_run_is_one_mlflow_run_with_params_metrics_artifacts(trained: dict) -> None:
     import mlflow
 
