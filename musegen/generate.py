@@ -407,7 +407,7 @@ def generate_batch(
         max_minutes * 60.0 if max_minutes is not None else None,
         trace,
         tqdm(total=max_words, unit=unit, disable=not progress, desc="generate"),
-        min_bars,
+        min_bars=min_bars,
     )
     # One word is a few small matmuls: on CPU, thread hand-offs cost more than they save
     # (measured on 2 busy cores: 300 words in 13.5 s with 2 threads, 0.6 s with 1), so
