@@ -2,19 +2,33 @@
 
 dvc.yaml runs these commands; flows/ calls the same library functions. Every command reads
 params.yaml (or --params FILE) and prints progress on anything that takes over a second.
+
+Any folder inside the repository works: a command runs at the repository root (the folder
+holding params.yaml, as DVC runs it), so params.yaml's paths and stores are the repository's;
+paths typed on the command line stay relative to the folder they were typed in.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, with_flags
+from musegen.config import (
+    DEFAULT_PARAMS,
+    DataParams,
+    ParamsError,
+    load_section,
+    repo_root,
+    with_flags,
+)
+from musegen.tracking import TrackingError
 
 app = typer.Typer(
     no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
@@ -390,7 +404,7 @@ def listen(
 def generate(  # keyword-only: one option per flag, as Typer reads them
     *,
     checkpoint: Annotated[
-        str | None, typer.Option("--checkpoint", help="a .pt file (default generate.checkpoint)")
+        Path | None, typer.Option("--checkpoint", help="a .pt file (default generate.checkpoint)")
     ] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="MLflow URI, e.g. models:/musegen@champion")
@@ -406,6 +420,10 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     seed: Annotated[int | None, typer.Option("--seed", help="piece i uses seed + i")] = None,
     n: Annotated[int | None, typer.Option("--n", "--num-samples", help="pieces")] = None,
     bars: Annotated[int | None, typer.Option("--bars", help="bars per piece; 0 = no cap")] = None,
+    min_bars: Annotated[
+        int | None,
+        typer.Option("--min-bars", help="bars before a piece may end (at most --bars); 0 = any"),
+    ] = None,
     minutes: Annotated[
         float | None, typer.Option("--minutes", help="music minutes per piece; 0 = no cap")
     ] = None,
@@ -428,6 +446,7 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
 
     flags = {"num_samples": ("--n", n), "max_bars": ("--bars", bars)}
     flags |= {"max_minutes": ("--minutes", minutes), "max_words": ("--words", words)}
+    flags |= {"min_bars": ("--min-bars", min_bars)}
     flags |= {"prompt_bars": ("--prompt-bars", prompt_bars), "out_dir": ("--out", out and str(out))}
     p = with_flags(load_section(stage.GenerateParams, "generate", params), flags)
     if checkpoint and model:
@@ -476,7 +495,15 @@ def evaluate(
         if samples is None or reference is None:
             _fail("give both --samples and --reference (or neither, for the pipeline stage)")
         result = stage.evaluate(samples, reference, out or Path(p.out_dir) / "metrics.json", p)
-        typer.echo(f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}")
+        typer.echo(
+            f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}, "
+            f"order {result['order_score']:.3f}"
+        )
+        for kind, rung in result["ladder"].items():  # the samples against their perturbations
+            typer.echo(
+                f"  ladder {kind:16s} proxy {rung['proxy_score']:.3f}  per piece "
+                f"{rung['mean']:.3f} +/- {rung['sd']:.3f}"
+            )
         return
     data = load_section(DataParams, "data", params)
     ckpt = Path(selected(params)["checkpoint"])
@@ -511,10 +538,45 @@ def ui(
         _fail(str(exc))
 
 
+def _typed_here(value: Any, here: Path) -> Any:
+    """A path typed on the command line (or a list of them), made absolute against `here`."""
+    if isinstance(value, list | tuple):
+        return type(value)(_typed_here(v, here) for v in value)
+    return here / value if isinstance(value, Path) and not value.is_absolute() else value
+
+
+def _at_root(command: Any, root: Path, here: Path) -> None:
+    """Make `command` (and its subcommands) run at `root`, typed paths kept relative to `here`.
+
+    A value equal to its default (params.yaml, most often) is the repository's, at `root`.
+    """
+    for sub in getattr(command, "commands", {}).values():
+        _at_root(sub, root, here)
+    callback = command.callback
+    if callback is None:
+        return
+    defaults = {p.name: p.default for p in command.params}
+
+    @functools.wraps(callback)
+    def at_root(**kwargs: Any) -> Any:
+        for name, value in kwargs.items():
+            if value != defaults.get(name):
+                kwargs[name] = _typed_here(value, here)
+        os.chdir(root)
+        return callback(**kwargs)
+
+    command.callback = at_root
+
+
 def main() -> None:
-    """Entry point that turns configuration and checkpoint errors into one readable line."""
+    """Entry point: runs at the repository root, turns configuration, store and checkpoint
+    errors into one readable line."""
+    command = typer.main.get_command(app)
+    root, here = repo_root(), Path.cwd()
+    if root is not None and root != here.resolve():
+        _at_root(command, root, here)
     try:
-        app()
+        command()
     except Exception as exc:
         # musegen.checkpoint imports torch (~200 MB, seconds): only the commands that load a
         # checkpoint import it, so `corpus` and `prepare` start light
@@ -522,6 +584,7 @@ def main() -> None:
         known = (
             ParamsError,
             FileNotFoundError,
+            TrackingError,
             *([checkpoint.CheckpointError] if checkpoint else []),
         )
         if not isinstance(exc, known):

@@ -88,6 +88,15 @@ def with_flags(params: T, flags: Mapping[str, tuple[str, Any]]) -> T:
         raise ParamsError(f"{flag} {given[exc.key]}: {exc.problem}", exc.key, exc.problem) from None
 
 
+def repo_root(start: Path | None = None) -> Path | None:
+    """The repository root: the nearest folder at or above `start` (default: the working
+    directory) holding params.yaml, or None outside any. Paths in params.yaml and the default
+    stores (mlflow/mlflow.db, tune.storage) are relative to it, as DVC runs every stage there.
+    """
+    here = (start or Path.cwd()).resolve()
+    return next((d for d in (here, *here.parents) if (d / "params.yaml").is_file()), None)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     """Read a YAML mapping, raising ParamsError naming the file when it is not one."""
     path = Path(path)

@@ -79,6 +79,8 @@ class GenerateParams:
         checkpoint: default --checkpoint, a .pt file or a `models:/NAME@ALIAS` URI.
         num_samples: pieces per call (--n); piece i uses seed + i.
         max_bars: cap on bars per piece, prompt included; 0 = no cap.
+        min_bars: bars per piece before it may end, prompt included (EOS is masked until then;
+            at most max_bars): a piece asked for 16 bars holds 16. 0 = the model may end it.
         max_minutes: cap on music time per piece (tempo events, else 120 BPM); 0 = no cap.
         max_words: cap on sampled words (CP) or tokens (REMI) after the prompt; 0 = no cap.
         prompt_bars: bars of --prompt kept as the opening.
@@ -89,6 +91,7 @@ class GenerateParams:
     checkpoint: str
     num_samples: int
     max_bars: int
+    min_bars: int
     max_minutes: float
     max_words: int
     prompt_bars: int
@@ -102,6 +105,7 @@ class GenerateParams:
             {
                 "num_samples": at_least(1),
                 "max_bars": at_least(0, "(0 = no cap)"),
+                "min_bars": at_least(0, "(0 = the model may end a piece)"),
                 "max_minutes": at_least(0.0, "(0 = no cap)"),
                 "max_words": at_least(0, "(0 = no cap)"),
                 "prompt_bars": at_least(1),
@@ -238,13 +242,14 @@ class _CPMasks:
             start += v
         self.padded = torch.tensor(rows, device=device)  # (F-1, V_max)
 
-    def type_mask(self, state: _State, sequential: bool) -> Tensor:
+    def type_mask(self, state: _State, sequential: bool, min_bars: int) -> Tensor:
+        eos_ok = state.bar >= min_bars  # the piece has closed min_bars bars (bar min_bars is open)
         note_ok = state.pos is not None
         if sequential and state.last_note is not None:  # canonical order must leave a note
             note_ok &= state.last_note != tuple(
                 self.sizes[f] - 1 for f in (PITCH, DURATION, VELOCITY)
             )
-        allowed = torch.tensor([False, True, True, note_ok], device=self.device)
+        allowed = torch.tensor([False, eos_ok, True, note_ok], device=self.device)
         return allowed
 
     def field_mask(  # noqa: PLR0911 (a grammar table reads best as early returns)
@@ -275,13 +280,23 @@ class _CPMasks:
 
 
 def _field_mask(
-    masks: _CPMasks, f: int, piece: _Piece, w: np.ndarray, *, seq: bool, forbid: dict[int, set[int]]
+    masks: _CPMasks,
+    f: int,
+    piece: _Piece,
+    w: np.ndarray,
+    *,
+    seq: bool,
+    forbid: dict[int, set[int]],
+    min_bars: int = 0,
 ) -> Tensor:
     """Allowed ids of field f for one piece's word w (its type and earlier fields drawn)."""
     drawn = dict(enumerate(w[:f].tolist()))
     m = masks.field_mask(f, int(w[TYPE]), piece.state, drawn, seq)
     if m is None:
         return masks.ignore[f]  # forced to Ignore: the draw can only give 0
+    if f == REST and piece.state.bar + 1 < min_bars:
+        # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
+        m = m & (masks.from_[REST] <= min_bars - 2 - piece.state.bar)
     if f in forbid:
         narrowed = m.clone()
         narrowed[list(forbid[f])] = False
@@ -306,10 +321,12 @@ def generate(
     prompt: np.ndarray | None = None,
     max_words: int | None = None,
     max_bars: int | None = None,
+    min_bars: int = 0,
     max_minutes: float | None = None,
     seed: int = 0,
     progress: bool = False,
     trace: list[Tensor] | None = None,
+    stats: dict[str, Any] | None = None,
 ) -> np.ndarray:
     """Compose one piece, word by word, until EOS or a cap (a batch of one: `generate_batch`).
 
@@ -320,11 +337,18 @@ def generate(
             Bar word (REMI: a Bar token). It must not contain EOS.
         max_words: cap on sampled words (CP) or tokens (REMI) after the prompt.
         max_bars: cap on bars in the piece, prompt included.
+        min_bars: bars the piece holds before it may end, prompt included: EOS (and a rest
+            past bar min_bars - 1) is masked until the piece is in bar `min_bars` (0-based),
+            so only a cap can stop it sooner. With min_bars = max_bars = N the piece ends at
+            the Bar word of bar N: exactly N bars.
         max_minutes: cap on music time (tempo events generated, else 120 BPM).
         seed: seeds the piece's torch.Generator; same seed, same piece (alone or in a batch).
         progress: show a tqdm bar with words/s.
         trace: if a list, each step's type (REMI: token) logits (1, V_0) are appended before
             masking (tests compare them with a full recompute).
+        stats: if a dict, `bars` is set to the bars the piece closed (a bar closes when the next
+            Bar word or EOS comes; a word or time cap leaves the last one open), so a caller
+            can tell a piece that holds `min_bars` bars from one a cap cut short.
 
     Returns:
         The array, prompt first, ending with exactly one EOS; `loaded.tokenizer.decode` reads it.
@@ -334,9 +358,13 @@ def generate(
         ValueError: the prompt has the wrong shape, ids out of range, or an EOS.
     """
     caps = {"max_words": max_words, "max_bars": max_bars, "max_minutes": max_minutes}
+    found: list[dict[str, Any]] = []
     (out,) = generate_batch(
-        loaded, sample, [prompt], [seed], **caps, progress=progress, trace=trace
-    )
+        loaded, sample, [prompt], [seed], **caps, min_bars=min_bars, progress=progress,
+        trace=trace, stats=found,
+    )  # fmt: skip
+    if stats is not None:
+        stats.update(found[0])
     return out
 
 
@@ -349,15 +377,17 @@ def generate_batch(
     max_words: int | None = None,
     max_bars: int | None = None,
     max_minutes: float | None = None,
+    min_bars: int = 0,
     progress: bool = False,
     trace: list[Tensor] | None = None,
+    stats: list[dict[str, Any]] | None = None,
 ) -> list[np.ndarray]:
     """Compose len(prompts) pieces at once: one model step per word feeds every piece.
 
     Piece i continues prompts[i] (None: from a Bar word) with its own random stream
     (seeds[i]), grammar state, loop guard and stop, so it equals `generate(..., seed=seeds[i])`
     alone; a finished piece leaves the batch. Arguments and returns as `generate`, one per
-    piece; `trace` gets (B_active, V_0) per step.
+    piece; `trace` gets (B_active, V_0) per step; `stats`, if a list, gets one dict per piece.
     """
     if len(prompts) != len(seeds) or not prompts:
         raise ValueError(f"generate_batch: {len(prompts)} prompts but {len(seeds)} seeds")
@@ -377,6 +407,7 @@ def generate_batch(
         max_minutes * 60.0 if max_minutes is not None else None,
         trace,
         tqdm(total=max_words, unit=unit, disable=not progress, desc="generate"),
+        min_bars=min_bars,
     )
     # One word is a few small matmuls: on CPU, thread hand-offs cost more than they save
     # (measured on 2 busy cores: 300 words in 13.5 s with 2 threads, 0.6 s with 1), so
@@ -393,7 +424,10 @@ def generate_batch(
                 gen = torch.Generator(device=device).manual_seed(int(seed))
                 pieces.append(_Piece(words, gen))
             run.h = torch.stack(primed)  # (B, D)
-            return _run_cp(run, pieces) if cp else _run_remi(run, pieces)
+            outs = _run_cp(run, pieces) if cp else _run_remi(run, pieces)
+            if stats is not None:
+                stats.extend({"bars": p.closed_bars} for p in pieces)
+            return outs
     finally:
         torch.set_num_threads(threads)
         run.bar.close()
@@ -412,6 +446,7 @@ class _Run:
     trace: list[Tensor] | None
     bar: Any  # tqdm
     h: Tensor | None = None  # (B, D): row i predicts the next word of the batch's piece i
+    min_bars: int = 0
 
     def words_done(self, n_new: int) -> bool:
         return self.max_words is not None and n_new >= self.max_words
@@ -451,6 +486,7 @@ class _Piece:
     result: np.ndarray | None = None  # set when the piece ends
     cur: np.ndarray | None = None  # REMI: the word being written (later fields may come)
     cur_start: int = 0  # REMI: index of its first token
+    closed_bars: int = 0  # set when the piece ends (generate's `stats`)
 
 
 def _start(loaded: Loaded, prompt: np.ndarray | None) -> np.ndarray:
@@ -502,6 +538,8 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         keep = []
         for r, (p, w) in enumerate(zip(pieces, words, strict=True)):
             if w[TYPE] == EOS or p.state.exceeds(w, run.max_bars, run.max_seconds):
+                # EOS or a next Bar word closes the current bar; a time cap leaves it open
+                p.closed_bars = p.state.bar + int(w[TYPE] == EOS or w[BAR_BEAT] == BAR)
                 p.result = np.stack([*p.out, eos]).astype(np.int32)
                 continue
             p.state.apply(w)
@@ -509,7 +547,8 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
             keep.append(r)
         pieces = run.step(pieces, keep, words)
         n_new += 1
-    for p in pieces:  # the word cap
+    for p in pieces:  # the word cap: the current bar is still open
+        p.closed_bars = p.state.bar
         p.result = np.stack([*p.out, eos]).astype(np.int32)
     return [p.result for p in everyone]
 
@@ -533,7 +572,7 @@ def _draw_words(
     type_logits = dec.type_logits(h)  # (B, V_type)
     if trace and run.trace is not None:
         run.trace.append(type_logits.clone())
-    allowed = torch.stack([masks.type_mask(p.state, seq) for p in pieces])
+    allowed = torch.stack([masks.type_mask(p.state, seq, run.min_bars) for p in pieces])
     kinds = sample_field(mask_logits(type_logits, allowed), *settings[TYPE], u=u[:, TYPE])
     w = np.zeros((len(pieces), len(FIELDS)), np.int64)
     w[:, TYPE] = kinds.cpu().numpy()
@@ -542,7 +581,7 @@ def _draw_words(
         for f, part in zip(_NON_TYPE, logits.split(dec.split, -1), strict=True):
             allowed = torch.stack(
                 [
-                    _field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r])
+                    _field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r], min_bars=run.min_bars)
                     for r, p in enumerate(pieces)
                 ]
             )
@@ -552,7 +591,12 @@ def _draw_words(
         allowed = torch.stack(
             [
                 torch.cat(
-                    [_field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r]) for f in _NON_TYPE]
+                    [
+                        _field_mask(
+                            masks, f, p, w[r], seq=seq, forbid=forbid[r], min_bars=run.min_bars
+                        )
+                        for f in _NON_TYPE
+                    ]
                 )
                 for r, p in enumerate(pieces)
             ]
@@ -582,6 +626,7 @@ class _RemiMasks:
         v = len(tok.events)
         self.field_of = tok._field_of.tolist()  # REMI id -> CP field
         self.value_of = tok._id_in_field.tolist()  # REMI id -> id within that field
+        self.value = torch.as_tensor(tok._id_in_field, device=device)  # (V,) the same
         field_of = torch.as_tensor(tok._field_of, device=device)
         self.of = {f: field_of == f for f in range(1, len(FIELDS))}  # (V,) per field
         self.base = torch.zeros(v, dtype=torch.bool, device=device)
@@ -634,6 +679,13 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         rows = []
         for p in pieces:
             allowed = masks.allowed(p.cur, p.state)
+            is_bar = p.cur[TYPE] == METRICAL and p.cur[BAR_BEAT] == BAR
+            if p.state.bar + (1 + int(p.cur[REST]) if is_bar else 0) < run.min_bars:
+                allowed = allowed.clone()
+                allowed[1] = False  # 1 = EOS: the piece has not reached bar min_bars yet
+                if is_bar:  # as in CP: no rest past bar min_bars - 1
+                    too_far = masks.value > run.min_bars - 2 - p.state.bar
+                    allowed &= ~(masks.of[REST] & too_far)
             banned = run.banned(p.out)
             if banned:
                 narrowed = allowed.clone()
@@ -648,10 +700,13 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
             f = masks.field_of[t]
             if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
                 if p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
+                    is_bar = p.cur[TYPE] == METRICAL and p.cur[BAR_BEAT] == BAR
+                    p.closed_bars = p.state.bar + int(is_bar)
                     p.result = _close_remi(p.out[: max(p.cur_start, len(p.prompt))])
                     continue
                 p.state.apply(p.cur)
                 if f == TYPE:
+                    p.closed_bars = p.state.bar + 1
                     p.result = _close_remi(p.out)
                     continue
                 p.cur = np.zeros(len(FIELDS), np.int64)
@@ -663,6 +718,7 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         pieces = run.step(pieces, keep, tokens[:, None])
         n_new += 1
     for p in pieces:  # the word cap: drop an unfinished Note, or a last word past a cap
+        p.closed_bars = p.state.bar
         unfinished = p.cur[TYPE] == NOTE and not p.cur[VELOCITY]
         if unfinished or p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
             p.out = p.out[: max(p.cur_start, len(p.prompt))]
@@ -797,19 +853,30 @@ def bundled_sampling(checkpoint: Path) -> SampleParams | None:
 def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:
     """A checkpoint file from a path or an MLflow URI (`models:/musegen@champion`, `runs:/…`).
 
-    For a URI the artifacts are downloaded (to `dst`, else a temp folder) and the one .pt file
-    inside is returned; a registered pyfunc holds it under its artifact key "checkpoint".
+    For a URI the artifacts are downloaded (to `dst`, else a temp folder) from the tracking
+    store (`tracking.open_store`) and the one .pt file inside is returned; a registered pyfunc
+    holds it under its artifact key "checkpoint".
 
     Raises:
-        FileNotFoundError: a path that does not exist, or artifacts with no .pt file.
+        TrackingError: no tracking store (outside the repository, or nothing trained yet).
+        FileNotFoundError: a path that does not exist, a URI the store lacks, or artifacts
+            with no .pt file.
         ValueError: artifacts holding several .pt files and none under "checkpoint".
     """
     text = str(ref)
     if "://" not in text and not text.startswith(("models:/", "runs:/")):
         return Path(text)
     import mlflow
+    from musegen import tracking
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=text, dst_path=dst and str(dst)))
+    uri = tracking.open_store()  # the repository's store, never MLflow's default ./mlflow.db
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(text, dst_path=dst and str(dst)))
+    except mlflow.exceptions.MlflowException as exc:  # no such model, version, alias or run
+        raise FileNotFoundError(
+            f"{text}: not found in the MLflow store {uri} ({exc.message[:200]}); "
+            "register one with `musegen register` (or `make demo`)"
+        ) from exc
     if local.is_file():
         return local
     mlmodel = local / "MLmodel"
@@ -863,18 +930,21 @@ def write_samples(
     caps = {
         "max_words": params.max_words or None,
         "max_bars": params.max_bars or None,
+        "min_bars": min(params.min_bars, params.max_bars or params.min_bars),
         "max_minutes": params.max_minutes or None,
     }
     stem = prompt.stem if prompt is not None else "sample"
     head = midi_prompt(loaded.tokenizer, prompt, params.prompt_bars) if prompt else np.zeros(0)
     seeds = [seed + i for i in range(params.num_samples)]
     t0 = time.perf_counter()  # the pieces decode as one batch
+    stats: list[dict[str, Any]] = []
     outs = generate_batch(
-        loaded, sample, [head if prompt else None] * len(seeds), seeds, **caps, progress=progress
-    )
+        loaded, sample, [head if prompt else None] * len(seeds), seeds, **caps,
+        progress=progress, stats=stats,
+    )  # fmt: skip
     took = time.perf_counter() - t0
     paths, log = [], []
-    for piece_seed, out in zip(seeds, outs, strict=True):
+    for piece_seed, out, got in zip(seeds, outs, stats, strict=True):
         midi = loaded.tokenizer.decode(out)
         path = out_dir / f"{stem}_seed{piece_seed}.mid"
         midi.dump(str(path))
@@ -888,6 +958,7 @@ def write_samples(
             "words": len(out) - len(head),
             "seconds_music": round(piece_seconds(loaded.tokenizer, out), 2),
             "decode_errors": int(loaded.tokenizer.last_decode_errors),
+            "bars": got["bars"], "complete": got["bars"] >= caps["min_bars"],
         })  # fmt: skip
     meta = {
         "checkpoint": str(loaded.checkpoint),

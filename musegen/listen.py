@@ -176,6 +176,7 @@ def prepare(s: Session, trial: optuna.Trial) -> None:
     with tempfile.TemporaryDirectory(prefix="musegen-listen-") as tmp:
         work = Path(tmp)
         clips = tn.make_clips(s.loaded, tn.to_sampling(s.base, values), s.bench, s.tp, work / "a")
+        clips = tn.complete_only(clips, trial)  # raters hear only clips of the full length
         result = tn.measure([c.score for c in clips], s.bench, s.ev)
         trial.set_user_attr("mode", "preference" if s.pairwise else "rating")
         # system attrs: kept for the learned listener, never shown to the rater by the dashboard
@@ -188,6 +189,7 @@ def prepare(s: Session, trial: optuna.Trial) -> None:
         b_clips = tn.make_clips(
             s.loaded, tn.to_sampling(s.base, b_values), s.bench, s.tp, work / "b"
         )
+        b_clips = [c for c in b_clips if c.complete]
         # the new set plays first or second at random: the position tells the rater nothing
         a_first = bool(np.random.default_rng([s.tp.seed, trial.number]).random() < 0.5)
         first, second = (clips, b_clips) if a_first else (b_clips, clips)
@@ -340,7 +342,12 @@ def listen(
             open_trials = s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
             if len(open_trials) < s.tp.num_pending and told + len(open_trials) < n_trials:
                 trial = s.study.ask()
-                prepare(s, trial)
+                try:
+                    prepare(s, trial)
+                except optuna.TrialPruned as exc:  # no clip of the full length: nothing to rate
+                    s.study.tell(trial.number, state=TrialState.PRUNED)
+                    echo(f"listen: trial {trial.number} skipped: {exc}")
+                    continue
                 echo(f"listen: trial {trial.number} ready to rate")
                 continue
             time.sleep(poll_seconds)

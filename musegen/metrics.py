@@ -165,6 +165,97 @@ def zlib_ratio(bar: np.ndarray, pos: np.ndarray, notes: np.ndarray) -> float:
     return len(zlib.compress(bytes(raw), 9)) / len(raw)
 
 
+ORDER_SHUFFLES = 32  # random reorderings of a piece that its own order is measured against
+Z_CLIP = 5.0  # order z-scores are clipped to +/- this (a near-constant null is not infinite)
+
+
+def _z(observed: float, null: np.ndarray) -> float:
+    """How many null standard deviations `observed` (a cost) lies below the null's mean."""
+    sd = float(null.std())
+    z = (float(null.mean()) - observed) / sd if sd > 1e-9 else 0.0
+    return float(np.clip(z, -Z_CLIP, Z_CLIP))
+
+
+def pitch_order(q: np.ndarray, pitch: np.ndarray, seed: int = 0) -> float:
+    """How much more smoothly the piece's voices move than its own pitches shuffled (a z-score;
+    about 0 for pitches in random order, 0.0 below 3 onsets).
+
+    The cost of an order is the mean voice-leading step between consecutive onsets: over the
+    next onset's pitches, the distance to the nearest pitch of the onset before (semitones).
+    The null: ORDER_SHUFFLES random permutations of the pitches over the same rhythm.
+
+    Args:
+        q, pitch: per note, sorted by onset (q, in 16ths), as `piece_metrics` holds them.
+    """
+    starts = np.flatnonzero(np.diff(q, prepend=-1))
+    if len(starts) < 3:
+        return 0.0
+    # every (note b of onset g + 1, note a of onset g) pair, b-major: costs for any pitch order
+    edge = np.append(starts, len(q))
+    b_idx = np.concatenate(
+        [
+            np.repeat(np.arange(edge[g + 1], edge[g + 2]), edge[g + 1] - edge[g])
+            for g in range(len(starts) - 1)
+        ]
+    )
+    a_idx = np.concatenate(
+        [
+            np.tile(np.arange(edge[g], edge[g + 1]), edge[g + 2] - edge[g + 1])
+            for g in range(len(starts) - 1)
+        ]
+    )
+    first_of_b = np.flatnonzero(np.diff(b_idx, prepend=-1))  # reduceat starts per note b
+
+    def cost(p: np.ndarray) -> np.ndarray:  # p: (K, N) pitch orders -> (K,) mean step
+        nearest = np.minimum.reduceat(np.abs(p[:, b_idx] - p[:, a_idx]), first_of_b, axis=1)
+        return nearest.mean(1)
+
+    rng = np.random.default_rng(seed)
+    null = cost(np.array([rng.permutation(pitch) for _ in range(ORDER_SHUFFLES)]))
+    return _z(float(cost(pitch[None])[0]), null)
+
+
+def bar_order(q: np.ndarray, pitch: np.ndarray, seed: int = 0) -> float:
+    """How much more smoothly the piece crosses its bar lines than its own bars in random
+    orders (a z-score; about 0 for shuffled or reversed bars, 0.0 below 3 bars with notes).
+
+    The cost of a bar order is the sum over bar lines of the voice-leading step from the last
+    onset of one bar to the first onset of the next (as in `pitch_order`). The null:
+    ORDER_SHUFFLES random orders of the bars that hold notes.
+    """
+    bar = q // Q
+    bars = np.unique(bar)
+    n = len(bars)
+    if n < 3:
+        return 0.0
+    first = [pitch[q == q[bar == b].min()] for b in bars]
+    last = [pitch[q == q[bar == b].max()] for b in bars]
+    # step[i, j]: from the end of bar i to the start of bar j
+    step = np.array([[np.abs(f[:, None] - e).min(1).mean() for f in first] for e in last])
+    rng = np.random.default_rng(seed)
+    orders = np.array([rng.permutation(n) for _ in range(ORDER_SHUFFLES)])  # (K, n)
+    null = step[orders[:, :-1], orders[:, 1:]].sum(1)
+    return _z(float(step[np.arange(n - 1), np.arange(1, n)].sum()), null)
+
+
+def meter(notes: np.ndarray) -> float:
+    """Beats 1 and 3 minus beats 2 and 4: the `onset_profile` share of note durations that
+    starts on the strong beats, less the weak ones (about 0.2 in real 4/4 music, negative
+    shifted by a beat, about 0 shifted by an 8th or with onsets anywhere)."""
+    profile = onset_profile(notes)
+    return float(profile[[0, 2 * Q // 4]].sum() - profile[[Q // 4, 3 * Q // 4]].sum())
+
+
+def onset_profile(notes: np.ndarray) -> np.ndarray:
+    """Where in the bar sound starts: each 16th position's share of the note durations
+    starting there (16 values, sum 1; zeros when empty). Long notes on strong beats make the
+    meter; a piece shifted by a beat or an 8th moves its weight to other positions.
+    """
+    _, pos, _ = _grid(notes)
+    weight = np.bincount(pos, weights=notes[:, 1] - notes[:, 0], minlength=Q).astype(float)
+    return weight / weight.sum() if weight.sum() > 0 else weight
+
+
 def _merge(start: np.ndarray, end: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Union of the intervals [start, end) that share a key (overlapping ones merged)."""
     out_s, out_e = [], []
@@ -216,8 +307,10 @@ def piece_metrics(score: Score, seed: int = 0, poly_threshold: int = 2) -> dict[
         pitch_class_entropy (whole piece, note counts, bits), scale_consistency (max over 24
         keys of the in-scale note share), pitch_range (semitones), n_pitch_classes,
         polyphony (mean pitches over sounding 16ths), polyphony_rate, empty_beat_rate,
-        notes_per_bar, mean_ioi (beats between distinct onsets), n_bars, and the loop measures
-        dup_bar_rate, longest_loop_bars, distinct_4gram_ratio, zlib_ratio.
+        notes_per_bar, mean_ioi (beats between distinct onsets), n_bars, the order measures
+        pitch_order, bar_order (z-scores against the piece's own pitches or bars shuffled)
+        and meter, and the loop measures dup_bar_rate, longest_loop_bars,
+        distinct_4gram_ratio, zlib_ratio.
     """
     notes = score.notes
     n = len(notes)
@@ -260,6 +353,9 @@ def piece_metrics(score: Score, seed: int = 0, poly_threshold: int = 2) -> dict[
         if len(distinct_onsets) > 1
         else 0.0,
         "n_bars": float(n_bars),
+        "pitch_order": pitch_order(q, pitch, seed),
+        "bar_order": bar_order(q, pitch, seed),
+        "meter": meter(notes),
         "dup_bar_rate": dup_bar_rate(bars),
         "longest_loop_bars": float(longest_loop_bars(bars)),
         "distinct_4gram_ratio": distinct_4gram_ratio(
@@ -268,6 +364,10 @@ def piece_metrics(score: Score, seed: int = 0, poly_threshold: int = 2) -> dict[
         "zlib_ratio": zlib_ratio(bar, pos, notes[order]),
     }
 
+
+#: per-piece measures of order (bars, beats and pitches in their places): the statistics above
+#: stay the same when bars are shuffled, these do not (compared by `evaluate.order_checks`)
+ORDER_METRICS = ("pitch_order", "bar_order", "meter")
 
 PIECE_METRICS = (
     "h1",
@@ -283,6 +383,7 @@ PIECE_METRICS = (
     "notes_per_bar",
     "mean_ioi",
     "n_bars",
+    *ORDER_METRICS,
     *LOOP_MEASURES,
 )
 
@@ -340,10 +441,10 @@ def mgeval_features(score: Score) -> dict[str, np.ndarray]:
 
 
 def set_features(scores: list[Score], metrics: list[dict[str, float]]) -> dict[str, np.ndarray]:
-    """Stack per-piece features into {feature: (n_pieces, dim)}: MGEval ones + OBJECTIVE_METRICS.
+    """Stack per-piece features into {feature: (n_pieces, dim)}: MGEval ones, the
+    `onset_profile` (a rhythm histogram MGEval lacks) and OBJECTIVE_METRICS (prefixed `m_`).
 
-    `metrics` are the pieces' `piece_metrics`, in the order of `scores`. The objective metrics
-    are prefixed `m_`.
+    `metrics` are the pieces' `piece_metrics`, in the order of `scores`.
     """
     per_piece = [mgeval_features(s) for s in scores]
     template = mgeval_features(Score(notes=np.zeros((0, 4), np.int64)))  # names and sizes
@@ -353,6 +454,7 @@ def set_features(scores: list[Score], metrics: list[dict[str, float]]) -> dict[s
     }
     for k in OBJECTIVE_METRICS:
         out[f"m_{k}"] = np.array([[m[k]] for m in metrics], float).reshape(len(metrics), 1)
+    out["onset_profile"] = np.array([onset_profile(s.notes) for s in scores]).reshape(-1, Q)
     return out
 
 

@@ -10,10 +10,11 @@ a new version of model `register.name` (``musegen``), and alias `register.alias`
 research/mlops-stack.md section 2 (explicit pip_requirements, no pt2 serialization, aliases
 instead of stages).
 
-Using it::
+Using it (from any folder inside the repository; `mlflow.pyfunc.load_model` works too once
+MLFLOW_TRACKING_URI names the store, see `load_champion`)::
 
-    import mlflow, pandas as pd
-    model = mlflow.pyfunc.load_model("models:/musegen@champion")
+    import musegen, pandas as pd
+    model = musegen.load_champion()  # models:/musegen@champion
     out = model.predict(pd.DataFrame({"seed": [0, 1], "bars": [8, 8]}))
     # seed: sampling seed; bars: bars to compose (after the prompt when there is one)
     # optional columns: prompt (a .mid file's bytes in base64; "" = compose from scratch),
@@ -46,7 +47,7 @@ import yaml
 import mlflow
 import mlflow.pyfunc
 from musegen import tracking
-from musegen.config import ParamsError
+from musegen.config import ParamsError, at_least, check_values, load_section, one_of, repo_root
 from musegen.sampling import SampleParams
 
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
@@ -385,3 +386,24 @@ def _number(value: Any) -> bool:
 def _plain(sample: SampleParams) -> dict[str, Any]:
     out = dataclasses.asdict(sample)
     return {k: dict(v) if isinstance(v, dict) else v for k, v in out.items()}
+
+
+def load_champion(uri: str | None = None) -> Any:
+    """The registered model as an MLflow pyfunc, read from the repository's store.
+
+    Works from any folder inside the repository with no environment variable
+    ($MLFLOW_TRACKING_URI, when set, names another store); plain `mlflow.pyfunc.load_model`
+    needs that variable, or it looks in MLflow's default store instead.
+
+    Args:
+        uri: a model URI; default ``models:/<register.name>@<register.alias>`` of params.yaml.
+
+    Raises:
+        TrackingError: outside the repository with no MLFLOW_TRACKING_URI, or no store yet.
+    """
+    tracking.open_store()
+    if uri is None:
+        root = repo_root()
+        p = load_section(RegisterParams, "register", root / "params.yaml") if root else None
+        uri = f"models:/{p.name}@{p.alias}" if p else "models:/musegen@champion"
+    return mlflow.pyfunc.load_model(uri)

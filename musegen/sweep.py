@@ -40,7 +40,7 @@ import pandas as pd
 
 from musegen import metrics
 from musegen.config import ParamsError
-from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.evaluate import EvaluateParams, score_set
 from musegen.files import from_printable
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
@@ -189,12 +189,9 @@ def pick_prompts(manifest: Path, raw_dir: Path, tokenizer: Any, params: SweepPar
 
 def set_score(samples: list[Score], reference: list[Score], ev: EvaluateParams) -> dict:
     """evaluate.proxy_score of continuation Scores against the real ones (plus mean OA)."""
-    smp = [metrics.piece_metrics(s, ev.seed) for s in samples]
     ref = [metrics.piece_metrics(s, ev.seed) for s in reference]
-    oa = metrics.mgeval(metrics.set_features(reference, ref), metrics.set_features(samples, smp))
-    result = {"mean_oa": float(np.mean([v["oa"] for v in oa.values()]))}
-    result["loops"] = loop_checks(ref, smp, ev.loop_percentile, ev.loop_margin)
-    return {"sweep_score": proxy_score(result), "mean_oa": result["mean_oa"]}
+    result = score_set(samples, metrics.set_features(reference, ref), ref, ev)
+    return {"sweep_score": result["proxy_score"], "mean_oa": result["mean_oa"]}
 
 
 def _valid_loss(history: list[dict], step: int) -> float | None:
@@ -289,6 +286,8 @@ def sweep(
         step = int(path.stem.removeprefix("step_"))
         col = {"key": f"step_{step}", "label": f"STEP {step}", "step": step, "cells": []}
         conts = []
+        bars = params.prompt_bars + params.continue_bars  # the caps count the prompt's bars
+        stats: list[dict[str, Any]] = []
         t0 = time.perf_counter()  # every row of this column decodes as one batch
         fulls = generate_batch(
             loaded,
@@ -300,11 +299,13 @@ def sweep(
                 for s in shown
             ],
             [params.seed + r for r in range(len(shown))],
-            max_bars=params.prompt_bars + params.continue_bars,
+            max_bars=bars,
+            min_bars=bars,  # every cell holds the same bars: EOS is masked until then
             max_words=params.max_words,
+            stats=stats,
         )
         timing["generate"] += time.perf_counter() - t0
-        for r, full in enumerate(fulls):
+        for r, (full, got) in enumerate(zip(fulls, stats, strict=True)):
             midi = loaded.tokenizer.decode(full)
             conts.append(
                 to_score(
@@ -312,10 +313,18 @@ def sweep(
                 )
             )
             col["cells"].append(cell(midi, col["key"], r, conts[-1]))
-            col["cells"][-1]["n_words"] = len(full)
+            # a cell the word cap cut short is shown, marked, and left out of the score
+            col["cells"][-1] |= {"n_words": len(full), "complete": got["bars"] >= bars}
         history = torch_history(path)
         col["valid_loss"] = _valid_loss(history, step)
-        col |= set_score(conts, reference, eval_params)
+        done = [c for c, x in zip(conts, col["cells"], strict=True) if x["complete"]]
+        # no complete cell: the proxy's floor (OA 0, every loop penalty), ranked last
+        col |= (
+            set_score(done, reference, eval_params)
+            if done
+            else {"sweep_score": -1.0, "mean_oa": 0.0}
+        )
+        col["num_incomplete"] = len(conts) - len(done)
         t0 = time.perf_counter()
         col["mlflow_run_id"] = _log_child(loaded.mlflow_run_id, experiment, col, assets, params)
         timing["mlflow"] += time.perf_counter() - t0
@@ -384,6 +393,7 @@ def _summarize(columns: list[dict], shown: list[dict], others: list[dict], p: Sw
         entry = {
             "sweep_score": col["sweep_score"],
             "mean_oa": col["mean_oa"],
+            **({"num_incomplete": col["num_incomplete"]} if "num_incomplete" in col else {}),
             **({"valid_loss": col["valid_loss"]} if col.get("valid_loss") is not None else {}),
             **{k: stats[k]["mean"] for k in metrics.PIECE_METRICS},
             "clips": [c["clip"] for c in col["cells"]],
@@ -428,6 +438,7 @@ def _log_child(
             }
         )
         logged = {"sweep_score": col["sweep_score"], "mean_oa": col["mean_oa"]}
+        logged["num_incomplete"] = col["num_incomplete"]
         if col["valid_loss"] is not None:
             logged["valid_loss"] = col["valid_loss"]
         for k in metrics.PIECE_METRICS:
@@ -529,6 +540,7 @@ def _player(c: dict, alt: str) -> str:
         f'<audio controls preload="none" src="assets/{c["stem"]}.mp3"></audio>'
         f'<img src="assets/{c["stem"]}.png" alt="{html.escape(alt)}">'
         f'<a href="assets/{c["stem"]}.mid" download>MIDI</a> · {c["seconds"]:.0f} s'
+        + ("" if c.get("complete", True) else " · <b>incomplete</b> (word cap; not scored)")
     )
 
 

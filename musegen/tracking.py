@@ -1,9 +1,12 @@
 """The MLflow connection every stage shares: one tracking-URI rule, one experiment rule.
 
 The tracking URI is $MLFLOW_TRACKING_URI, else the repository's local store
-`sqlite:///mlflow/mlflow.db`. Experiments created on a local sqlite store keep their
-artifacts beside the database (`mlflow/artifacts/`), never in a `./mlruns` of whatever folder
-the command ran from. Any other store (an MLflow server, Postgres) keeps its own default.
+`sqlite:///<root>/mlflow/mlflow.db`, where <root> is the folder holding params.yaml at or above
+the working directory (`config.repo_root`): the same store from any folder inside the repository,
+and never MLflow's own default (a `./mlflow.db` wherever the command ran). Experiments created
+on a local sqlite store keep their artifacts beside the database (`mlflow/artifacts/`), never
+in a `./mlruns` of whatever folder the command ran from. Any other store (an MLflow server,
+Postgres) keeps its own default.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import time
 import urllib.request
 from pathlib import Path
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow/mlflow.db"
+from musegen.config import repo_root
+
+#: the local store, relative to the repository root
+DEFAULT_STORE = Path("mlflow/mlflow.db")
 
 
 class TrackingError(RuntimeError):
@@ -21,8 +27,41 @@ class TrackingError(RuntimeError):
 
 
 def tracking_uri() -> str:
-    """$MLFLOW_TRACKING_URI, else the repository's local sqlite store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    """$MLFLOW_TRACKING_URI, else the repository's local sqlite store (an absolute URI).
+
+    Raises:
+        TrackingError: neither is set: the working directory is outside any repository.
+    """
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    root = repo_root()
+    if root is None:
+        raise TrackingError(
+            f"{Path.cwd()}: not inside a musegen repository (no params.yaml here or above), so "
+            f"there is no {DEFAULT_STORE}; cd into the repository or set MLFLOW_TRACKING_URI"
+        )
+    return f"sqlite:///{root / DEFAULT_STORE}"
+
+
+def open_store() -> str:
+    """Point MLflow (tracking and registry) at the store to read models and runs; return its URI.
+
+    Unlike `connect` it creates nothing: reading from a store that does not exist yet would
+    leave an empty database behind.
+
+    Raises:
+        TrackingError: the local sqlite store does not exist yet.
+    """
+    import mlflow
+
+    uri = tracking_uri()
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TrackingError(
+            f"MLflow store {uri} does not exist yet: run `make demo` (or `dvc repro`) to train "
+            "and register a model, or set MLFLOW_TRACKING_URI to the store that holds it"
+        )
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def connect(experiment: str, attempts: int = 3) -> str:
@@ -36,7 +75,7 @@ def connect(experiment: str, attempts: int = 3) -> str:
     """
     import mlflow
 
-    uri = tracking_uri()
+    uri = tracking_uri()  # outside a repository this raises, before any work is done
     for attempt in range(attempts):
         try:
             db = None
@@ -60,7 +99,7 @@ def connect(experiment: str, attempts: int = 3) -> str:
             raise TrackingError(
                 f"MLflow tracking store {uri!r} is unreachable ({type(exc).__name__}: "
                 f"{str(exc)[:200]}). Start the server (`mlflow server ...`), or unset "
-                f"MLFLOW_TRACKING_URI to use {DEFAULT_TRACKING_URI}"
+                f"MLFLOW_TRACKING_URI to use the repository's {DEFAULT_STORE}"
             ) from exc
     raise AssertionError("unreachable")
 

@@ -144,6 +144,26 @@ def valid_windows(
     return np.stack(wins)[keep], np.stack(masks)[keep]
 
 
+def per_type_unigram(rows: np.ndarray, targets: np.ndarray, sizes: list[int]) -> list[float]:
+    """The training stage's baseline: per field, the mean NLL (nats) of `targets` under add-one
+    smoothed train frequencies of the first field (type; REMI's one token), and of each other
+    field given the word's type (the model's other heads see the type too). Below it = the
+    model learned more than which values each word type carries.
+
+    Args:
+        rows: (N, F) train split ids; targets: (M, F) ids to score; sizes: vocab size per field.
+    """
+    out = []
+    for f, size in enumerate(sizes):
+        ids = np.asarray(rows[:, f])
+        by_type = [ids] if f == 0 else [ids[rows[:, 0] == t] for t in range(sizes[0])]
+        counts = np.stack([np.bincount(g, minlength=size) + 1.0 for g in by_type])  # (1|V_0, V_f)
+        logp = np.log(counts / counts.sum(1, keepdims=True))
+        row = 0 if f == 0 else targets[:, 0]  # the table row: the target word's type
+        out.append(float(-logp[row, targets[:, f]].mean()))
+    return out
+
+
 def field_losses(
     logits: list[torch.Tensor], targets: torch.Tensor, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -295,11 +315,12 @@ def train(
     wins, masks = valid_windows(
         *load_split(repr_dir, "valid"), vocab, params.seq_len, params.num_valid_windows
     )
-    # unigram baseline: entropy (nats) of each field's train distribution, padding ids included
-    entropy, unigram = [], []
+    # the baseline scores the same valid targets as the model; output biases start at the
+    # train unigram log-prior (natural log of each field's frequency)
+    entropy = per_type_unigram(rows, wins[:, 1:][masks.astype(bool)], vocab["sizes"])
+    unigram = []
     for f in range(len(fields)):
         freq = np.bincount(np.asarray(rows[:, f]), minlength=vocab["sizes"][f]) / len(rows)
-        entropy.append(float(-(freq[freq > 0] * np.log(freq[freq > 0])).sum()))
         unigram.append(torch.tensor(np.log(freq + 1e-6), dtype=torch.float32))  # (V_f,)
     # same keys as the valid rows: valid_loss (weighted sum), valid_loss_<field>
     baseline = {"valid_loss": float(np.dot(weights, entropy))}

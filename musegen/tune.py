@@ -40,7 +40,7 @@ import yaml
 
 from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
-from musegen.evaluate import EvaluateParams, loop_checks, proxy_score
+from musegen.evaluate import EvaluateParams, score_set
 from musegen.files import temp_name, write_atomic
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
@@ -216,11 +216,16 @@ def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0
 
 @dataclasses.dataclass
 class Clip:
-    """One generated clip: a blind file name (content hash), its MIDI and its measured bars."""
+    """One generated clip: a blind file name (content hash), its MIDI and its measured bars.
+
+    `complete` is False when the word cap stopped it before its last bar closed: it is kept
+    (and shown) but never scored.
+    """
 
     midi: Path
     tokens: np.ndarray
     score: Score
+    complete: bool
 
 
 def make_clips(
@@ -233,29 +238,50 @@ def make_clips(
     """Continue every prompt with `sample` (seed tune.seed + k for prompt k) into `out_dir`.
 
     File names are the first 16 hex digits of the MIDI's sha256: blind, and equal clips share
-    a name. The measured part is the continuation (bars after the prompt).
+    a name. The measured part is the continuation (bars after the prompt). Every clip holds
+    exactly prompt_bars + clip_bars bars (EOS is masked until then), unless the word cap cuts
+    it short: then it is marked incomplete.
     """
     from musegen.generate import generate_batch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
+    bars = params.prompt_bars + params.clip_bars  # the caps count the prompt's bars
+    stats: list[dict[str, Any]] = []
     every = generate_batch(  # the K clips decode as one batch
         loaded,
         sample,
         list(bench.prompts),
         [params.seed + k for k in range(len(bench.prompts))],
-        max_bars=params.prompt_bars + params.clip_bars,  # the cap counts the prompt's bars
+        max_bars=bars,
+        min_bars=bars,
         max_words=params.max_clip_words,
+        stats=stats,
     )
-    for k, tokens in enumerate(every):
+    for k, (tokens, got) in enumerate(zip(every, stats, strict=True)):
         midi = loaded.tokenizer.decode(tokens)
         tmp = temp_name(out_dir / f"clip{k}.mid")  # unique: workers may share out_dir
         midi.dump(str(tmp))
         path = out_dir / f"{hashlib.sha256(tmp.read_bytes()).hexdigest()[:16]}.mid"
         tmp.replace(path)
         score = bars_window(to_score(midi), params.prompt_bars, params.clip_bars)
-        clips.append(Clip(path, np.asarray(tokens), score))
+        clips.append(Clip(path, np.asarray(tokens), score, got["bars"] >= bars))
     return clips
+
+
+def complete_only(clips: list[Clip], trial: optuna.Trial) -> list[Clip]:
+    """The clips that hold every requested bar (the rest are recorded on the trial, unscored).
+
+    Raises:
+        optuna.TrialPruned: no clip is complete, so the settings cannot be scored.
+    """
+    done = [c for c in clips if c.complete]
+    trial.set_user_attr("incomplete_clips", len(clips) - len(done))
+    if not done:
+        raise optuna.TrialPruned(
+            f"none of {len(clips)} clips reached its last bar within tune.max_clip_words"
+        )
+    return done
 
 
 def measure(scores: Sequence[Score], bench: Bench, evaluate: EvaluateParams) -> dict[str, Any]:
@@ -266,18 +292,15 @@ def measure(scores: Sequence[Score], bench: Bench, evaluate: EvaluateParams) -> 
         measure, share_beyond - chance share; <= 0 is feasible), "metrics" (mean per clip
         metric: the learned listener's input)}.
     """
-    pieces = [metrics.piece_metrics(s, evaluate.seed) for s in scores]
-    features = metrics.set_features(list(scores), pieces)
-    mgeval = metrics.mgeval(bench.ref_features, features)
-    mean_oa = float(np.mean([v["oa"] for v in mgeval.values()]))
-    loops = loop_checks(bench.ref_metrics, pieces, evaluate.loop_percentile, evaluate.loop_margin)
+    result = score_set(list(scores), bench.ref_features, bench.ref_metrics, evaluate)
     chance = 1 - evaluate.loop_percentile / 100
     return {
-        "proxy_score": proxy_score({"mean_oa": mean_oa, "loops": loops}),
-        "mean_oa": mean_oa,
-        "loops": loops,
-        "constraints": {k: v["share_beyond"] - chance for k, v in loops.items()},
-        "metrics": {k: float(np.mean([p[k] for p in pieces])) for k in LISTENER_FEATURES},
+        "proxy_score": result["proxy_score"],
+        "mean_oa": result["mean_oa"],
+        "order_score": result["order_score"],
+        "loops": result["loops"],
+        "constraints": {k: v["share_beyond"] - chance for k, v in result["loops"].items()},
+        "metrics": {k: float(np.mean([p[k] for p in result["pieces"]])) for k in LISTENER_FEATURES},
     }
 
 
@@ -492,7 +515,9 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         values = suggest(trial, tp)
         with tempfile.TemporaryDirectory(prefix="musegen-tune-") as tmp:
             work = Path(tmp)
-            clips = make_clips(loaded, to_sampling(base, values), bench, tp, work)
+            clips = complete_only(
+                make_clips(loaded, to_sampling(base, values), bench, tp, work), trial
+            )
             result = measure([c.score for c in clips], bench, ev)
             value = listener.predict(result["metrics"]) if listener else result["proxy_score"]
             for name, c in result["constraints"].items():

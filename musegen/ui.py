@@ -74,9 +74,9 @@ def prefect_server(p: ServeParams, root: Path) -> Server:
 
 
 def mlflow_server(p: ServeParams, root: Path) -> Server:
-    """MLflow UI on the tracking store (sqlite:///mlflow/mlflow.db unless $MLFLOW_TRACKING_URI)."""
+    """MLflow UI on the tracking store (<root>/mlflow/mlflow.db unless $MLFLOW_TRACKING_URI)."""
     uri = tracking_uri()
-    if uri.startswith("sqlite:///"):  # relative to the repo root; the folder must exist
+    if uri.startswith("sqlite:///"):  # the folder must exist (a relative URI: from the root)
         (root / uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
     url = f"http://{p.host}:{p.mlflow_port}"
     cmd = [str(BIN / "mlflow"), "ui", "--backend-store-uri", uri, "--workers", "1"]

@@ -109,11 +109,13 @@ def test_bad_files_are_rejected_with_reasons(tmp_path: Path):
     assert set(result["mgeval"]) == {
         *metrics.mgeval_features(varied_piece()),
         *(f"m_{k}" for k in metrics.OBJECTIVE_METRICS),
+        "onset_profile",
     }
     # Same generator on both sides: the statistics overlap and nothing loops.
     assert result["mean_oa"] > 0.8
     assert all(v["penalty"] == 0 for v in result["loops"].values())
-    assert result["proxy_score"] == result["mean_oa"]
+    assert result["proxy_score"] == (result["mean_oa"] + result["order_score"]) / 2
+    assert list(result["ladder"]) == ["real", "bars_shuffled", "pitches_shuffled", "random"]
     # Without the margin, samples a few zlib bytes below the reference's p5 count as loops.
     strict = evaluate(smp, ref, out, dataclasses.replace(PARAMS, loop_margin=0))
     assert strict["loops"]["zlib_ratio"]["penalty"] > 0
@@ -135,6 +137,88 @@ def test_real_beats_shuffled_notes(pop_dirs: dict[str, Path], tmp_path: Path):
     assert all(math.isfinite(v["kl"]) for r in (real, shuf) for v in r["mgeval"].values())
 
 
+# ---- the proxy hears order: real pieces against perturbations this test makes itself ----
+
+
+def bars_of(notes: np.ndarray) -> np.ndarray:
+    return (notes[:, 0] + 60) // BAR  # the bar of each onset rounded to the 16th grid
+
+
+def bars_shuffled(notes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    bar = bars_of(notes)
+    out = notes.copy()
+    out[:, :2] += ((rng.permutation(bar.max() + 1)[bar] - bar) * BAR)[:, None]
+    return out
+
+
+def bars_reversed(notes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    bar = bars_of(notes)
+    out = notes.copy()
+    out[:, :2] += ((bar.max() - 2 * bar) * BAR)[:, None]
+    return out
+
+
+def beat_shifted(notes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Every note one 8th or one beat later: the bar lines fall elsewhere in the music."""
+    out = notes.copy()
+    out[:, :2] += int(rng.choice([240, 480]))
+    return out
+
+
+def pitches_shuffled(notes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    out = notes.copy()
+    out[:, 2] = rng.permutation(out[:, 2])
+    return out
+
+
+def random_notes(notes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    n, cells = len(notes), (bars_of(notes).max() + 1) * 16
+    start = rng.integers(0, cells, n) * 120
+    return np.stack([start, start + 120 * rng.integers(1, 9, n), rng.integers(21, 109, n),
+                     notes[:, 3]], 1)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def real_segments(real_midi_files: list[Path]) -> dict[str, list[Score]]:
+    """4-bar segments of real pieces (rag, sonata, mazurka, lead sheet, song, chorales ...):
+    alternate ones are the reference and the real set."""
+    segs = []
+    for path in real_midi_files:
+        notes = to_score(load_midi(path)).notes
+        for first in range(0, int(bars_of(notes).max()) - 3, 4):
+            keep = (bars_of(notes) >= first) & (bars_of(notes) < first + 4)
+            seg = notes[keep].copy()
+            seg[:, :2] -= first * BAR
+            seg[:, 1] = np.minimum(seg[:, 1], 4 * BAR)
+            if len(seg) >= 8:
+                segs.append(score(seg.tolist()))
+    return {"reference": segs[0::2], "real": segs[1::2]}
+
+
+def test_the_proxy_orders_the_ladder_on_real_pieces(real_segments: dict[str, list[Score]]):
+    from musegen.evaluate import score_set
+
+    ref = real_segments["reference"]
+    ref_metrics = [metrics.piece_metrics(s) for s in ref]
+    ref_features = metrics.set_features(ref, ref_metrics)
+    params = dataclasses.replace(PARAMS, crop_bars=4)
+
+    def proxy(change) -> float:
+        rng = np.random.default_rng(7)
+        # cropped to the 4 bars, as evaluate crops: a shift must not add a bar
+        changed = [
+            metrics.crop(score(change(s.notes, rng).tolist()), 4) for s in real_segments["real"]
+        ]
+        return score_set(changed, ref_features, ref_metrics, params)["proxy_score"]
+
+    real = proxy(lambda notes, rng: notes)
+    ladder = [real, proxy(bars_shuffled), proxy(pitches_shuffled), proxy(random_notes)]
+    print(len(ref), "reference,", len(real_segments["real"]), "real; ladder", ladder)
+    assert ladder == sorted(ladder, reverse=True) and ladder[0] > ladder[1] + 0.02, ladder
+    for other in (bars_reversed, beat_shifted):
+        assert proxy(other) < real - 0.02, other.__name__
+
+
 def test_loops_are_penalised(tmp_path: Path):
     ref, smp = tmp_path / "ref", tmp_path / "loops"
     for seed in range(8):
@@ -148,7 +232,8 @@ def test_loops_are_penalised(tmp_path: Path):
     expected = np.percentile(ref4, 5) - 0.1 * np.median(ref4)  # p5 less margin x median
     assert loops["distinct_4gram_ratio"]["threshold"] == pytest.approx(expected)
     assert all(v["penalty"] == pytest.approx(0.95) for v in loops.values())
-    assert result["proxy_score"] == pytest.approx(result["mean_oa"] - 0.95)
+    half = (result["mean_oa"] + result["order_score"]) / 2
+    assert result["proxy_score"] == pytest.approx(half - 0.95)
 
 
 def test_max_files_and_crop(tmp_path: Path):

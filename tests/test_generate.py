@@ -210,6 +210,26 @@ def test_max_minutes_follows_generated_tempo(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("rep", ["cp", "remi"])
+def test_min_bars_holds_eos_back_until_the_piece_has_its_bars(tmp_path: Path, rep: str) -> None:
+    """A model that always wants to stop (EOS logit +40) still writes exactly the bars asked."""
+    loaded = gen.load_model(save_random(tmp_path / "m.pt", rep, bias={(0, 1): 40.0}))
+    tok = loaded.tokenizer
+    stats: dict = {}
+    out = gen.generate(loaded, SAMPLE, max_bars=6, min_bars=6, max_words=3000, seed=1, stats=stats)
+    words = out if rep == "cp" else tok._to_words(out)[0]
+    assert bars_of(words) == 6 and stats["bars"] == 6 and tok.check(out) == 0
+    assert (words[:-1, TYPE] != EOS).all() and words[-1, TYPE] == EOS
+    # from a prompt: min_bars counts the prompt's bars too
+    prompt = gen.prompt_of(tok, tok.encode(example_midi_file()), 2)
+    full = gen.generate(loaded, SAMPLE, prompt=prompt, max_bars=5, min_bars=5, max_words=3000)
+    assert bars_of(full if rep == "cp" else tok._to_words(full)[0]) == 5
+    # 0 = the model decides: it stops at once; a word cap short of the bars is reported
+    assert len(gen.generate(loaded, SAMPLE, min_bars=0, max_words=50)) == 2
+    gen.generate(loaded, SAMPLE, max_bars=6, min_bars=6, max_words=5, stats=stats)
+    assert stats["bars"] < 6
+
+
+@pytest.mark.parametrize("rep", ["cp", "remi"])
 def test_max_words_caps_sampled_words(ckpts: dict[str, Path], rep: str) -> None:
     loaded = gen.load_model(ckpts[rep])
     out = gen.generate(loaded, SAMPLE, max_words=37, seed=2)

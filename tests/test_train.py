@@ -28,6 +28,7 @@ from musegen.model import ModelParams
 
 ROOT = Path(__file__).resolve().parents[1]
 FIELDS = ["type", "bar_beat", "tempo", "chord", "pitch", "duration", "velocity", "rest"]
+PITCH = FIELDS.index("pitch")
 TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "d_ff": 64, "max_len": 64}
 TINY_TRAIN = {"seq_len": 32, "batch_size": 4, "max_steps": 12, "warmup_steps": 2, "lr": 1e-2}
 TINY_TRAIN |= {"eval_every": 4, "save_every": 4, "log_every": 2, "num_valid_windows": 8}
@@ -173,13 +174,45 @@ def test_run_writes_checkpoints_reports_and_learns(trained: dict) -> None:
     best = min(r["valid_loss"] for r in ckpt["history"])
     assert metrics["best"]["valid_loss"] == best
     assert torch.load(ckpts / "best.pt", weights_only=True)["step"] == metrics["best"]["step"]
-    # the melody is learnable: below the unigram baseline on every field that varies (rest is
-    # always Ignore here: entropy 0 cannot be beaten)
-    for key, base in metrics["baseline"].items():
-        assert metrics["final"][key] < base or base == 0, key
+    # the model learns: below the per-type unigram baseline in all, and on no field worse than
+    # it (40 steps of a 1-layer model do not yet learn the rising scale's pitch beyond its
+    # per-type unigram: 1.08 vs 1.06 nats, measured; fields the type fixes have entropy 0)
+    final, baseline = metrics["final"], metrics["baseline"]
+    assert final["valid_loss"] < 0.8 * baseline["valid_loss"], (final, baseline)
+    for key, base in baseline.items():
+        assert final[key] < base + 0.05, (key, final[key], base)
     lines = Path(trained["params"].plots_file).read_text().splitlines()
     assert lines[0] == "step,train_loss,valid_loss," + ",".join(f"valid_loss_{f}" for f in FIELDS)
     assert [int(r.split(",")[0]) for r in lines[1:]] == [10, 20, 30, 40]
+
+
+def test_baseline_is_the_per_type_unigram_on_the_valid_targets(trained: dict, tokens: Path) -> None:
+    """type: add-one smoothed train frequencies; every other field: the same given the word's
+    type; each scored as the mean NLL of the targets the model's valid loss scores."""
+    from collections import Counter
+
+    train = np.load(tokens / "cp/train.npy")
+    p = trained["params"]
+    wins, masks = stage.valid_windows(
+        *stage.load_split(tokens / "cp", "valid"), cp_vocab(), p.seq_len, p.num_valid_windows
+    )
+    targets = [
+        w for win, m in zip(wins, masks, strict=True) for w, k in zip(win[1:], m, strict=True) if k
+    ]
+    sizes = cp_vocab()["sizes"]
+    baseline = json.loads(Path(p.metrics_file).read_text())["baseline"]
+    for f, name in enumerate(FIELDS):
+        counts = Counter((0 if f == 0 else int(r[0]), int(r[f])) for r in train)
+        totals = Counter(0 if f == 0 else int(r[0]) for r in train)
+        nll = []
+        for y in targets:
+            key = 0 if f == 0 else int(y[0])
+            nll.append(-np.log((counts[key, int(y[f])] + 1) / (totals[key] + sizes[f])))
+        assert baseline[f"valid_loss_{name}"] == pytest.approx(np.mean(nll)), name
+    # the word type alone fixes what a Metrical word's note fields hold: below the plain unigram
+    plain = np.bincount(train[:, PITCH], minlength=sizes[PITCH]) + 1.0
+    plain_nll = -np.log(plain / plain.sum())[[int(y[PITCH]) for y in targets]].mean()
+    assert baseline["valid_loss_pitch"] < plain_nll - 0.1
 
 
 @pytest.mark.slow

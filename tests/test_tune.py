@@ -153,6 +153,26 @@ def test_proxy_prefers_real_music_over_noise(workspace: Path) -> None:
     }
 
 
+def test_clips_cut_short_by_the_word_cap_are_marked_and_never_scored(
+    workspace: Path, tmp_path: Path
+) -> None:
+    tp = dataclasses.replace(load_section(tn.TuneParams, "tune", workspace), max_clip_words=3)
+    loaded = load_model(tp.checkpoint)
+    bench = tn.load_bench(Path(workspace.parent / "tokens/cp"), loaded.tokenizer, tp)
+    base = load_section(SampleParams, "sample", workspace)
+    short = tn.make_clips(loaded, base, bench, tp, tmp_path / "short")
+    assert short and not any(c.complete for c in short)  # 3 words cannot close 2 bars
+    study = optuna.create_study()
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned, match="max_clip_words"):
+        tn.complete_only(short, trial)
+    assert trial.user_attrs["incomplete_clips"] == len(short)
+    full = dataclasses.replace(short[0], complete=True)
+    trial = study.ask()
+    assert tn.complete_only([full, *short], trial) == [full]
+    assert trial.user_attrs["incomplete_clips"] == len(short)
+
+
 def test_ridge_listener_recovers_a_linear_rater_and_spearman() -> None:
     rng = np.random.default_rng(0)
     names = tn.LISTENER_FEATURES
