@@ -47,7 +47,7 @@ import yaml
 import mlflow
 import mlflow.pyfunc
 from musegen import tracking
-from musegen.config import ParamsError, at_least, check_values, load_section, one_of, repo_root
+from musegen.config import ParamsError, load_section, repo_root
 from musegen.sampling import SampleParams
 
 #: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
