@@ -335,9 +335,10 @@ def evaluate_model(
     for rel in held_out.path:
         shutil.copy(Path(raw_dir) / from_printable(rel), reference / rel.replace("/", "__"))
     loaded = load_model(checkpoint)
+    # prompt_bars is unused without a prompt, but GenerateParams checks it is >= 1
     caps = GenerateParams(
         checkpoint=str(checkpoint), num_samples=params.num_samples, max_bars=params.crop_bars,
-        min_bars=params.crop_bars, max_minutes=0, max_words=64 * params.crop_bars, prompt_bars=0,
+        min_bars=params.crop_bars, max_minutes=0, max_words=64 * params.crop_bars, prompt_bars=1,
         out_dir=str(samples), device="auto",
     )  # fmt: skip
     write_samples(loaded, sample, caps, samples, seed=params.seed, progress=False)
