@@ -49,6 +49,8 @@ from musegen.sampling import SampleParams
 RATINGS = (1, 2, 3, 4, 5)
 #: listen-study trial system attrs (hidden from raters in the dashboard): proxy, clip metrics
 PROXY_KEY, METRICS_KEY = "musegen:proxy_score", "musegen:metrics"
+#: clips a trial could not score (a system attr: raters in optuna-dashboard never see it)
+INCOMPLETE_KEY = "musegen:incomplete_clips"
 #: clip metrics the learned listener reads (n_bars is fixed by clip_bars: no information)
 LISTENER_FEATURES = tuple(m for m in metrics.PIECE_METRICS if m != "n_bars")
 
@@ -276,7 +278,7 @@ def complete_only(clips: list[Clip], trial: optuna.Trial) -> list[Clip]:
         optuna.TrialPruned: no clip is complete, so the settings cannot be scored.
     """
     done = [c for c in clips if c.complete]
-    trial.set_user_attr("incomplete_clips", len(clips) - len(done))
+    trial.storage.set_trial_system_attr(trial._trial_id, INCOMPLETE_KEY, len(clips) - len(done))
     if not done:
         raise optuna.TrialPruned(
             f"none of {len(clips)} clips reached its last bar within tune.max_clip_words"

@@ -166,11 +166,11 @@ def test_clips_cut_short_by_the_word_cap_are_marked_and_never_scored(
     trial = study.ask()
     with pytest.raises(optuna.TrialPruned, match="max_clip_words"):
         tn.complete_only(short, trial)
-    assert trial.user_attrs["incomplete_clips"] == len(short)
+    assert trial.storage.get_trial(trial._trial_id).system_attrs[tn.INCOMPLETE_KEY] == len(short)
     full = dataclasses.replace(short[0], complete=True)
     trial = study.ask()
     assert tn.complete_only([full, *short], trial) == [full]
-    assert trial.user_attrs["incomplete_clips"] == len(short)
+    assert trial.storage.get_trial(trial._trial_id).system_attrs[tn.INCOMPLETE_KEY] == len(short)
 
 
 def test_ridge_listener_recovers_a_linear_rater_and_spearman() -> None:
