@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import io
 import json
 import os
@@ -115,9 +114,8 @@ def server(training_run: dict) -> Iterator[str]:
     tmp, run_id = training_run["tmp"], training_run["run_id"]
     make_checkpoint(tmp / "checkpoints/step_1.pt", 1, 1, run_id)
     params = load_section(stage.RegisterParams, "register", PARAMS)
-    params = dataclasses.replace(params, choose="step", step=1)
     sample = load_section(SampleParams, "sample", PARAMS)
-    stage.register(params, tmp / "checkpoints", sample, limits=LIMITS)
+    stage.register(params, tmp / "checkpoints/step_1.pt", sample, limits=LIMITS)
     port = free_port()
     cmd = [sys.executable, "-m", "mlflow", "models", "serve", "-m"]
     cmd += ["models:/musegen@champion", "--env-manager", "local", "-h", "127.0.0.1"]
