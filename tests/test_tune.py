@@ -293,6 +293,7 @@ def test_two_tune_processes_share_one_storage(
                 sample,
                 prompt=bench.prompts[k],
                 max_bars=tp.prompt_bars + tp.clip_bars,
+                min_bars=tp.prompt_bars + tp.clip_bars,  # tune's clips hold every bar
                 max_words=tp.max_clip_words,
                 seed=tp.seed + k,
             )
