@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import miditoolkit
 import numpy as np
 
-from musegen.midi import TICKS_PER_BEAT, Score, read_score, to_score
+from musegen.core.midi import TICKS_PER_BEAT, Score, read_score, to_score
 
 __all__ = ["CPTokenizer", "REMITokenizer", "Tokenizer", "get_tokenizer", "load_tokenizer"]
 
