@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 import yaml
@@ -133,3 +135,49 @@ def test_dvc_deps_list_the_code_each_stage_runs() -> None:
     assert not problems, "dvc.yaml deps differ from the code each stage runs:\n" + "\n".join(
         problems
     )
+
+
+def test_editing_the_sampling_module_changes_the_stages_that_sample(tmp_path: Path) -> None:
+    """DVC acts on the derived deps: in a fresh git + DVC copy of the project whose stages are
+    all recorded (`dvc commit` over placeholder data, so nothing runs), a changed sampling
+    rule makes `dvc status` report sweep, tune and evaluate, and no stage before them."""
+    import shutil
+    import subprocess
+    import sys
+
+    import musegen.sampling
+
+    for name in ("musegen", "dvc.yaml", "params.yaml"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, tmp_path / name)
+
+    def dvc(*args: str) -> str:
+        cmd = [sys.executable, "-m", "dvc", *args]
+        env = {**os.environ, "DVC_NO_ANALYTICS": "1"}
+        proc = subprocess.run(
+            cmd, cwd=tmp_path, capture_output=True, text=True, env=env, check=False
+        )
+        assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}{proc.stderr}"
+        return proc.stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("init", "-q")
+    from dvc.repo import Repo
+
+    with Repo(str(tmp_path)) as repo:  # every data dep and out, paths resolved from params
+        paths = {Path(o.fs_path) for s in repo.index.stages for o in [*s.deps, *s.outs]}
+    for path in paths:  # a file where the name has a suffix, else a folder holding one
+        if not path.exists():
+            target = path if path.suffix else path / "placeholder"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text("{}\n")
+    dvc("commit", "-f", "-q")
+    assert "up to date" in dvc("status")
+    sampling = tmp_path / Path(musegen.sampling.__file__).relative_to(ROOT)
+    sampling.write_text(sampling.read_text() + "\n# an edited sampling rule\n")
+    changed = set(json.loads(dvc("status", "--json")))
+    assert {"sweep", "tune", "evaluate"} <= changed, changed
+    assert not {"corpus", "prepare", "tokenize", "train"} & changed, changed
