@@ -328,6 +328,11 @@ def register(
     numbers |= {"ratings_step": float(rated.get("n", 0))}
     if rated.get("mean") is not None:
         numbers["rating_mean"] = float(rated["mean"])
+    pairs = selection.get("steps", {}).get(str(step), {}).get("pairs", {})
+    numbers |= {"pairs_total": float(selection.get("num_pairs", 0))}
+    numbers |= {"pairs_step": float(pairs.get("n", 0))}
+    if pairs.get("strength") is not None:
+        numbers["bt_strength"] = float(pairs["strength"])
     about = {
         "step": str(step),
         "checkpoint": str(path),
