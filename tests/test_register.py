@@ -130,7 +130,8 @@ def test_register_load_by_alias_predict_and_reregister(
         }
     )
     out = model.predict(inputs)
-    assert list(out.columns) == ["midi_base64", "n_words", "n_notes"] and len(out) == 3
+    assert list(out.columns) == ["midi_base64", "n_words", "n_notes", "n_bars"] and len(out) == 3
+    assert list(out.n_bars) == [3, 3, 5]  # bars asked (+ the prompt's 2): generate.min_bars
     assert out.midi_base64[0] == out.midi_base64[1]  # same seed, same piece
     midis = [miditoolkit.MidiFile(file=io.BytesIO(base64.b64decode(b))) for b in out.midi_base64]
     for midi, n_notes in zip(midis, out.n_notes, strict=True):
