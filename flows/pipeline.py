@@ -226,6 +226,7 @@ def select(params: Path, root: Path = ROOT) -> Path:
     rows = [
         {"step": int(s), "valid_loss": v["valid_loss"], "proxy": v["proxy"]}
         | {f"ratings_{k}": v["ratings"][k] for k in ("n", "mean")}
+        | {f"pairs_{k}": v.get("pairs", {}).get(k) for k in ("n", "wins", "strength")}
         for s, v in choice["steps"].items()
     ]
     create_table_artifact(
@@ -291,7 +292,8 @@ class StepChoice(RunInput):
 
 def choice_form(report: dict[str, Any]) -> tuple[type[RunInput], str]:
     """A StepChoice whose `step` lists the swept STEPs (a dropdown in the UI), and its text:
-    each STEP's valid loss, proxy score and ratings, the automatic choice, the report path."""
+    each STEP's valid loss, proxy score, scores and pairwise choices, the automatic choice,
+    the report path."""
     steps = tuple(int(s) for s in report["steps"])
     form = pydantic.create_model(
         "StepChoice",
@@ -303,8 +305,9 @@ def choice_form(report: dict[str, Any]) -> tuple[type[RunInput], str]:
         f"{report['step']} ({report['decided_by']}: {report['reason']}). Listen first: "
         f"`{report.get('sweep_page')}` (blind: `musegen sweep --blind`).",
         "",
-        "| STEP | valid loss | proxy score | ratings | mean (95% CI) |",
-        "|---:|---:|---:|---:|---|",
+        "| STEP | valid loss | proxy score | scores | mean (95% CI) | choices won "
+        "| Bradley-Terry |",
+        "|---:|---:|---:|---:|---|---:|---:|",
     ]
     for s, row in report["steps"].items():
         r = row["ratings"]
@@ -312,7 +315,10 @@ def choice_form(report: dict[str, Any]) -> tuple[type[RunInput], str]:
         if r.get("ci95"):
             mean += f" ({r['ci95'][0]:.2f}-{r['ci95'][1]:.2f})"
         loss = "" if row["valid_loss"] is None else f"{row['valid_loss']:.4f}"
-        lines.append(f"| {s} | {loss} | {row['proxy']:.4f} | {r['n']} | {mean} |")
+        c = row.get("pairs") or {"n": 0}
+        won = f"{c['wins']} of {c['n']}" if c["n"] else ""
+        bt = "" if c.get("strength") is None else f"{c['strength']:+.2f} ± {c['se']:.2f}"
+        lines.append(f"| {s} | {loss} | {row['proxy']:.4f} | {r['n']} | {mean} | {won} | {bt} |")
     return form, "\n".join(lines)
 
 

@@ -65,7 +65,8 @@ files = {
         {"step": 1, "decided_by": "proxy", "reason": "highest sweep score 0.5000",
          "steps": {"1": {"valid_loss": 1.9, "proxy": 0.5, "ratings": {"n": 0, "mean": None}},
                    "2": {"valid_loss": 2.1, "proxy": 0.4,
-                         "ratings": {"n": 2, "mean": 4.5, "ci95": [4.0, 5.0]}}}}
+                         "ratings": {"n": 2, "mean": 4.5, "ci95": [4.0, 5.0]},
+                         "pairs": {"n": 4, "wins": 3, "strength": 0.41, "se": 0.5}}}}
         if not pathlib.Path("ratings/decision.json").exists() else
         {"step": json.loads(pathlib.Path("ratings/decision.json").read_text())["step"],
          "decided_by": "person", "reason": "a person", "steps": {}})},
@@ -381,7 +382,7 @@ def test_pipeline_pauses_after_select_and_a_person_picks_the_step(
     assert "Automatic choice: STEP 1 (proxy: highest sweep score 0.5000)" in text
     assert (
         "| 1 | 1.9000 | 0.5000 | 0 |  |" in text
-        and "| 2 | 2.1000 | 0.4000 | 2 | 4.50 (4.00-5.00) |" in text
+        and "| 2 | 2.1000 | 0.4000 | 2 | 4.50 (4.00-5.00) | 3 of 4 | +0.41 ± 0.50 |" in text
     )
     assert schema["properties"]["step"]["enum"] == [1, 2]
     resume_flow_run(run.id, run_input={"step": 2})

@@ -87,9 +87,13 @@ def test_register_load_by_alias_predict_and_reregister(
 
     client = mlflow.MlflowClient()
     selection = {
-        "decided_by": "ratings",
+        "decided_by": "pairs",
         "num_ratings": 7,
-        "steps": {"1": {"ratings": {"n": 4, "mean": 3.5}}, "2": {"ratings": {"n": 3, "mean": 2}}},
+        "num_pairs": 6,
+        "steps": {
+            "1": {"ratings": {"n": 4, "mean": 3.5}, "pairs": {"n": 4, "wins": 3, "strength": 0.5}},
+            "2": {"ratings": {"n": 3, "mean": 2}, "pairs": {"n": 2, "wins": 0, "strength": -0.5}},
+        },
     }
     evaluation = {"checkpoint_step": 1, "proxy_score": 0.61, "mean_oa": 0.7, "oa": {"x": 1}}
     limits = stage.limits_for(PARAMS)
@@ -103,8 +107,13 @@ def test_register_load_by_alias_predict_and_reregister(
     )
     assert str(v1.version) == "1" and v1.tags["step"] == "1"
     # one bundle: STEP, sampling, evaluation and ratings on the version
-    assert v1.tags["selected_by"] == "ratings" and v1.tags["rating_mean"] == "3.5"
+    assert v1.tags["selected_by"] == "pairs" and v1.tags["rating_mean"] == "3.5"
     assert float(v1.tags["evaluate_proxy_score"]) == 0.61 and v1.tags["ratings_step"] == "4"
+    assert (v1.tags["pairs_total"], v1.tags["pairs_step"], v1.tags["bt_strength"]) == (
+        "6",
+        "4",
+        "0.5",
+    )
     assert json.loads(v1.tags["sampling"])["temperature"] == dict(sample.temperature)
     assert str(client.get_model_version_by_alias("musegen", "champion").version) == "1"
     # the registering run is a child of the training run (same experiment)
@@ -121,7 +130,8 @@ def test_register_load_by_alias_predict_and_reregister(
         }
     )
     out = model.predict(inputs)
-    assert list(out.columns) == ["midi_base64", "n_words", "n_notes"] and len(out) == 3
+    assert list(out.columns) == ["midi_base64", "n_words", "n_notes", "n_bars"] and len(out) == 3
+    assert list(out.n_bars) == [3, 3, 5]  # bars asked (+ the prompt's 2): generate.min_bars
     assert out.midi_base64[0] == out.midi_base64[1]  # same seed, same piece
     midis = [miditoolkit.MidiFile(file=io.BytesIO(base64.b64decode(b))) for b in out.midi_base64]
     for midi, n_notes in zip(midis, out.n_notes, strict=True):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -69,6 +70,48 @@ def export(path: Path, scores: dict[int, int], rater: str = "ana", **changes: ob
     return path
 
 
+def clip(step: int | str, row: int) -> str:
+    """The fixture sweep's clip hash of a STEP (or "real") in a prompt row."""
+    return ("a" * 16, "b" * 16)[row] if step == "real" else f"{step:04d}{row:012d}"
+
+
+def choices(path: Path, best: dict[int, int | str], rater: str = "ana", hour: int = 20) -> Path:
+    """A blind-page export choosing `best[row]` as the best clip of each row: it beats the
+    row's other clips (the page's "best of this row")."""
+    rows = [
+        {"winner": clip(b, r), "loser": clip(other, r), "prompt": r,
+         "time": f"2026-12-01T{hour}:0{r}:00Z"}
+        for r, b in best.items()
+        for other in (*STEPS, "real")
+        if other != b
+    ]  # fmt: skip
+    data = {"format": rt.FORMAT, "page": "p", "blind": True, "rater": rater, "ratings": []}
+    path.write_text(json.dumps(data | {"choices": rows}))
+    return path
+
+
+def test_bradley_terry_recovers_a_known_ordering() -> None:
+    """Choices drawn from known strengths: the fit orders the players as they are, with
+    strengths near the truth; a player that never lost and one that never played stay finite."""
+    true = np.array([0.0, 1.5, -1.0, 0.5, -2.0])
+    rng = np.random.default_rng(3)
+    wins = np.zeros((5, 5))
+    for _ in range(1500):
+        i, j = rng.choice(5, 2, replace=False)
+        if rng.random() < 1 / (1 + np.exp(true[j] - true[i])):
+            wins[i, j] += 1
+        else:
+            wins[j, i] += 1
+    strength, se = rt.bradley_terry(wins)
+    assert list(np.argsort(strength)) == list(np.argsort(true))
+    assert np.allclose(strength, true - true.mean(), atol=3 * se.max()) and se.max() < 0.15
+    # A beat B three times and nobody else; C never played: finite, A > C > B
+    strength, se = rt.bradley_terry(np.array([[0, 3, 0], [0, 0, 0], [0, 0, 0]]))
+    assert np.all(np.isfinite(strength)) and np.all(np.isfinite(se))
+    assert strength[0] > strength[2] > strength[1] and abs(strength.sum()) < 1e-9
+    assert np.all(rt.bradley_terry(np.zeros((3, 3)))[0] == 0)
+
+
 def test_params_refuse_an_unknown_rule() -> None:
     p = load_section(stage.SelectParams, "select", ROOT / "params.yaml")
     with pytest.raises(ParamsError, match=r"select\.by = 'best'"):
@@ -115,6 +158,64 @@ def test_ratings_change_the_selected_step_when_they_disagree_with_the_proxy(work
     )
 
 
+def test_pairwise_choices_change_the_selected_step_and_reach_the_sweep_runs(
+    work: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rater picks STEP 200 as the best of both rows (the proxy prefers 300): 6 choices
+    reach select.min_ratings and Bradley-Terry decides, over scores that prefer STEP 100."""
+    import mlflow
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")  # in-process commands use the folder's store too
+    from musegen import tracking
+
+    # the sweep's child runs, in the folder's own sqlite store (as `musegen sweep` logs them)
+    client = mlflow.MlflowClient(f"sqlite:///{work / tracking.DEFAULT_STORE}")
+    exp = client.create_experiment("sweep")
+    sweep_file = work / "reports/sweep/metrics.json"
+    sweep = json.loads(sweep_file.read_text())
+    for s in STEPS:
+        sweep["columns"][f"step_{s}"]["mlflow_run_id"] = client.create_run(exp).info.run_id
+    sweep_file.write_text(json.dumps(sweep))
+
+    scores = export(work / "s.json", {100: 5, 200: 1, 300: 1})
+    assert CliRunner().invoke(app, ["ratings", "add", str(scores)]).exit_code == 0
+    added = musegen("ratings", "add", str(choices(work / "c.json", {0: 200, 1: 200})), cwd=work)
+    assert added.returncode == 0, added.stderr
+    assert "6 added, 0 duplicates ignored, 12 in" in added.stdout
+    assert "step_200: 2 ratings, mean 1.00; won 6 of 6 choices" in added.stdout
+    table = pd.read_csv(work / "ratings/ratings.csv", dtype=str, keep_default_na=False)
+    pairs = table[table.beats != ""]
+    assert set(pairs["clip"]) == {clip(200, 0), clip(200, 1)} and set(pairs.score) == {""}
+    assert sorted(pairs.beats_column) == sorted(["step_100", "step_300", "real"] * 2)
+
+    assert musegen("select", cwd=work).returncode == 0
+    report = json.loads((work / "reports/select/choice.json").read_text())
+    assert report["step"] == 200 and report["decided_by"] == "pairs", report
+    assert report["num_pairs"] == 6 and report["num_ratings"] == 6
+    row = report["steps"]["200"]["pairs"]
+    assert row["n"] == 6 and row["wins"] == 6 and row["strength"] > 0
+    assert all(report["steps"][s]["pairs"]["strength"] < 0 for s in ("100", "300"))
+    assert "Bradley-Terry" in report["reason"] and "6 choices in all" in report["reason"]
+    run = client.get_run(sweep["columns"]["step_200"]["mlflow_run_id"])
+    assert run.data.metrics["pair_count"] == 6 and run.data.metrics["pair_wins"] == 6
+    assert run.data.metrics["bt_strength"] == pytest.approx(row["strength"])
+    assert run.data.metrics["rating_count"] == 2
+
+    # the rater changes their mind about row 0 (later): STEP 300 now beats 200 there, the
+    # row's older choices against other clips stand; a second rater agrees on row 1
+    again = CliRunner().invoke(
+        app, ["ratings", "add", str(choices(work / "c2.json", {0: 300}, hour=21))]
+    )
+    assert "3 added" in again.output and "14 in" in again.output, again.output
+    bob = choices(work / "b.json", {1: 300}, rater="bob")
+    assert CliRunner().invoke(app, ["ratings", "add", str(bob)]).exit_code == 0
+    assert CliRunner().invoke(app, ["select"]).exit_code == 0
+    report = json.loads((work / "reports/select/choice.json").read_text())
+    assert report["step"] == 300 and report["num_pairs"] == 11, report
+    wins = {s: report["steps"][s]["pairs"]["wins"] for s in ("100", "200", "300")}
+    assert wins == {"100": 0, "200": 5, "300": 6}
+
+
 def test_other_rules_and_a_persons_choice(work: Path) -> None:
     p = load_section(stage.SelectParams, "select", work / "params.yaml")
     sweep, ckpts = work / "reports/sweep/metrics.json", work / "models/cp/checkpoints"
@@ -154,7 +255,8 @@ def test_a_persons_choice_holds_until_the_model_changes(work: Path) -> None:
         (json.dumps({"format": "other"}), "not a sweep ratings export"),
         ("blind=false", "not from the blind page"),
         ("rater=", 'no "rater" name'),
-        ("ratings=[]", 'no "ratings" list'),
+        ("ratings=[]", 'no "ratings" or "choices" list'),
+        ("choices=3", 'no "ratings" or "choices" list'),
         ("clip=ffffffffffffffff", "is not in the current sweep"),
         ("score=6", "score 6; expected an integer 1-5"),
         ("score=true", "score True"),
@@ -168,7 +270,7 @@ def test_bad_files_are_refused_with_one_line_and_nothing_written(
     bad = work / "bad.json"
     if "=" in content and not content.startswith("{"):
         key, value = content.split("=", 1)
-        if key in ("blind", "rater", "ratings"):
+        if key in ("blind", "rater", "ratings", "choices"):
             good[key] = json.loads(value) if value else ""
         else:
             good["ratings"][1][key] = value if key in ("clip", "time") else json.loads(value)
@@ -183,3 +285,36 @@ def test_bad_files_are_refused_with_one_line_and_nothing_written(
     assert not (work / "ratings/ratings.csv").exists()
     missing = CliRunner().invoke(app, ["ratings", "add", str(work / "none.json")])
     assert missing.exit_code == 1 and "none.json: file not found" in missing.output
+
+
+@pytest.mark.parametrize(
+    ("choice", "reason"),
+    [
+        ({"loser": "0100000000000001"}, "clips of different prompts (x/one.mid vs x/two.mid)"),
+        ({"loser": "0200000000000000"}, "choice 2: clip '0200000000000000' cannot beat itself"),
+        ({"winner": "ffffffffffffffff"}, "choice 2: clip 'ffffffffffffffff' is not in the current"),
+        ({"loser": None}, "choice 2: clip None is not in the current sweep"),
+        ({"time": "soon"}, "choice 2: time 'soon' is not an ISO 8601 time"),
+        ("not a pair", "choice 2 is not an object"),
+    ],
+)
+def test_bad_choices_are_refused_with_one_line_and_nothing_written(
+    work: Path, choice: object, reason: str
+) -> None:
+    good = json.loads(choices(work / "good.json", {0: 200, 1: 100}).read_text())
+    bad = work / "bad.json"
+    row = good["choices"][2]  # row 0: STEP 200 beats the real clip
+    good["choices"][2] = row | choice if isinstance(choice, dict) else choice
+    bad.write_text(json.dumps(good))
+    result = CliRunner().invoke(app, ["ratings", "add", str(work / "good.json"), str(bad)])
+    assert result.exit_code == 1
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and str(bad) in lines[0] and reason in lines[0], lines
+    assert not (work / "ratings/ratings.csv").exists()
+
+
+def test_format_1_exports_still_merge(work: Path) -> None:
+    """An export from the page before choices (format 1: scores only) still merges."""
+    old = export(work / "old.json", {300: 4}, format="musegen-sweep-ratings/1")
+    assert CliRunner().invoke(app, ["ratings", "add", str(old)]).exit_code == 0
+    assert set(rt.read_table(work / "ratings").score) == {"4"}

@@ -33,7 +33,8 @@ from musegen.config import load_section
 from musegen.core.sampling import SampleParams
 from musegen.stages import register as stage
 
-LIMITS = stage.limits_for(PARAMS)  # generate.max_bars 32, max_words 4096, max_file_mb 4
+LIMITS = stage.limits_for(PARAMS)  # generate.max_bars 32, max_words 4096, max_file_mb 4,
+# min_bars 32
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +58,9 @@ def b64(data: bytes) -> str:
         ({"bars": 100000}, "bars = 100000; expected 1 to 32"),
         ({"bars": 4, "prompt_bars": 0.0}, "prompt_bars = 0; expected 1 to 32"),
         ({"bars": 4, "prompt_bars": 2.5}, "prompt_bars = 2.5; expected a whole number"),
+        ({"bars": 4, "min_bars": 5}, r"min_bars = 5; expected a whole number 0 to 4 \(bars"),
+        ({"bars": 4, "min_bars": -1}, "min_bars = -1; expected a whole number 0 to 4"),
+        ({"bars": 4, "min_bars": 1.5}, "min_bars = 1.5; expected a whole number 0 to 4"),
         ({"bars": 4, "prompt": "/etc/passwd"}, "prompt is not a MIDI file's bytes in base64"),
         ({"bars": 4, "prompt": "/etc/passwd1"}, "a path is never opened"),  # valid base64
         ({"bars": 4, "prompt": b64(b"root:x:0:0:root")}, "not a MIDI file's bytes"),
@@ -85,6 +89,39 @@ def test_check_request_reads_no_file_and_bounds_rows(prompt_midi: Path) -> None:
         pd.DataFrame([{"seed": 3, "bars": 2, "prompt": b64(data)}]), LIMITS
     )
     assert (req.seed, req.bars, req.prompt, req.prompt_bars) == (3, 2, data, 4)
+    assert req.min_bars is None  # the version's generate.min_bars
+
+
+def test_the_pyfunc_composes_the_bars_asked(tmp_path: Path, prompt_midi: Path) -> None:
+    """A model that always wants to stop (EOS logit +40), served by the pyfunc: a request for
+    N bars gets N (generate.min_bars, as `musegen generate --bars N`); min_bars overrides."""
+    from types import SimpleNamespace
+
+    import yaml
+    from test_generate import save_random
+
+    sampling = tmp_path / "sampling.yaml"
+    plain = stage._plain(load_section(SampleParams, "sample", PARAMS))
+    sampling.write_text(yaml.safe_dump(plain))
+    ckpt = save_random(tmp_path / "eos.pt", bias={(0, 1): 40.0})  # type id 1 = EOS
+    composer = stage.Composer()
+    artifacts = {"checkpoint": str(ckpt), "sampling": str(sampling)}
+    composer.load_context(SimpleNamespace(artifacts=artifacts, model_config=LIMITS))
+    prompt = b64(prompt_midi.read_bytes())
+    rows = [
+        {"seed": 1, "bars": 6},
+        {"seed": 1, "bars": 6, "min_bars": 0},  # the model decides: it stops at once
+        {"seed": 1, "bars": 6, "min_bars": 2},
+        {"seed": 1, "bars": 3, "prompt": prompt, "prompt_bars": 2},
+        {"seed": 1, "bars": 3, "prompt": prompt, "prompt_bars": 2, "min_bars": 1},
+    ]
+    out = composer.predict(None, pd.DataFrame(rows))
+    assert list(out.columns) == list(stage.OUTPUTS)
+    assert list(out.n_bars) == [6, 1, 2, 5, 3] and out.n_words[1] < out.n_words[0], out
+    # a version registered before min_bars was bundled composes as it did (min_bars 0)
+    old = {k: v for k, v in LIMITS.items() if k != "min_bars"}
+    composer.load_context(SimpleNamespace(artifacts=artifacts, model_config=old))
+    assert list(composer.predict(None, pd.DataFrame(rows[:1])).n_bars) == [1]
 
 
 def test_limits_need_a_word_and_bar_cap(tmp_path: Path) -> None:
@@ -173,7 +210,12 @@ def test_served_model_over_http(server: str, prompt_midi: Path) -> None:
     status, body, _ = ask(server, [{"seed": 1, "bars": 2}])
     assert status == 200, body
     (piece,) = body["predictions"]
-    assert len(notes(piece["midi_base64"])) == piece["n_notes"] > 0
+    assert len(notes(piece["midi_base64"])) == piece["n_notes"] > 0 and piece["n_bars"] == 2
+    # min_bars is part of the served schema, checked like bars
+    status, body, _ = ask(server, [{"seed": 1, "bars": 2, "min_bars": 1}])
+    assert status == 200 and body["predictions"][0]["n_bars"] >= 1, body
+    status, body, _ = ask(server, [{"seed": 1, "bars": 2, "min_bars": 3}])
+    assert status == 400 and "min_bars = 3" in body["message"], body
 
     # a server path as the prompt: refused, nothing of the file in the answer
     secret = Path("/etc/passwd").read_bytes()[:4].decode(errors="replace")  # "root"

@@ -337,8 +337,9 @@ def test_chromium_loads_every_player_and_roll(
 def test_chromium_rates_on_the_blind_page_and_the_export_merges(
     blind_sweep: dict, tmp_path: Path
 ) -> None:
-    """A rater clicks a score in every cell of the blind page (?ratetest) and exports; the
-    export merges into the ratings table with each clip's STEP, found from its hash."""
+    """A rater clicks a score in every cell of the blind page (?ratetest) and "best of this
+    row" in every row (first one clip, then another) and exports; the export merges into the
+    ratings table with each clip's STEP, found from its hash, and each row's choices."""
     from musegen.core import ratings
 
     out = blind_sweep["out"]
@@ -351,12 +352,19 @@ def test_chromium_rates_on_the_blind_page_and_the_export_merges(
     clicked = re.findall(r'class="rate" data-clip="(\w+)"', page)
     assert [r["clip"] for r in export["ratings"]] == clicked
     assert [r["score"] for r in export["ratings"]] == [i % 5 + 1 for i in range(len(clicked))]
+    # the last clip of each row was picked (after the first): it beats the row's other two
+    rows = [clicked[:3], clicked[3:]]
+    pairs = [(c["winner"], c["loser"], c["prompt"]) for c in export["choices"]]
+    assert pairs == [(row[-1], other, r) for r, row in enumerate(rows) for other in row[:-1]]
     path = tmp_path / "ratings.json"
     path.write_text(json.dumps(export))
     counts = ratings.add([path], tmp_path / "ratings", out / "metrics.json")
-    assert counts == {"added": 6, "duplicates": 0, "total": 6}
+    assert counts == {"added": 10, "duplicates": 0, "total": 10}
     table = ratings.read_table(tmp_path / "ratings")
     sweep = json.loads((out / "metrics.json").read_text())
     for row in table.itertuples():
         col = sweep["columns"][row.column]
         assert row.clip in col["clips"] and str(row.step) == str(col.get("step", ""))
+        if row.beats:
+            assert row.beats in sweep["columns"][row.beats_column]["clips"]
+    assert ratings.count_pairs(table, sweep) == 4

@@ -287,15 +287,22 @@ def ratings_add(
         if proc.returncode:
             _fail(f"{table}: `dvc add` failed: {proc.stderr.strip()[-300:]}")
     sweep = json.loads(sweep_metrics.read_text())
-    stats = stage.summary(stage.read_table(Path(p.ratings_dir)), sweep)
-    logged = stage.log_to_sweep_runs(stats, sweep)
+    rows = stage.read_table(Path(p.ratings_dir))
+    stats, pairs = stage.summary(rows, sweep), stage.pair_summary(rows, sweep)
+    logged = stage.log_to_sweep_runs(stats, pairs, sweep)
     typer.echo(
         f"ratings: {counts['added']} added, {counts['duplicates']} duplicates ignored, "
-        f"{counts['total']} in {table}; counts and means logged to {logged} sweep runs"
+        f"{counts['total']} in {table}; counts, means and strengths logged to {logged} sweep runs"
     )
     for key, s in stats.items():
-        if s["n"]:
-            typer.echo(f"  {key}: {s['n']} ratings, mean {s['mean']:.2f}")
+        line = f"  {key}: {s['n']} ratings" + (
+            "" if s["mean"] is None else f", mean {s['mean']:.2f}"
+        )
+        c = pairs[key]
+        if c["n"]:
+            line += f"; won {c['wins']} of {c['n']} choices, Bradley-Terry {c['strength']:+.2f}"
+        if s["n"] or c["n"]:
+            typer.echo(line)
 
 
 @app.command()

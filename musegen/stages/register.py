@@ -18,12 +18,16 @@ MLFLOW_TRACKING_URI names the store, see `load_champion`)::
     out = model.predict(pd.DataFrame({"seed": [0, 1], "bars": [8, 8]}))
     # seed: sampling seed; bars: bars to compose (after the prompt when there is one)
     # optional columns: prompt (a .mid file's bytes in base64; "" = compose from scratch),
-    # prompt_bars (bars of the prompt kept, default 4)
-    # out: one row per input row: midi_base64 (a .mid file, base64), n_words, n_notes
+    # prompt_bars (bars of the prompt kept, default 4), min_bars (bars, counted like
+    # `bars`, before a piece may end; 0 = the model may end it; default: generate.min_bars
+    # when the version was registered, at most `bars`, so 8 bars asked are 8 bars composed)
+    # out: one row per input row: midi_base64 (a .mid file, base64), n_words, n_notes,
+    # n_bars (bars in the piece, prompt included)
 
 Served (`mlflow models serve -m models:/musegen@champion --env-manager local -h 127.0.0.1`),
 it is a network service, so every request is checked before any work (`check_request`): at
-most MAX_ROWS rows; `bars` and `prompt_bars` in 1..generate.max_bars; a prompt is MIDI bytes
+most MAX_ROWS rows; `bars` and `prompt_bars` in 1..generate.max_bars, `min_bars` in
+0..`bars`; a prompt is MIDI bytes
 (base64) of at most prepare.max_file_mb, never a path (nothing on the server is opened); each
 piece stops at generate.max_words sampled words. The bounds are the params.yaml values at
 registration, stored with the version (`limits_for`). A refused request is HTTP 400 with one
@@ -69,6 +73,8 @@ REQUIREMENTS = ("torch", "numpy", "pandas", "miditoolkit", "pyyaml", "mlflow", "
 DEFAULT_PROMPT_BARS = 4
 #: pieces one request may ask for: each costs up to generate.max_words words of decoding
 MAX_ROWS = 16
+#: the served model's answer, one row per request row: column -> MLflow schema type
+OUTPUTS = {"midi_base64": "string", "n_words": "long", "n_notes": "long", "n_bars": "long"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +111,8 @@ def check_bundle(step: int, tune_metrics: Path, evaluate_metrics: Path) -> dict[
 
 
 def limits_for(params_path: Path | str) -> dict[str, float]:
-    """What one served request may ask for (see the module docstring), from params.yaml.
+    """What one served request may ask for (see the module docstring), from params.yaml, and
+    the bars a piece holds unless the request says otherwise (generate.min_bars).
 
     Raises:
         ParamsError: generate.max_words or generate.max_bars is 0 (no cap): a network
@@ -123,17 +130,24 @@ def limits_for(params_path: Path | str) -> dict[str, float]:
                 "needs a bound on every request: set it > 0"
             )
     max_mb = load_section(PrepareParams, "prepare", params_path).max_file_mb
-    return {"max_bars": gen.max_bars, "max_words": gen.max_words, "max_file_mb": max_mb}
+    return {
+        "max_bars": gen.max_bars,
+        "max_words": gen.max_words,
+        "max_file_mb": max_mb,
+        "min_bars": gen.min_bars,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """One checked row of a request: `prompt` is MIDI bytes (None: compose from scratch)."""
+    """One checked row of a request: `prompt` is MIDI bytes (None: compose from scratch);
+    `min_bars` counts new bars like `bars` (None: the version's generate.min_bars)."""
 
     seed: int
     bars: int
     prompt: bytes | None
     prompt_bars: int
+    min_bars: int | None = None
 
 
 def check_request(frame: pd.DataFrame, limits: dict[str, float]) -> list[Request]:
@@ -160,6 +174,16 @@ def check_request(frame: pd.DataFrame, limits: dict[str, float]) -> list[Request
                     f"row {i}: {name} = {int(value)}; expected 1 to {max_bars} (generate.max_bars "
                     "when this version was registered)"
                 )
+        least = row.get("min_bars")
+        if least is not None and not pd.isna(least):
+            if least != int(least) or not 0 <= int(least) <= int(bars):
+                raise _refuse(
+                    f"row {i}: min_bars = {least!r}; expected a whole number 0 to {int(bars)} "
+                    "(bars; 0 = the model may end the piece)"
+                )
+            least = int(least)
+        else:
+            least = None
         prompt = None
         if isinstance(text, str) and text:
             if len(text) > 4 * (max_bytes // 3 + 1):
@@ -174,7 +198,7 @@ def check_request(frame: pd.DataFrame, limits: dict[str, float]) -> list[Request
                 ) from None
         elif text is not None and not (isinstance(text, str) or pd.isna(text)):
             raise _refuse(f"row {i}: prompt must be a string (base64 MIDI bytes) or empty")
-        out.append(Request(int(row["seed"]), int(bars), prompt, int(keep)))
+        out.append(Request(int(row["seed"]), int(bars), prompt, int(keep), least))
     return out
 
 
@@ -203,7 +227,8 @@ class Composer(mlflow.pyfunc.PythonModel):
     def predict(
         self, context: Any, model_input: pd.DataFrame, params: dict | None = None
     ) -> pd.DataFrame:
-        """One composition per row: columns seed, bars, optional prompt and prompt_bars."""
+        """One composition per row: columns seed, bars, optional prompt, prompt_bars and
+        min_bars; returns OUTPUTS."""
         from musegen.core.generate import generate, prompt_of
         from musegen.core.midi import to_score
 
@@ -218,9 +243,20 @@ class Composer(mlflow.pyfunc.PythonModel):
                 )
                 if not len(prompt):
                     raise _refuse(f"row {i}: the prompt has no notes before bar {req.prompt_bars}")
-            # max_bars counts the prompt's bars too; `bars` counts new ones only
-            bars = req.bars + (req.prompt_bars if prompt is not None else 0)
-            tokens = generate(self.loaded, self.sample, prompt=prompt, max_bars=bars, **caps)
+            # generate's max_bars and min_bars count the prompt's bars too; `bars` and a
+            # request's min_bars count new ones only; generate.min_bars is at most max_bars
+            # as in `musegen generate` (a version registered before it: 0)
+            opening = req.prompt_bars if prompt is not None else 0
+            bars = req.bars + opening
+            if req.min_bars is None:
+                least = min(int(self.limits.get("min_bars", 0)), bars)
+            else:
+                least = req.min_bars + opening if req.min_bars else 0
+            got: dict[str, Any] = {}
+            tokens = generate(
+                self.loaded, self.sample, prompt=prompt, max_bars=bars, min_bars=least,
+                stats=got, **caps,
+            )  # fmt: skip
             midi = tok.decode(tokens)
             buf = io.BytesIO()
             midi.dump(file=buf)
@@ -229,9 +265,10 @@ class Composer(mlflow.pyfunc.PythonModel):
                     "midi_base64": base64.b64encode(buf.getvalue()).decode("ascii"),
                     "n_words": len(tokens),
                     "n_notes": sum(len(inst.notes) for inst in midi.instruments),
+                    "n_bars": int(got["bars"]),
                 }
             )
-        return pd.DataFrame(rows, columns=["midi_base64", "n_words", "n_notes"])
+        return pd.DataFrame(rows, columns=list(OUTPUTS))
 
 
 def _refuse(message: str) -> Exception:
@@ -263,15 +300,10 @@ def _signature() -> Any:
             ColSpec("string", "prompt", required=False),
             # double: pandas holds an int column with gaps (rows without a prompt) as float64
             ColSpec("double", "prompt_bars", required=False),
+            ColSpec("double", "min_bars", required=False),
         ]
     )
-    outputs = Schema(
-        [
-            ColSpec("string", "midi_base64"),
-            ColSpec("long", "n_words"),
-            ColSpec("long", "n_notes"),
-        ]
-    )
+    outputs = Schema([ColSpec(kind, name) for name, kind in OUTPUTS.items()])
     return ModelSignature(inputs, outputs)
 
 
@@ -328,6 +360,11 @@ def register(
     numbers |= {"ratings_step": float(rated.get("n", 0))}
     if rated.get("mean") is not None:
         numbers["rating_mean"] = float(rated["mean"])
+    pairs = selection.get("steps", {}).get(str(step), {}).get("pairs", {})
+    numbers |= {"pairs_total": float(selection.get("num_pairs", 0))}
+    numbers |= {"pairs_step": float(pairs.get("n", 0))}
+    if pairs.get("strength") is not None:
+        numbers["bt_strength"] = float(pairs["strength"])
     about = {
         "step": str(step),
         "checkpoint": str(path),

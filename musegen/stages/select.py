@@ -5,9 +5,12 @@ sampling: `sweep_score` is the listening proxy, `valid_loss` the training loss a
 and people's ratings of the sweep's clips (`musegen ratings add`), and picks one STEP by
 `select.by`:
 
-- ``ratings``: the highest mean rating once the current sweep's STEP clips hold at least
-  `select.min_ratings` ratings (ties go to the proxy); with fewer, the proxy decides and the
-  report says so.
+- ``ratings``: people decide once they have said enough about the current sweep's clips.
+  Pairwise choices first: with at least `select.min_ratings` choices, the STEP with the
+  highest Bradley-Terry strength (`ratings.bradley_terry`, fitted over every column, the
+  real anchor included). Else scores: with at least `select.min_ratings` scores of STEP
+  clips, the highest mean score. Ties go to the proxy. With fewer of both, the proxy
+  decides and the report says so.
 - ``proxy``: the highest sweep score. ``valid_loss``: the lowest valid loss.
 - ``step``: `select.step`, which must have a checkpoint.
 
@@ -61,21 +64,28 @@ class SelectParams:
 
 
 def candidates(sweep_metrics: dict[str, Any], table: Any) -> dict[int, dict[str, Any]]:
-    """STEP -> {valid_loss, proxy, ratings: {n, mean, ci95}} for every swept STEP."""
-    stats = rt.summary(table, sweep_metrics)
+    """STEP -> {valid_loss, proxy, ratings: {n, mean, ci95}, pairs: {n, wins, strength, se}}
+    for every swept STEP (ratings: scores; pairs: pairwise choices)."""
+    stats, pairs = rt.summary(table, sweep_metrics), rt.pair_summary(table, sweep_metrics)
     return {
         int(col["step"]): {
             "valid_loss": col.get("valid_loss"),
             "proxy": col["sweep_score"],
             "ratings": stats[key],
+            "pairs": pairs[key],
         }
         for key, col in sweep_metrics["columns"].items()
         if col.get("step") is not None
     }
 
 
-def decide(params: SelectParams, table: dict[int, dict[str, Any]]) -> tuple[int, str, str]:
-    """(STEP, what decided: ratings | proxy | valid_loss | step, a one-line reason)."""
+def decide(
+    params: SelectParams, table: dict[int, dict[str, Any]], num_pairs: int = 0
+) -> tuple[int, str, str]:
+    """(STEP, what decided: pairs | ratings | proxy | valid_loss | step, a one-line reason).
+
+    `num_pairs`: the current sweep's pairwise choices (those with the real anchor count too).
+    """
     by_proxy = max(table, key=lambda s: table[s]["proxy"])
     if params.by == "step":
         return params.step, "step", f"select.step = {params.step}"
@@ -86,13 +96,27 @@ def decide(params: SelectParams, table: dict[int, dict[str, Any]]) -> tuple[int,
         best = min(losses, key=losses.get)
         return best, "valid_loss", f"lowest valid loss {losses[best]:.4f}"
     if params.by == "ratings":
+        if num_pairs >= params.min_ratings:
+            best = max(table, key=lambda s: (table[s]["pairs"]["strength"], table[s]["proxy"]))
+            r = table[best]["pairs"]
+            return (
+                best,
+                "pairs",
+                (
+                    f"highest Bradley-Terry strength {r['strength']:+.2f} (se {r['se']:.2f}; won "
+                    f"{r['wins']} of {r['n']} choices; {num_pairs} choices in all)"
+                ),
+            )
         n = sum(v["ratings"]["n"] for v in table.values())
         if n >= params.min_ratings:
             rated = [s for s, v in table.items() if v["ratings"]["n"]]
             best = max(rated, key=lambda s: (table[s]["ratings"]["mean"], table[s]["proxy"]))
             r = table[best]["ratings"]
             return best, "ratings", f"highest mean rating {r['mean']:.2f} of {r['n']} ({n} in all)"
-        reason = f"{n} of select.min_ratings = {params.min_ratings} ratings: the proxy decides; "
+        reason = (
+            f"{n} of select.min_ratings = {params.min_ratings} ratings and {num_pairs} "
+            "pairwise choices: the proxy decides; "
+        )
     else:
         reason = ""
     return by_proxy, "proxy", reason + f"highest sweep score {table[by_proxy]['proxy']:.4f}"
@@ -139,7 +163,8 @@ def select(
             current, else `params.by`.
 
     Returns:
-        The report: step, checkpoint, by, decided_by, reason, num_ratings, steps, sweep_page.
+        The report: step, checkpoint, by, decided_by, reason, num_ratings, num_pairs, steps
+            (each STEP's numbers, `candidates`), sweep_page.
 
     Raises:
         FileNotFoundError: no sweep metrics, or no checkpoint for the STEP.
@@ -149,10 +174,12 @@ def select(
     if step is not None:
         record_decision(Path(params.ratings_dir), sweep_metrics, step, "musegen select --step")
     sweep = json.loads(Path(sweep_metrics).read_text())
-    table = candidates(sweep, rt.read_table(Path(params.ratings_dir)))
+    ratings = rt.read_table(Path(params.ratings_dir))
+    table = candidates(sweep, ratings)
+    num_pairs = rt.count_pairs(ratings, sweep)
     decision = _decision(Path(params.ratings_dir), sweep)
     if decision is None:
-        chosen, decided_by, reason = decide(params, table)
+        chosen, decided_by, reason = decide(params, table, num_pairs)
     else:
         chosen, decided_by = int(decision["step"]), "person"
         reason = f"chosen by a person ({decision['who']}, {decision['time']})"
@@ -167,6 +194,7 @@ def select(
         "decided_by": decided_by,
         "reason": reason,
         "num_ratings": sum(v["ratings"]["n"] for v in table.values()),
+        "num_pairs": num_pairs,
         "steps": {str(s): v for s, v in sorted(table.items())},
         "sweep_page": sweep.get("page"),
     }

@@ -460,10 +460,13 @@ th{background:#f4f4f4;text-align:left;font-weight:normal}th b{font-size:15px}
 img{display:block;width:360px}audio{width:360px}.m{font:12px monospace;margin-top:4px}
 img.curves{width:800px;margin:8px 0}
 .m span{display:inline-block;margin-right:8px}.z1{background:#fde6b0}.z2{background:#f7a8a8}
-.rate button{min-width:2em}.rate button.on{background:#2a6;color:#fff}.who b{color:#a30}
+.rate button{min-width:2em}.rate button.on,.best button.on{background:#2a6;color:#fff}
+.who b{color:#a30}
 """
 
-#: the blind page's script: ratings in this page's own localStorage keys, export, reveal
+#: the blind page's script: scores and each row's best clip in this page's own localStorage
+#: keys, export (ratings.FORMAT: the best clip of a row beats every other clip of that row),
+#: reveal
 BLIND_JS = """
 const PAGE = document.body.dataset.page, KEY = 'musegen-sweep-blind/' + PAGE + '/';
 const rater = document.getElementById('rater');
@@ -480,13 +483,30 @@ document.querySelectorAll('.rate').forEach(div => {
       JSON.stringify({score: Number(b.textContent), time: new Date().toISOString()}));
     paint(div); });
   paint(div); });
+function best(row){ try { return JSON.parse(localStorage.getItem(KEY + 'best/' + row)); }
+  catch (e) { return null; } }
+function paintBest(){ document.querySelectorAll('.best').forEach(div => {
+  const v = best(div.dataset.prompt), b = div.querySelector('button');
+  b.classList.toggle('on', v !== null && v.clip === div.dataset.clip); }); }
+document.querySelectorAll('.best').forEach(div => {
+  div.querySelector('button').onclick = () => {
+    localStorage.setItem(KEY + 'best/' + div.dataset.prompt,
+      JSON.stringify({clip: div.dataset.clip, time: new Date().toISOString()}));
+    paintBest(); }; });
+paintBest();
 function exportRatings(){
   const ratings = [];
   document.querySelectorAll('.rate').forEach(div => { const v = stored(div.dataset.clip);
     if (v) ratings.push({clip: div.dataset.clip, prompt: Number(div.dataset.prompt),
                          score: v.score, time: v.time}); });
-  return {format: 'musegen-sweep-ratings/1', page: PAGE, blind: true,
-          rater: rater.value.trim(), ratings}; }
+  const choices = [], rows = {};
+  document.querySelectorAll('.best').forEach(div =>
+    (rows[div.dataset.prompt] = rows[div.dataset.prompt] || []).push(div.dataset.clip));
+  Object.entries(rows).forEach(([row, clips]) => { const v = best(row);
+    if (v && clips.includes(v.clip)) clips.filter(c => c !== v.clip).forEach(c =>
+      choices.push({winner: v.clip, loser: c, prompt: Number(row), time: v.time})); });
+  return {format: 'musegen-sweep-ratings/2', page: PAGE, blind: true,
+          rater: rater.value.trim(), ratings, choices}; }
 document.getElementById('export').onclick = () => {
   const data = exportRatings();
   if (!data.rater) { alert('type your name in "rater" first'); rater.focus(); return; }
@@ -500,13 +520,16 @@ function reveal(){
 document.getElementById('reveal').onclick = () => { if (window.REVEAL) return reveal();
   const s = document.createElement('script'); s.src = 'reveal.js'; s.onload = reveal;
   document.head.appendChild(s); };
-// ?ratetest: a rater clicks a score in every cell (cell i gets i % 5 + 1), then the export
-// lands in #selftest (tests/test_sweep.py feeds it to `musegen ratings add`)
+// ?ratetest: a rater clicks a score in every cell (cell i gets i % 5 + 1) and "best of the
+// row" on the first clip of every row, then (changing their mind) on the row's last; the
+// export lands in #selftest (tests/test_sweep.py feeds it to `musegen ratings add`)
 window.addEventListener('load', () => {
   if (!new URLSearchParams(location.search).has('ratetest')) return;
   rater.value = 'chromium'; rater.oninput();
   document.querySelectorAll('.rate').forEach((div, i) =>
     div.querySelectorAll('button')[i % 5].click());
+  document.querySelectorAll('tr').forEach(tr => { const b = tr.querySelectorAll('.best button');
+    if (b.length) { b[0].click(); b[b.length - 1].click(); } });
   document.getElementById('selftest').textContent = JSON.stringify(exportRatings()); });
 """
 
@@ -606,7 +629,8 @@ def write_page(
                 f"<td>{_player(c, f'piano roll, prompt {r + 1}, clip {k + 1}')}"
                 f'<div class="who" data-clip="{c["stem"]}"></div>'
                 f'<div class="rate" data-clip="{c["stem"]}" data-prompt="{r}">rating {rate}'
-                "</div></td>"
+                f'</div><div class="best" data-clip="{c["stem"]}" data-prompt="{r}">'
+                "<button>best of this row</button></div></td>"
                 for k, c in enumerate(columns[i]["cells"][r] for i in order)
             )
             rows.append(f"<tr><th>prompt {r + 1}</th>{cells}</tr>")
@@ -644,7 +668,8 @@ def write_page(
     if blind:
         intro = (
             f"{clips} One clip per row is the real song; the others are checkpoints, in a "
-            "different order on every row. Rate each clip 1-5, type your name, export, then "
+            "different order on every row. Rate each clip 1-5, or pick the best of each row "
+            "(it beats the row's other clips), or both; type your name, export, then "
             "<code>musegen ratings add ratings-….json</code>. Reveal shows what each clip was."
         )
         controls = (
