@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from musegen import paths
 from musegen.config import ParamsError
 from musegen.core import metrics
 from musegen.core.midi import MidiError, Score, load_midi, to_score
@@ -356,5 +357,5 @@ def evaluate_model(
         "split": "test",
         "pieces": sorted(held_out.path),  # the manifest rows read
     }
-    (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    paths.metrics(out).write_text(json.dumps(headline, indent=2) + "\n")
     return headline
