@@ -4,13 +4,12 @@ A CP word is drawn type first, then its other fields given the sampled type (the
 type-first heads, Hsiao et al. 2021); a REMI token is one draw. Each new word costs one
 model step: its keys/values join a cache trimmed to `max_len - 1` positions, so the cost
 per word is constant and a piece can run for as long as asked (a sliding window; see
-`musegen.model.KVCache` for what it equals).
+`musegen.core.model.KVCache` for what it equals).
 
-Grammar masks keep every output decodable (`tokenizer.check(out) == 0`): a Note word needs
-a Position earlier in its bar and carries pitch, duration and velocity (never Ignore); a
-Metrical word carries Ignore in the note fields; positions rise within a bar; EOS only ends
-the piece. The masks act on the logits before sampling, so greedy or extreme temperatures
-still give legal words.
+Grammar masks keep every output decodable (`tokenizer.check(out) == 0`): the tokenizer's
+`Grammar` (the rules its `check` and `decode` read words by) says which ids may come next
+given each piece's `GrammarState`. The masks act on the logits before sampling, so greedy or
+extreme temperatures still give legal words.
 
 `use_sequential_fields`: the model has no input for the fields already drawn in a word, so
 the sequential mode is a *mask*, not model conditioning. Fields are drawn in order and each is
@@ -25,6 +24,7 @@ two modes give the same distribution for Metrical words and differ only in the n
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,12 +37,12 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from musegen.checkpoint import CheckpointError
-from musegen.checkpoint import load as load_checkpoint
 from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
-from musegen.model import Decoder, ModelConfig, MusicTransformer
-from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
-from musegen.tokenizer import (
+from musegen.core.checkpoint import CheckpointError
+from musegen.core.checkpoint import load as load_checkpoint
+from musegen.core.model import Decoder, ModelConfig, MusicTransformer
+from musegen.core.sampling import SampleParams, loop_guard, mask_logits, sample_field
+from musegen.core.tokenizer import (
     BAR,
     BAR_BEAT,
     CHORD,
@@ -51,20 +51,17 @@ from musegen.tokenizer import (
     FIELDS,
     METRICAL,
     NOTE,
+    OPENS,
     PITCH,
-    POSITIONS,
     REST,
-    STEP,
     TEMPO,
-    TEMPO_BPM,
     TYPE,
     VELOCITY,
+    GrammarState,
     Tokenizer,
     from_vocab,
 )
 
-DEFAULT_BPM = 120.0  # MIDI's tempo until a Position word sets one
-CELLS_PER_BEAT = 480 // STEP  # 8 grid cells of 60 ticks per beat
 #: fields of a CP word in draw order after the type (the column order of FIELDS)
 _NON_TYPE = tuple(range(1, len(FIELDS)))
 #: fields the loop guard may forbid a repeated word's value in, most musical first
@@ -172,145 +169,6 @@ def load_model(checkpoint: Path | str, device: str = "auto") -> Loaded:
         checkpoint=path,
         mlflow_run_id=ckpt.get("mlflow_run_id"),
     )
-
-
-# ---- grammar state ------------------------------------------------------------------------
-@dataclass
-class _State:
-    """What the words so far allow next: bar, position, music time, the last note's fields."""
-
-    bar: int = -1  # index of the current bar; -1 before the first Bar word
-    pos: int | None = None  # position of the last Position word in this bar
-    tempo_cell: int = 0  # grid cell of the last tempo change
-    tempo_sec: float = 0.0  # music time at that cell
-    bpm: float = DEFAULT_BPM
-    last_note: tuple[int, int, int] | None = None  # (pitch, duration, velocity) at this position
-
-    def seconds(self, cell: int) -> float:
-        """Music time of grid cell `cell` under the tempo changes seen so far."""
-        return self.tempo_sec + (cell - self.tempo_cell) * 60.0 / (self.bpm * CELLS_PER_BEAT)
-
-    def exceeds(self, w: np.ndarray, max_bars: int | None, max_seconds: float | None) -> bool:
-        """Would Metrical word `w` start past a cap (a bar index >= max_bars, or the time)?"""
-        if w[TYPE] != METRICAL:
-            return False
-        if w[BAR_BEAT] == BAR:
-            bar = max(self.bar, -1) + 1 + int(w[REST])
-            cell = bar * POSITIONS
-            return (max_bars is not None and bar >= max_bars) or (
-                max_seconds is not None and self.seconds(cell) >= max_seconds
-            )
-        cell = max(self.bar, 0) * POSITIONS + int(w[BAR_BEAT]) - 2
-        return max_seconds is not None and self.seconds(cell) >= max_seconds
-
-    def apply(self, w: np.ndarray) -> None:
-        """Advance past word `w` (a CP row of 8 ids), the way the tokenizer's decoder reads it."""
-        kind = int(w[TYPE])
-        if self.bar < 0 and not (kind == METRICAL and w[BAR_BEAT] == BAR):
-            self.bar = 0  # the decoder's repair: a song starts in bar 0
-        if kind == METRICAL and w[BAR_BEAT] == BAR:
-            self.bar, self.pos, self.last_note = self.bar + 1 + int(w[REST]), None, None
-        elif kind == METRICAL:
-            self.pos, self.last_note = int(w[BAR_BEAT]) - 2, None
-            if w[TEMPO]:
-                cell = self.bar * POSITIONS + self.pos
-                self.tempo_sec, self.tempo_cell = self.seconds(cell), cell
-                self.bpm = float(TEMPO_BPM[int(w[TEMPO]) - 1])
-        elif kind == NOTE:
-            self.last_note = (int(w[PITCH]), int(w[DURATION]), int(w[VELOCITY]))
-
-
-class _CPMasks:
-    """Boolean masks (on the model's device) for each CP field given the state and the type."""
-
-    def __init__(self, sizes: tuple[int, ...], device: torch.device):
-        self.sizes, self.device = sizes, device
-        self.any = [torch.ones(v, dtype=torch.bool, device=device) for v in sizes]
-        self.value = [
-            m.clone().index_fill_(0, torch.tensor([0], device=device), False) for m in self.any
-        ]
-        arange = torch.arange(sizes[BAR_BEAT], device=device)
-        # bar_beat after position p: Bar, or a position > p (ids 2 + k); row 0 = no position yet
-        self.bar_beat = [(arange == BAR) | (arange >= 3 + p) for p in range(-1, POSITIONS)]
-        self.from_ = [torch.arange(v, device=device) for v in sizes]
-        self.ignore = [m == 0 for m in self.from_]  # a field forced to Ignore: only id 0
-        # fields 1..F-1 side by side (the Decoder's field_logits) -> (F-1, V_max), padded
-        # with index sum(V) (a -inf logit / False mask column): one draw for every field
-        v_max, start, rows = max(sizes[1:]), 0, []
-        for v in sizes[1:]:
-            rows.append([start + i if i < v else sum(sizes[1:]) for i in range(v_max)])
-            start += v
-        self.padded = torch.tensor(rows, device=device)  # (F-1, V_max)
-
-    def type_mask(self, state: _State, sequential: bool, min_bars: int) -> Tensor:
-        eos_ok = state.bar >= min_bars  # the piece has closed min_bars bars (bar min_bars is open)
-        note_ok = state.pos is not None
-        if sequential and state.last_note is not None:  # canonical order must leave a note
-            note_ok &= state.last_note != tuple(
-                self.sizes[f] - 1 for f in (PITCH, DURATION, VELOCITY)
-            )
-        allowed = torch.tensor([False, eos_ok, True, note_ok], device=self.device)
-        return allowed
-
-    def field_mask(  # noqa: PLR0911 (a grammar table reads best as early returns)
-        self, f: int, kind: int, state: _State, drawn: dict[int, int], seq: bool
-    ) -> Tensor | None:
-        """Allowed ids of field f, or None when the field is forced to Ignore (no draw)."""
-        if kind == EOS:
-            return None
-        if kind == METRICAL:
-            if f in (PITCH, DURATION, VELOCITY):
-                return None
-            if f == BAR_BEAT:
-                return self.bar_beat[(state.pos if state.pos is not None else -1) + 1]
-            if seq and f in (TEMPO, CHORD) and drawn[BAR_BEAT] == BAR:
-                return None  # a Bar word carries only a rest
-            if seq and f == REST and drawn[BAR_BEAT] != BAR:
-                return None  # a Position word carries no rest
-            return self.any[f]
-        # a Note word: pitch, duration and velocity carry values, the rest is Ignore
-        if f not in (PITCH, DURATION, VELOCITY):
-            return None
-        if not (seq and state.last_note is not None):
-            return self.value[f]
-        last = dict(zip((PITCH, DURATION, VELOCITY), state.last_note, strict=True))
-        tied = all(drawn[g] == last[g] for g in (PITCH, DURATION, VELOCITY) if g < f)
-        # the tokenizer orders notes of a position by (pitch, duration, velocity)
-        return self.value[f] & (self.from_[f] >= last[f]) if tied else self.value[f]
-
-
-def _field_mask(
-    masks: _CPMasks,
-    f: int,
-    piece: _Piece,
-    w: np.ndarray,
-    *,
-    seq: bool,
-    forbid: dict[int, set[int]],
-    min_bars: int = 0,
-) -> Tensor:
-    """Allowed ids of field f for one piece's word w (its type and earlier fields drawn)."""
-    drawn = dict(enumerate(w[:f].tolist()))
-    m = masks.field_mask(f, int(w[TYPE]), piece.state, drawn, seq)
-    if m is None:
-        return masks.ignore[f]  # forced to Ignore: the draw can only give 0
-    if f == REST and piece.state.bar + 1 < min_bars:
-        # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
-        m = m & (masks.from_[REST] <= min_bars - 2 - piece.state.bar)
-    if f in forbid:
-        narrowed = m.clone()
-        narrowed[list(forbid[f])] = False
-        m = narrowed if narrowed.any() else m  # the guard never empties a field
-    return m
-
-
-def _repair(w: np.ndarray) -> None:
-    """Independent mode: set the fields a Metrical word's bar_beat rules out to Ignore."""
-    if w[TYPE] == METRICAL:
-        if w[BAR_BEAT] == BAR:
-            w[TEMPO] = w[CHORD] = 0
-        else:
-            w[REST] = 0
 
 
 # ---- the decoding loop -------------------------------------------------------------------
@@ -481,7 +339,7 @@ class _Piece:
 
     prompt: np.ndarray
     gen: torch.Generator
-    state: _State = dataclasses.field(default_factory=_State)
+    state: GrammarState = dataclasses.field(default_factory=GrammarState)
     out: list = dataclasses.field(default_factory=list)  # CP rows or REMI ids, prompt first
     result: np.ndarray | None = None  # set when the piece ends
     cur: np.ndarray | None = None  # REMI: the word being written (later fields may come)
@@ -495,18 +353,17 @@ def _start(loaded: Loaded, prompt: np.ndarray | None) -> np.ndarray:
     if prompt is None:
         bar = np.zeros((1, len(FIELDS)), np.int64)
         bar[0, TYPE], bar[0, BAR_BEAT] = METRICAL, BAR
-        return bar if tok.representation == "cp" else tok._from_words(bar).astype(np.int64)
+        return bar if tok.representation == "cp" else tok.from_words(bar).astype(np.int64)
     prompt = np.asarray(prompt)
     if not len(prompt):
         raise ValueError("prompt: empty; pass None to start from a Bar word")
-    words, _ = tok._to_words(prompt)  # raises on wrong shape or out-of-range ids
+    words, _ = tok.to_words(prompt)  # raises on wrong shape or out-of-range ids
     if (words[:, TYPE] == EOS).any():
         raise ValueError("prompt: it contains an EOS word, so the piece is over; drop the EOS")
     return prompt.astype(np.int64)
 
 
 def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
-    masks = _CPMasks(run.loaded.config.vocab_sizes, run.loaded.device)
     eos = np.zeros(len(FIELDS), np.int64)
     eos[TYPE] = EOS
     everyone = list(pieces)
@@ -516,7 +373,7 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
         p.out = list(p.prompt)
     n_new = 0
     while pieces and not run.words_done(n_new):
-        words = _draw_words(run, pieces, run.h, masks, [{} for _ in pieces], trace=True)
+        words = _draw_words(run, pieces, run.h, [{} for _ in pieces], trace=True)
         # the loop guard: a word that continues a loop is drawn again with one more field's
         # value forbidden, most musical first, until it is no loop or every field was tried
         forbid = [{} for _ in pieces]
@@ -533,7 +390,7 @@ def _run_cp(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
             if again:
                 sub = [pieces[r] for r in again]
                 h = run.h[again]
-                words[again] = _draw_words(run, sub, h, masks, [forbid[r] for r in again])
+                words[again] = _draw_words(run, sub, h, [forbid[r] for r in again])
             redo = again
         keep = []
         for r, (p, w) in enumerate(zip(pieces, words, strict=True)):
@@ -557,53 +414,47 @@ def _draw_words(
     run: _Run,
     pieces: list[_Piece],
     h: Tensor,
-    masks: _CPMasks,
     forbid: list[dict[int, set[int]]],
     *,
     trace: bool = False,
 ) -> np.ndarray:
     """One CP word per piece (B, F): the type, then each other field given it (grammar masks).
 
-    Every field is one batched draw; each piece's masks come from its own grammar state.
+    Every field is one batched draw; each piece's masks come from its own grammar state, and
+    the loop guard's `forbid` (field -> ids) narrows them where it leaves a choice.
     """
-    dec, seq = run.decoder, run.sample.use_sequential_fields
+    dec, seq, grammar = run.decoder, run.sample.use_sequential_fields, run.loaded.tokenizer.grammar
     settings = [run.sample.field(name) for name in run.loaded.fields]
     u = run.uniforms(pieces, len(FIELDS))  # (B, F): every field draws, forced or not
     type_logits = dec.type_logits(h)  # (B, V_type)
     if trace and run.trace is not None:
         run.trace.append(type_logits.clone())
-    allowed = torch.stack([masks.type_mask(p.state, seq, run.min_bars) for p in pieces])
-    kinds = sample_field(mask_logits(type_logits, allowed), *settings[TYPE], u=u[:, TYPE])
+    allowed = [grammar.type_mask(p.state, sequential=seq, min_bars=run.min_bars) for p in pieces]
+    kinds = sample_field(
+        mask_logits(type_logits, _on(allowed, h.device)), *settings[TYPE], u=u[:, TYPE]
+    )
     w = np.zeros((len(pieces), len(FIELDS)), np.int64)
     w[:, TYPE] = kinds.cpu().numpy()
+
+    def field_mask(r: int, f: int) -> np.ndarray:
+        m = grammar.field_mask(f, w[r], pieces[r].state, sequential=seq, min_bars=run.min_bars)
+        if f in forbid[r]:
+            narrowed = m.copy()
+            narrowed[list(forbid[r][f])] = False
+            m = narrowed if narrowed.any() else m  # the guard never empties a field
+        return m
+
     logits = dec.field_logits(h, kinds)  # (B, sum V_f): an EOS row's are drawn and dropped
     if seq:  # each field's masks depend on the fields drawn before it: one draw per field
         for f, part in zip(_NON_TYPE, logits.split(dec.split, -1), strict=True):
-            allowed = torch.stack(
-                [
-                    _field_mask(masks, f, p, w[r], seq=seq, forbid=forbid[r], min_bars=run.min_bars)
-                    for r, p in enumerate(pieces)
-                ]
-            )
-            ids = sample_field(mask_logits(part, allowed), *settings[f], u=u[:, f])
+            allowed = [field_mask(r, f) for r in range(len(pieces))]
+            ids = sample_field(mask_logits(part, _on(allowed, h.device)), *settings[f], u=u[:, f])
             w[:, f] = ids.cpu().numpy()
     else:  # independent given the type: every field of every piece in one draw
-        allowed = torch.stack(
-            [
-                torch.cat(
-                    [
-                        _field_mask(
-                            masks, f, p, w[r], seq=seq, forbid=forbid[r], min_bars=run.min_bars
-                        )
-                        for f in _NON_TYPE
-                    ]
-                )
-                for r, p in enumerate(pieces)
-            ]
-        )  # (B, sum V_f)
-        pad = masks.padded  # (F-1, V_max)
+        allowed = [np.concatenate([field_mask(r, f) for f in _NON_TYPE]) for r in range(len(w))]
+        pad = _padded(tuple(dec.split), h.device)  # (F-1, V_max)
         logits = F.pad(logits, (0, 1), value=float("-inf"))[:, pad]  # (B, F-1, V_max)
-        allowed = F.pad(allowed, (0, 1), value=False)[:, pad]
+        allowed = F.pad(_on(allowed, h.device), (0, 1), value=False)[:, pad]
         temps, tops = (torch.tensor(s, device=h.device) for s in zip(*settings[1:], strict=True))
         n = len(pieces) * len(_NON_TYPE)
         ids = sample_field(
@@ -613,64 +464,37 @@ def _draw_words(
             u=u[:, 1:].reshape(n),
         )
         w[:, 1:] = ids.view(len(pieces), -1).cpu().numpy()
-    if not seq:
         for row in w:
-            _repair(row)
+            grammar.repair(row)
     return w
 
 
-class _RemiMasks:
-    """Legal next REMI tokens: each word's fields in FIELDS order, words in grammar order."""
+def _on(masks: list[np.ndarray], device: torch.device) -> Tensor:
+    """(B, V) bool tensor on `device` of one grammar mask per piece."""
+    return torch.from_numpy(np.stack(masks)).to(device)
 
-    def __init__(self, tok: Tokenizer, device: torch.device):
-        v = len(tok.events)
-        self.field_of = tok._field_of.tolist()  # REMI id -> CP field
-        self.value_of = tok._id_in_field.tolist()  # REMI id -> id within that field
-        self.value = torch.as_tensor(tok._id_in_field, device=device)  # (V,) the same
-        field_of = torch.as_tensor(tok._field_of, device=device)
-        self.of = {f: field_of == f for f in range(1, len(FIELDS))}  # (V,) per field
-        self.base = torch.zeros(v, dtype=torch.bool, device=device)
-        self.base[[1, int(tok._offset[BAR_BEAT])]] = True  # EOS and Bar may always come next
-        first_pos = int(tok._offset[BAR_BEAT]) + 1  # REMI id of Position_0
-        ids = torch.arange(v, device=device)
-        # positions after p (row p + 1; row 0 = no position yet in this bar)
-        self.pos_after = [
-            (ids >= first_pos + p + 1) & (ids < first_pos + POSITIONS) for p in range(-1, POSITIONS)
-        ]
 
-    def allowed(self, cur: np.ndarray | None, state: _State) -> Tensor:
-        if cur is not None and cur[TYPE] == NOTE and not cur[DURATION]:
-            return self.of[DURATION]
-        if cur is not None and cur[TYPE] == NOTE and not cur[VELOCITY]:
-            return self.of[VELOCITY]
-        is_bar = cur is not None and cur[TYPE] == METRICAL and cur[BAR_BEAT] == BAR
-        is_pos = cur is not None and cur[TYPE] == METRICAL and not is_bar
-        pos = None if is_bar else (int(cur[BAR_BEAT]) - 2 if is_pos else state.pos)
-        allowed = self.base | self.pos_after[(pos if pos is not None else -1) + 1]
-        if pos is not None:
-            allowed = allowed | self.of[PITCH]
-        if is_bar and not cur[REST]:
-            allowed = allowed | self.of[REST]
-        if is_pos and not cur[CHORD]:  # a Position word writes its tempo before its chord
-            allowed = allowed | self.of[CHORD]
-            if not cur[TEMPO]:
-                allowed = allowed | self.of[TEMPO]
-        return allowed
+@functools.cache
+def _padded(sizes: tuple[int, ...], device: torch.device) -> Tensor:
+    """Index (F-1, V_max) that lays the Decoder's field_logits (sizes side by side) out as one
+    row per field, padded with index sum(sizes) (a -inf logit / False mask column)."""
+    v_max, start, rows = max(sizes), 0, []
+    for v in sizes:
+        rows.append([start + i if i < v else sum(sizes) for i in range(v_max)])
+        start += v
+    return torch.tensor(rows, device=device)
 
 
 def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
     tok = run.loaded.tokenizer
-    masks = _RemiMasks(tok, run.loaded.device)
+    grammar = tok.grammar
     temp, top_p = run.sample.field(run.loaded.fields[0])
     everyone = list(pieces)
     for p in pieces:
-        words, _ = tok._to_words(p.prompt)
+        words, starts = tok.to_words(p.prompt)
         for w in words[:-1]:
             p.state.apply(w)
-        p.cur = words[-1].copy()
-        ids = p.prompt.tolist()
-        openers = [i for i, t in enumerate(ids) if masks.field_of[t] in (BAR_BEAT, PITCH)]
-        p.cur_start, p.out = (openers[-1] if openers else 0), ids
+        p.cur, p.cur_start, p.out = words[-1].copy(), int(starts[-1]), p.prompt.tolist()
     n_new = 0
     while pieces and not run.words_done(n_new):
         logits = run.decoder.type_logits(run.h)  # (B, V)
@@ -678,27 +502,20 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
             run.trace.append(logits.clone())
         rows = []
         for p in pieces:
-            allowed = masks.allowed(p.cur, p.state)
-            is_bar = p.cur[TYPE] == METRICAL and p.cur[BAR_BEAT] == BAR
-            if p.state.bar + (1 + int(p.cur[REST]) if is_bar else 0) < run.min_bars:
-                allowed = allowed.clone()
-                allowed[1] = False  # 1 = EOS: the piece has not reached bar min_bars yet
-                if is_bar:  # as in CP: no rest past bar min_bars - 1
-                    too_far = masks.value > run.min_bars - 2 - p.state.bar
-                    allowed &= ~(masks.of[REST] & too_far)
+            allowed = grammar.token_mask(p.cur, p.state, min_bars=run.min_bars)
             banned = run.banned(p.out)
             if banned:
-                narrowed = allowed.clone()
+                narrowed = allowed.copy()
                 narrowed[banned] = False
                 # the guard never empties the choice: with nothing left, the loop continues
                 allowed = narrowed if narrowed.any() else allowed
             rows.append(allowed)
         u = run.uniforms(pieces, 1)[:, 0]
-        drawn = sample_field(mask_logits(logits, torch.stack(rows)), temp, top_p, u=u)
+        drawn = sample_field(mask_logits(logits, _on(rows, logits.device)), temp, top_p, u=u)
         keep, tokens = [], drawn.cpu().numpy()
         for r, (p, t) in enumerate(zip(pieces, tokens.tolist(), strict=True)):
-            f = masks.field_of[t]
-            if f in (TYPE, BAR_BEAT, PITCH):  # EOS or a new word: the current one is complete
+            f = int(grammar.field_of[t])
+            if f == TYPE or f in OPENS:  # EOS or a new word: the current one is complete
                 if p.state.exceeds(p.cur, run.max_bars, run.max_seconds):
                     is_bar = p.cur[TYPE] == METRICAL and p.cur[BAR_BEAT] == BAR
                     p.closed_bars = p.state.bar + int(is_bar)
@@ -710,9 +527,9 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
                     p.result = _close_remi(p.out)
                     continue
                 p.cur = np.zeros(len(FIELDS), np.int64)
-                p.cur[TYPE] = METRICAL if f == BAR_BEAT else NOTE
+                p.cur[TYPE] = OPENS[f]
                 p.cur_start = len(p.out)
-            p.cur[f] = masks.value_of[t]
+            p.cur[f] = grammar.value_of[t]
             p.out.append(t)
             keep.append(r)
         pieces = run.step(pieces, keep, tokens[:, None])
@@ -736,30 +553,17 @@ def prompt_of(tokenizer: Tokenizer, array: np.ndarray, prompt_bars: int) -> np.n
     Bars count the way the decoder does (a Rest_k on a Bar word skips k bars); a piece with
     fewer bars gives all of it without its EOS.
     """
-    cp = tokenizer.representation == "cp"
     array = np.asarray(array)
-    words = array if cp else None
-    if not cp:
-        # REMI: each token's (field, id in field)
-        field_of, value_of = tokenizer._field_of[array], tokenizer._id_in_field[array]
+    words, starts = tokenizer.to_words(array)
     bar, cut = -1, None
-    for i in range(len(array)):
-        if cp:
-            is_eos = words[i, TYPE] == EOS
-            is_bar = words[i, TYPE] == METRICAL and words[i, BAR_BEAT] == BAR
-            rest = int(words[i, REST]) if is_bar else 0
-        else:
-            is_eos = field_of[i] == TYPE and value_of[i] == EOS
-            is_bar = field_of[i] == BAR_BEAT and value_of[i] == BAR
-            nxt = i + 1 < len(array) and field_of[i + 1] == REST
-            rest = int(value_of[i + 1]) if is_bar and nxt else 0
-        if is_eos:
-            cut = i
+    for w, start in zip(words, starts.tolist(), strict=True):
+        if w[TYPE] == EOS:
+            cut = start
             break
-        if is_bar:
-            bar += 1 + rest
+        if w[TYPE] == METRICAL and w[BAR_BEAT] == BAR:
+            bar += 1 + int(w[REST])
             if bar >= prompt_bars:
-                cut = i
+                cut = start
                 break
     return array[:cut].copy()
 
@@ -842,7 +646,7 @@ def bundled_sampling(checkpoint: Path) -> SampleParams | None:
     """The sampling a registered bundle holds beside its checkpoint (None for a bare .pt).
 
     A model version downloaded by `resolve_checkpoint` has artifacts/checkpoint.pt and
-    artifacts/sampling.yaml (musegen.register): the settings tuned for that STEP.
+    artifacts/sampling.yaml (musegen.stages.register): the settings tuned for that STEP.
     """
     path = Path(checkpoint).with_name("sampling.yaml")
     if not path.is_file():
@@ -896,7 +700,7 @@ def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:
 
 def piece_seconds(tokenizer: Tokenizer, array: np.ndarray) -> float:
     """Music time of a generated array: the last note's end under its tempo changes."""
-    from musegen.midi import to_score
+    from musegen.core.midi import to_score
 
     return to_score(tokenizer.decode(array)).seconds()
 
@@ -924,7 +728,7 @@ def write_samples(
     """
     import json
 
-    from musegen.render import piano_roll, render_audio
+    from musegen.core.render import piano_roll, render_audio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     caps = {

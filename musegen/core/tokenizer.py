@@ -39,6 +39,7 @@ note-offs first-in first-out, so the file cannot say which of the two ends first
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -47,12 +48,21 @@ from typing import Any, ClassVar
 import miditoolkit
 import numpy as np
 
-from musegen.midi import TICKS_PER_BEAT, Score, read_score, to_score
+from musegen.core.midi import TICKS_PER_BEAT, Score, read_score, to_score
 
-__all__ = ["CPTokenizer", "REMITokenizer", "Tokenizer", "get_tokenizer", "load_tokenizer"]
+__all__ = [
+    "CPTokenizer",
+    "Grammar",
+    "GrammarState",
+    "REMITokenizer",
+    "Tokenizer",
+    "get_tokenizer",
+    "load_tokenizer",
+]
 
 STEP = TICKS_PER_BEAT // 8  # 60 ticks: a 32nd note, the onset and duration grid
 POSITIONS = 32  # positions per 4/4 bar
+CELLS_PER_BEAT = TICKS_PER_BEAT // STEP  # 8 grid cells per beat
 PITCH_MIN, PITCH_MAX = 21, 108  # A0..C8
 NUM_DURATIONS = 64  # 60..3840 ticks
 NUM_VELOCITIES = 64  # bins of 2
@@ -80,6 +90,10 @@ FIELDS = ("type", "bar_beat", "tempo", "chord", "pitch", "duration", "velocity",
 TYPE, BAR_BEAT, TEMPO, CHORD, PITCH, DURATION, VELOCITY, REST = range(len(FIELDS))
 EOS, METRICAL, NOTE = 1, 2, 3  # ids in the type field
 BAR = 1  # id of "Bar" in bar_beat; Position_k is 2 + k
+NOTE_FIELDS = (PITCH, DURATION, VELOCITY)  # what a Note word carries, all three, in this order
+#: REMI: a token of these fields opens a word of that type; the others join the open word
+OPENS = {BAR_BEAT: METRICAL, PITCH: NOTE}
+JOINS = {TEMPO: METRICAL, CHORD: METRICAL, REST: METRICAL, DURATION: NOTE, VELOCITY: NOTE}
 
 
 def _first(pair: tuple) -> Any:
@@ -157,13 +171,211 @@ def chorder_chords(start: np.ndarray, end: np.ndarray, pitch: np.ndarray) -> np.
     )
 
 
+# ---- the grammar: one reading of words, shared by check, decode and generation -------------
+class GrammarState:
+    """Where a song stands after the words read so far; `apply` reads the next word.
+
+    `Tokenizer.check` and `decode` read every word through `apply` (counting violations and
+    repairing what can be repaired); generation keeps one per piece and asks `Grammar` which
+    words may come next. Build with `GrammarState()` (before the first word).
+    """
+
+    def __init__(self) -> None:
+        self.bar = -1  # index of the current bar; -1 before the first Bar word
+        self.pos: int | None = None  # position of the last Position word in this bar
+        self.tempo_cell, self.tempo_sec, self.bpm = 0, 0.0, DEFAULT_BPM  # last tempo change
+        self.last_note: tuple[int, int, int] | None = None  # (pitch, duration, velocity) ids
+        self.ended = False  # an EOS word was read
+        #: what the last word read placed: its note (start, end, pitch, velocity) in ticks,
+        #: and the grid cell of a Position word (where its tempo and chord apply)
+        self.note: tuple[int, int, int, int] | None = None
+        self.position_cell: int | None = None
+
+    def seconds(self, cell: int) -> float:
+        """Music time of grid cell `cell` under the tempo changes read so far."""
+        return self.tempo_sec + (cell - self.tempo_cell) * 60.0 / (self.bpm * CELLS_PER_BEAT)
+
+    def exceeds(self, w: np.ndarray, max_bars: int | None, max_seconds: float | None) -> bool:
+        """Would Metrical word `w` start past a cap (a bar index >= max_bars, or the time)?"""
+        if w[TYPE] != METRICAL:
+            return False
+        if w[BAR_BEAT] == BAR:
+            bar = max(self.bar, -1) + 1 + int(w[REST])
+            cell = bar * POSITIONS
+            return (max_bars is not None and bar >= max_bars) or (
+                max_seconds is not None and self.seconds(cell) >= max_seconds
+            )
+        cell = max(self.bar, 0) * POSITIONS + int(w[BAR_BEAT]) - 2
+        return max_seconds is not None and self.seconds(cell) >= max_seconds
+
+    def apply(self, word: Any) -> int:  # noqa: PLR0911 (a grammar table reads best as early returns)
+        """Read one word (8 CP ids, not padding): returns its violations and moves on.
+
+        Rules: the song opens with a Bar word; a Bar carries only a rest, a Position only a
+        tempo and chord; positions rise within a bar; a Note follows a Position in the same
+        bar and has pitch, duration and velocity and nothing else; the song ends with one EOS.
+        Repairs (the decoder's): a song that opens with another word starts in bar 0; a Note
+        with no position or pitch is skipped; a missing duration is a 32nd note, a missing
+        velocity 89.
+        """
+        row = word.tolist() if isinstance(word, np.ndarray) else word
+        self.note = self.position_cell = None
+        kind = row[TYPE]
+        if self.ended or kind == 0:  # a word after EOS, or a word with no type
+            return 1
+        if kind == EOS:
+            self.ended = True
+            return 0
+        errors = 0
+        if self.bar < 0 and not (kind == METRICAL and row[BAR_BEAT] == BAR):
+            errors, self.bar = 1, 0  # repair: the song starts in bar 0
+        if kind == METRICAL:
+            errors += any(row[f] for f in NOTE_FIELDS)
+            if row[BAR_BEAT] == BAR:
+                errors += bool(row[TEMPO] or row[CHORD])
+                self.bar, self.pos, self.last_note = self.bar + 1 + row[REST], None, None
+                return errors
+            if row[BAR_BEAT] == 0:
+                return errors + 1
+            errors += bool(row[REST])
+            k = row[BAR_BEAT] - 2
+            errors += self.pos is not None and k <= self.pos
+            self.pos, self.last_note = k, None
+            self.position_cell = cell = self.bar * POSITIONS + k
+            if row[TEMPO]:
+                self.tempo_sec, self.tempo_cell = self.seconds(cell), cell
+                self.bpm = float(TEMPO_BPM[row[TEMPO] - 1])
+            return errors
+        # a Note word
+        errors += any(row[f] for f in (BAR_BEAT, TEMPO, CHORD, REST))
+        if self.pos is None or not row[PITCH]:
+            return errors + 1  # no position to play it at, or no pitch: skip the note
+        pitch, dur, vel = (row[f] for f in NOTE_FIELDS)
+        errors += (not dur) + (not vel)
+        self.last_note = (pitch, dur, vel)
+        start = (self.bar * POSITIONS + self.pos) * STEP
+        # repairs: a 32nd note, velocity 89
+        self.note = (start, start + (dur or 1) * STEP, pitch + PITCH_MIN - 1, 2 * (vel or 45) - 1)
+        return errors
+
+
+class Grammar:
+    """Which word (CP) or token (REMI) may come next: the masks that keep generation legal.
+
+    The same rules `GrammarState.apply` checks, as boolean masks over a field's ids (CP) or
+    the token vocabulary (REMI), so a sampler can keep every output decodable
+    (`check(out) == 0`) whatever its temperature. Build with `tokenizer.grammar`.
+
+    `sequential`: fields are drawn in FIELDS order, each restricted by the ones drawn before
+    it (bar_beat decides whether tempo/chord or rest may carry a value; a Note keeps the
+    tokenizer's note order within a position). Otherwise every field is drawn given the type
+    alone and `repair` clears what the word's bar_beat rules out.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.sizes = tuple(int(v) for v in tokenizer.field_sizes)
+        self.any = [np.ones(v, bool) for v in self.sizes]
+        self.value = [np.arange(v) > 0 for v in self.sizes]  # a field carrying a value
+        self.ignore = [np.arange(v) == 0 for v in self.sizes]  # a field forced to Ignore
+        ids = np.arange(self.sizes[BAR_BEAT])
+        # bar_beat after position p: Bar, or a position > p (ids 2 + k); row 0 = no position
+        self.bar_beat = [(ids == BAR) | (ids >= 3 + p) for p in range(-1, POSITIONS)]
+        if isinstance(tokenizer, REMITokenizer):
+            self.field_of, self.value_of = tokenizer.field_of, tokenizer.value_of
+            self.token_of = {f: self.field_of == f for f in range(len(FIELDS))}  # (V,) each
+            self.opens = np.zeros(len(self.field_of), bool)  # EOS and Bar may always come next
+            self.opens[[1, tokenizer.token(BAR_BEAT, BAR)]] = True
+            pos0 = tokenizer.token(BAR_BEAT, 2)  # Position_0
+            tok = np.arange(len(self.field_of))
+            # positions after p (row p + 1; row 0 = no position yet in this bar)
+            self.pos_after = [
+                (tok >= pos0 + p + 1) & (tok < pos0 + POSITIONS) for p in range(-1, POSITIONS)
+            ]
+
+    # -- CP: one field at a time -----------------------------------------------------------
+    def type_mask(self, state: GrammarState, *, sequential: bool, min_bars: int) -> np.ndarray:
+        """Allowed word types (Ignore, EOS, Metrical, Note) after `state`."""
+        eos_ok = state.bar >= min_bars  # the piece has closed min_bars bars (bar min_bars is open)
+        note_ok = state.pos is not None
+        if sequential and state.last_note is not None:  # the note order must leave a note
+            note_ok &= state.last_note != tuple(self.sizes[f] - 1 for f in NOTE_FIELDS)
+        return np.array([False, eos_ok, True, note_ok])
+
+    def field_mask(  # noqa: PLR0911 (a grammar table reads best as early returns)
+        self, f: int, word: np.ndarray, state: GrammarState, *, sequential: bool, min_bars: int
+    ) -> np.ndarray:
+        """Allowed ids of field f (>= 1) of `word`, whose type and (sequential) earlier fields
+        are drawn; only Ignore (0) when the field carries nothing in such a word."""
+        kind, seq = word[TYPE], sequential
+        if kind == EOS:
+            return self.ignore[f]
+        if kind == METRICAL:
+            if f in NOTE_FIELDS:
+                return self.ignore[f]
+            if f == BAR_BEAT:
+                return self.bar_beat[(state.pos if state.pos is not None else -1) + 1]
+            if seq and f in (TEMPO, CHORD) and word[BAR_BEAT] == BAR:
+                return self.ignore[f]  # a Bar word carries only a rest
+            if seq and f == REST and word[BAR_BEAT] != BAR:
+                return self.ignore[f]  # a Position word carries no rest
+            if f == REST and state.bar + 1 < min_bars:
+                # a rest past bar min_bars - 1 would end the piece early (the bar cap) or pad it
+                return np.arange(self.sizes[REST]) <= min_bars - 2 - state.bar
+            return self.any[f]
+        # a Note word: pitch, duration and velocity carry values, the rest is Ignore
+        if f not in NOTE_FIELDS:
+            return self.ignore[f]
+        if not (seq and state.last_note is not None):
+            return self.value[f]
+        last = dict(zip(NOTE_FIELDS, state.last_note, strict=True))
+        tied = all(word[g] == last[g] for g in NOTE_FIELDS if g < f)
+        # the tokenizer orders notes of a position by (pitch, duration, velocity)
+        return self.value[f] & (np.arange(self.sizes[f]) >= last[f]) if tied else self.value[f]
+
+    @staticmethod
+    def repair(word: np.ndarray) -> None:
+        """Independent draws: set the fields a Metrical word's bar_beat rules out to Ignore."""
+        if word[TYPE] == METRICAL:
+            if word[BAR_BEAT] == BAR:
+                word[TEMPO] = word[CHORD] = 0
+            else:
+                word[REST] = 0
+
+    # -- REMI: one token at a time ---------------------------------------------------------
+    def token_mask(self, word: np.ndarray, state: GrammarState, *, min_bars: int) -> np.ndarray:
+        """Allowed next REMI tokens while `word` (CP ids of the word being written, fields in
+        FIELDS order) is open and `state` holds the words before it."""
+        if word[TYPE] == NOTE and not word[DURATION]:
+            return self.token_of[DURATION]
+        if word[TYPE] == NOTE and not word[VELOCITY]:
+            return self.token_of[VELOCITY]
+        is_bar = word[TYPE] == METRICAL and word[BAR_BEAT] == BAR
+        is_pos = word[TYPE] == METRICAL and not is_bar
+        pos = None if is_bar else (int(word[BAR_BEAT]) - 2 if is_pos else state.pos)
+        allowed = self.opens | self.pos_after[(pos if pos is not None else -1) + 1]
+        if pos is not None:
+            allowed = allowed | self.token_of[PITCH]
+        if is_bar and not word[REST]:
+            allowed = allowed | self.token_of[REST]
+        if is_pos and not word[CHORD]:  # a Position word writes its tempo before its chord
+            allowed = allowed | self.token_of[CHORD]
+            if not word[TEMPO]:
+                allowed = allowed | self.token_of[TEMPO]
+        if state.bar + (1 + int(word[REST]) if is_bar else 0) < min_bars:
+            allowed = allowed.copy()
+            allowed[1] = False  # 1 = EOS: the piece has not reached bar min_bars yet
+            if is_bar:  # as in CP: no rest past bar min_bars - 1
+                allowed &= ~(self.token_of[REST] & (self.value_of > min_bars - 2 - state.bar))
+        return allowed
+
+
 class Tokenizer:
     """Shared core: MIDI -> word matrix -> MIDI, vocabulary, save/load and grammar check.
 
     Build one with `get_tokenizer("cp"|"remi", use_chords=..., num_rest_bars=...)` or a subclass
     directly. Subclasses set `representation` and override `_from_words` (word matrix -> their
-    array) and `_to_words` (their array -> word matrix plus the number of tokens that did not
-    fit in a word).
+    array) and `_read` (their array -> word matrix, the index where each word starts, and the
+    number of tokens that did not fit in a word). `grammar` is the `Grammar` of its arrays.
 
     Args:
         use_chords: emit chord events (from markers, else computed per beat).
@@ -240,6 +452,20 @@ class Tokenizer:
         """This tokenizer's array of a word matrix (`words` of any tokenizer with the same
         config): encode once, write every representation."""
         return self._from_words(words)
+
+    def to_words(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(word matrix, index in `tokens` where each word starts) of this tokenizer's array.
+
+        Raises:
+            ValueError: wrong shape or an id out of its field's range.
+        """
+        words, starts, _ = self._read(np.asarray(tokens))
+        return words, starts
+
+    @functools.cached_property
+    def grammar(self) -> Grammar:
+        """The masks that keep generated arrays decodable (built once per tokenizer)."""
+        return Grammar(self)
 
     def words(self, score: Score) -> np.ndarray:
         """The word matrix of a Score: int32 (n_words, 8), CP ids in FIELDS column order."""
@@ -336,9 +562,22 @@ class Tokenizer:
         Raises:
             ValueError: wrong shape or an id out of its field's range.
         """
-        words, errors = self._to_words(np.asarray(tokens))
-        errors_walk, notes, tempos, chords = self.__walk(words)
-        self.last_decode_errors = errors + errors_walk
+        words, _, errors = self._read(np.asarray(tokens))
+        state, notes, tempos, chords = GrammarState(), [], [], []
+        for row in words.tolist():
+            if not any(row):  # padding
+                continue
+            errors += state.apply(row)
+            if state.note is not None:
+                notes.append(state.note)
+            if state.position_cell is not None:  # a Position word's tempo and chord changes
+                tick = state.position_cell * STEP
+                if row[TEMPO]:
+                    tempos.append((tick, float(TEMPO_BPM[row[TEMPO] - 1])))
+                if row[CHORD]:
+                    root_q = CHORDS[row[CHORD] - 1]
+                    chords.append((tick, f"{root_q}_{root_q.split('_')[0]}"))
+        self.last_decode_errors = errors + (not state.ended)
         midi = miditoolkit.MidiFile(ticks_per_beat=TICKS_PER_BEAT)
         piano = miditoolkit.Instrument(program=0, is_drum=False, name="piano")
         piano.notes = [miditoolkit.Note(v, p, s, e) for s, e, p, v in notes]
@@ -350,69 +589,17 @@ class Tokenizer:
         return midi
 
     def check(self, tokens: np.ndarray) -> int:
-        """Count grammar violations (0 for anything `encode` produces).
+        """Count grammar violations (0 for anything `encode` produces): see `GrammarState`.
 
-        Rules: the song opens with a Bar word; a Bar carries only a rest, a Position only a
-        tempo and chord; positions rise within a bar; a Note follows a Position in the same
-        bar and has pitch, duration and velocity and nothing else; the song ends with one EOS.
         All-zero rows (padding) are ignored.
 
         Raises:
             ValueError: wrong shape or an id out of its field's range.
         """
-        words, errors = self._to_words(np.asarray(tokens))
-        return errors + self.__walk(words)[0]
-
-    def __walk(self, words: np.ndarray) -> tuple[int, list, list, list]:
-        """Read words in order: (violations, notes, tempos, chord markers)."""
-        errors, bar, pos = 0, -1, None
-        notes: list[tuple[int, int, int, int]] = []
-        tempos: list[tuple[int, float]] = []
-        chords: list[tuple[int, str]] = []
-        ended = False
-        for row in words.tolist():
-            if not any(row):  # padding
-                continue
-            kind = row[TYPE]
-            if ended or kind == 0:  # a word after EOS, or a word with no type
-                errors += 1
-                continue
-            if kind == EOS:
-                ended = True
-                continue
-            if bar < 0 and not (kind == METRICAL and row[BAR_BEAT] == BAR):
-                errors, bar = errors + 1, 0  # repair: the song starts in bar 0
-            if kind == METRICAL:
-                errors += any(row[f] for f in (PITCH, DURATION, VELOCITY))
-                if row[BAR_BEAT] == BAR:
-                    errors += bool(row[TEMPO] or row[CHORD])
-                    bar, pos = bar + 1 + row[REST], None
-                elif row[BAR_BEAT] == 0:
-                    errors += 1
-                else:
-                    errors += bool(row[REST])
-                    k = row[BAR_BEAT] - 2
-                    errors += pos is not None and k <= pos
-                    pos, cell = k, bar * POSITIONS + k
-                    if row[TEMPO]:
-                        tempos.append((cell * STEP, float(TEMPO_BPM[row[TEMPO] - 1])))
-                    if row[CHORD]:
-                        root_q = CHORDS[row[CHORD] - 1]
-                        root = root_q.split("_")[0]
-                        chords.append((cell * STEP, f"{root_q}_{root}"))
-                continue
-            # a Note word
-            errors += any(row[f] for f in (BAR_BEAT, TEMPO, CHORD, REST))
-            if pos is None or not row[PITCH]:
-                errors += 1  # no position to play it at, or no pitch: skip the note
-                continue
-            dur, vel = row[DURATION], row[VELOCITY]
-            errors += (not dur) + (not vel)
-            dur, vel = dur or 1, vel or 45  # repairs: a 32nd note, velocity 89
-            start = (bar * POSITIONS + pos) * STEP
-            notes.append((start, start + dur * STEP, row[PITCH] + PITCH_MIN - 1, 2 * vel - 1))
-        errors += not ended
-        return errors, notes, tempos, chords
+        words, _, errors = self._read(np.asarray(tokens))
+        state = GrammarState()
+        errors += sum(state.apply(row) for row in words.tolist() if any(row))
+        return errors + (not state.ended)
 
     def _check_range(self, ids: np.ndarray, sizes: np.ndarray) -> None:
         if ids.size and not np.issubdtype(ids.dtype, np.integer):
@@ -433,8 +620,13 @@ class Tokenizer:
     def _from_words(self, words: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def _to_words(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+    def _read(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         raise NotImplementedError
+
+    def _to_words(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+        """(word matrix, tokens that fit no word): `_read` without the word starts."""
+        words, _, errors = self._read(tokens)
+        return words, errors
 
 
 class CPTokenizer(Tokenizer):
@@ -456,14 +648,14 @@ class CPTokenizer(Tokenizer):
     def _from_words(self, words: np.ndarray) -> np.ndarray:
         return words
 
-    def _to_words(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+    def _read(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         if tokens.ndim != 2 or tokens.shape[1] != len(FIELDS):
             raise ValueError(
                 f"cp tokens: expected shape (n_words, {len(FIELDS)}), got {tokens.shape}; "
                 "pass one song's CP array (REMI arrays are 1-D)"
             )
         self._check_range(tokens, self.field_sizes[None, :])
-        return tokens.astype(np.int64), 0
+        return tokens.astype(np.int64), np.arange(len(tokens)), 0
 
 
 class REMITokenizer(Tokenizer):
@@ -480,8 +672,9 @@ class REMITokenizer(Tokenizer):
         # first REMI id of each field's event 1 (type: only EOS is written)
         sizes = self.field_sizes[1:] - 1
         self._offset = np.concatenate([[1], 2 + np.cumsum(np.concatenate([[0], sizes[:-1]]))])
-        self._field_of = np.concatenate([[0, 0], np.repeat(np.arange(1, len(FIELDS)), sizes)])
-        self._id_in_field = np.concatenate([[0, 1], *(np.arange(1, s + 1) for s in sizes)])
+        #: each REMI id's CP field and id within that field (PAD: type 0; EOS: type 1)
+        self.field_of = np.concatenate([[0, 0], np.repeat(np.arange(1, len(FIELDS)), sizes)])
+        self.value_of = np.concatenate([[0, 1], *(np.arange(1, s + 1) for s in sizes)])
         self.events = ["PAD", "EOS"] + [e for f in FIELDS[1:] for e in self.field_events[f][1:]]
 
     @property
@@ -494,12 +687,16 @@ class REMITokenizer(Tokenizer):
             "config": self.config,
         }
 
+    def token(self, field: int, value: int) -> int:
+        """The REMI id of id `value` (>= 1) of CP field `field` (>= 1)."""
+        return int(self._offset[field]) + value - 1
+
     def _from_words(self, words: np.ndarray) -> np.ndarray:
         ids = np.where(words > 0, words + self._offset - 1, 0)  # (n_words, 8)
         ids[:, TYPE] = np.where(words[:, TYPE] == EOS, 1, 0)  # only EOS shows its type
         return ids[ids > 0].astype(np.int32)  # row-major: each word's fields in order
 
-    def _to_words(self, tokens: np.ndarray) -> tuple[np.ndarray, int]:
+    def _read(self, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
         if tokens.ndim != 1:
             raise ValueError(
                 f"remi tokens: expected a 1-D array, got shape {tokens.shape}; "
@@ -507,24 +704,25 @@ class REMITokenizer(Tokenizer):
             )
         self._check_range(tokens, np.array(len(self.events)))
         words: list[list[int]] = []
+        starts: list[int] = []
         errors = 0
-        # a token that opens a word, and the word kinds each other field may join
-        opens = {BAR_BEAT: METRICAL, PITCH: NOTE}
-        joins = {TEMPO: METRICAL, CHORD: METRICAL, REST: METRICAL, DURATION: NOTE, VELOCITY: NOTE}
-        for tok in tokens.tolist():
-            field, value = int(self._field_of[tok]), int(self._id_in_field[tok])
+        for i, tok in enumerate(tokens.tolist()):
+            field, value = int(self.field_of[tok]), int(self.value_of[tok])
             if tok == 0:
                 continue
-            if field == TYPE:  # EOS
-                words.append([EOS] + [0] * (len(FIELDS) - 1))
-            elif field in opens:
-                words.append([opens[field]] + [0] * (len(FIELDS) - 1))
+            if field == TYPE or field in OPENS:  # EOS, or a token that opens a word
+                words.append([EOS if field == TYPE else OPENS[field]] + [0] * (len(FIELDS) - 1))
                 words[-1][field] = value
-            elif words and words[-1][TYPE] == joins[field] and not words[-1][field]:
+                starts.append(i)
+            elif words and words[-1][TYPE] == JOINS[field] and not words[-1][field]:
                 words[-1][field] = value
             else:
                 errors += 1  # e.g. a Duration with no Pitch before it
-        return np.array(words, np.int64).reshape(-1, len(FIELDS)), errors
+        return (
+            np.array(words, np.int64).reshape(-1, len(FIELDS)),
+            np.array(starts, np.int64),
+            errors,
+        )
 
 
 _CLASSES: dict[str, type[Tokenizer]] = {"cp": CPTokenizer, "remi": REMITokenizer}
