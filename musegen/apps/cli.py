@@ -307,7 +307,8 @@ def ratings_add(
     ] = True,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Merge blind-page ratings into the ratings table; log counts and means to the sweep runs."""
+    """Merge blind-page scores and pairwise choices into the ratings table; log counts, means
+    and Bradley-Terry strengths to the sweep runs."""
     from musegen.core import ratings as stage
     from musegen.stages.select import SelectParams
     from musegen.stages.sweep import SweepParams
