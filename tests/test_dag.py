@@ -159,18 +159,14 @@ def test_editing_the_sampling_module_changes_the_stages_that_sample(tmp_path: Pa
     """DVC acts on the derived deps: in a fresh git + DVC copy of the project whose stages are
     all recorded (`dvc commit` over placeholder data, so nothing runs), a changed sampling
     rule makes `dvc status` report sweep, tune and evaluate, and no stage before them."""
-    import shutil
     import subprocess
     import sys
 
+    from conftest import copy_project
+
     import musegen.sampling
 
-    for name in ("musegen", "dvc.yaml", "params.yaml"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / name)
+    copy_project(tmp_path)
 
     def dvc(*args: str) -> str:
         cmd = [sys.executable, "-m", "dvc", *args]

@@ -227,15 +227,11 @@ def test_optional_dvc_stage_transcribes_the_corpora_named_in_params(tmp_path, re
     a stage transcribe@mine upstream of prepare; `dvc repro` of it writes the corpus and its
     report, and DVC then finds it up to date."""
     import yaml
+    from conftest import copy_project, sh
 
     from musegen.render import render_audio
 
-    for name in ("musegen", "dvc.yaml"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / name)
+    copy_project(tmp_path, ("musegen", "dvc.yaml"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     params["transcribe"]["corpora"] = {"mine": "recordings"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -243,18 +239,11 @@ def test_optional_dvc_stage_transcribes_the_corpora_named_in_params(tmp_path, re
     wav = render_audio(real_midi_dir / "bach__bwv269.mid", tmp_path / "full.wav")
     clip, sr = sf.read(wav, dtype="float32")
     sf.write(tmp_path / "recordings/chorale.flac", clip[: 8 * sr], sr)
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # `musegen`
 
     def dvc(*args: str) -> str:
-        cmd = [sys.executable, "-m", "dvc", *args]
-        proc = subprocess.run(
-            cmd, cwd=tmp_path, env=env, capture_output=True, text=True, check=False
-        )
-        assert proc.returncode == 0, f"dvc {' '.join(args)}: {proc.stdout}{proc.stderr}"
-        return proc.stdout
+        return sh(sys.executable, "-m", "dvc", *args, cwd=tmp_path).stdout
 
-    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    sh("git", "init", "-q", cwd=tmp_path)
     dvc("init", "-q")
     assert '"transcribe@mine" -> "prepare"' in dvc("dag", "--dot")
     dvc("repro", "--single-item", "transcribe")
