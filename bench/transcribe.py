@@ -1,9 +1,9 @@
 """Transcription benchmark: render held-out corpus MIDI, transcribe it back, score it.
 
 For each piece of the test and valid splits (prepare's hash split, so no training piece):
-render it with the project's FluidSynth path (musegen.render), then make a second copy with
-sox reverb plus white noise at --snr dB, and transcribe both with `musegen.transcribe`
-(streamed). Peer in the same run: basic-pitch's own `predict()` (whole file in memory, its
+render it with the project's FluidSynth path (musegen.core.render), then make a second copy
+with sox reverb plus white noise at --snr dB, and transcribe both with
+`musegen.stages.transcribe` (streamed). Peer in the same run: basic-pitch's own `predict()` (whole file in memory, its
 default decoding) on the clean audio. Scores (mir_eval): note F1 onset-only and
 onset+offset, beat F-measure of the written tempo map (its 480-tick beats, back in seconds)
 against the source's quarter-note beats, downbeat F-measure of its bars against the
@@ -42,9 +42,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from musegen import transcribe as tr  # noqa: E402
 from musegen.config import load_section  # noqa: E402
-from musegen.prepare import PrepareParams, split_of  # noqa: E402
+from musegen.stages import transcribe as tr  # noqa: E402
+from musegen.stages.prepare import PrepareParams, split_of  # noqa: E402
 
 DEFAULT_DIR = Path("data/raw/m21-keyboard")
 
@@ -141,7 +141,7 @@ def degrade(clean: Path, out: Path, snr_db: float, seed: int) -> Path:
 def peak_rss_mb(audio: Path, params_file: Path) -> float:
     """Peak RSS (MB) of a fresh process that transcribes `audio`."""
     code = (
-        "import sys, resource; from pathlib import Path; from musegen import transcribe as tr;"
+        "import sys, resource; from pathlib import Path; from musegen.stages import transcribe as tr;"
         "from musegen.config import load_section;"
         "p = load_section(tr.TranscribeParams, 'transcribe', sys.argv[2]);"
         "import dataclasses; p = dataclasses.replace(p, max_seconds=1e6);"
@@ -196,7 +196,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    from musegen.render import render_audio
+    from musegen.core.render import render_audio
 
     params = load_section(tr.TranscribeParams, "transcribe", args.params)
     files = held_out(args.midi_dir, args.num_files, args.params)

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musegen import transcribe as tr
 from musegen.config import load_section
+from musegen.stages import transcribe as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 22050
@@ -94,8 +94,8 @@ def test_rendered_audio_becomes_a_corpus_prepare_and_tokenize_accept(tmp_path, r
     """As the README says: transcribe, then prepare; then the tokenize stage encodes it."""
     import mir_eval
 
-    from musegen.render import render_audio
-    from musegen.tokenize import TokenizeParams, tokenize
+    from musegen.core.render import render_audio
+    from musegen.stages.tokenize import TokenizeParams, tokenize
 
     audio = tmp_path / "recordings"
     audio.mkdir()
@@ -229,7 +229,7 @@ def test_optional_dvc_stage_transcribes_the_corpora_named_in_params(tmp_path, re
     import yaml
     from conftest import copy_project, sh
 
-    from musegen.render import render_audio
+    from musegen.core.render import render_audio
 
     copy_project(tmp_path, ("musegen", "dvc.yaml"))
     params = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -42,8 +42,8 @@ from tqdm import tqdm
 
 from musegen import files
 from musegen.config import ParamsError
-from musegen.midi import TICKS_PER_BEAT
-from musegen.prepare import list_files
+from musegen.core.midi import TICKS_PER_BEAT
+from musegen.stages.prepare import list_files
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".mp3", ".ogg")
 REPORT = "transcribe.csv"

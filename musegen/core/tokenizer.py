@@ -48,7 +48,7 @@ from typing import Any, ClassVar
 import miditoolkit
 import numpy as np
 
-from musegen.midi import TICKS_PER_BEAT, Score, read_score, to_score
+from musegen.core.midi import TICKS_PER_BEAT, Score, read_score, to_score
 
 __all__ = [
     "CPTokenizer",
