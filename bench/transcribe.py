@@ -3,15 +3,15 @@
 For each piece of the test and valid splits (prepare's hash split, so no training piece):
 render it with the project's FluidSynth path (musegen.core.render), then make a second copy
 with sox reverb plus white noise at --snr dB, and transcribe both with
-`musegen.stages.transcribe` (streamed). Peer in the same run: basic-pitch's own `predict()` (whole file in memory, its
-default decoding) on the clean audio. Scores (mir_eval): note F1 onset-only and
+`musegen.stages.transcribe` (streamed). Peers in the same run: basic-pitch's own `predict()`
+(whole file in memory, its default decoding) for notes and speed, librosa's own tracker on
+the audio (`beat_track(y=...)`) for beats. Scores (mir_eval): note F1 onset-only and
 onset+offset, beat F-measure of the written tempo map (its 480-tick beats, back in seconds)
-against the source's quarter-note beats, downbeat F-measure of its bars against the
-source's bars. Speed: audio seconds / wall seconds, one file at a time on one thread, and
-the whole folder through `transcribe()` with every core (the command's own path), and the
-model alone on one thread; the 1-minute load average is printed with them. Beat peer:
-librosa's own tracker on the audio (`beat_track(y=...)`). Memory:
-peak RSS of a child process transcribing --long-minutes of audio vs 1 minute.
+against the source's quarter-note beats, downbeat F-measure of its bars against the source's
+bars. Speed: audio seconds / wall seconds, one file at a time on one thread, the whole
+folder through `transcribe()` with every core (the command's own path), and the model alone
+on one thread, with the 1-minute load average. Memory: peak RSS of a child process
+transcribing --long-minutes of audio vs 1 minute.
 
     python -m bench.transcribe                        # data/raw/m21-keyboard, all held-out pieces
     python -m bench.transcribe --num-files 4 --long-minutes 0
@@ -141,7 +141,8 @@ def degrade(clean: Path, out: Path, snr_db: float, seed: int) -> Path:
 def peak_rss_mb(audio: Path, params_file: Path) -> float:
     """Peak RSS (MB) of a fresh process that transcribes `audio`."""
     code = (
-        "import sys, resource; from pathlib import Path; from musegen.stages import transcribe as tr;"
+        "import sys, resource; from pathlib import Path;"
+        "from musegen.stages import transcribe as tr;"
         "from musegen.config import load_section;"
         "p = load_section(tr.TranscribeParams, 'transcribe', sys.argv[2]);"
         "import dataclasses; p = dataclasses.replace(p, max_seconds=1e6);"

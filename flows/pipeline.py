@@ -115,13 +115,16 @@ def repro(stage: str, root: Path = ROOT, force: bool = False) -> None:
 
 
 def stage_state(stage: str, root: Path = ROOT) -> dict[str, Any] | None:
-    """The stage's dvc.lock entry when `dvc status` finds it up to date, else None."""
+    """The stage's dvc.lock entry when `dvc status` finds it up to date, else None (a
+    `foreach` stage: its generated stages' entries, {} when params name none)."""
     proc = _dvc(root, "status", "--json", stage)
     if proc.returncode or json.loads(proc.stdout or "{}"):
         return None  # changed (or DVC could not tell): the stage must run
     lock = root / "dvc.lock"
-    entry = yaml.safe_load(lock.read_text())["stages"].get(stage) if lock.is_file() else None
-    return entry or None
+    entries = yaml.safe_load(lock.read_text())["stages"] if lock.is_file() else {}
+    if "foreach" in read_yaml(root / "dvc.yaml")["stages"][stage]:  # transcribe@<name> each
+        return {k: v for k, v in entries.items() if k.partition("@")[0] == stage}  # none: {}
+    return entries.get(stage) or None
 
 
 def dvc_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
