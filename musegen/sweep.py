@@ -41,7 +41,7 @@ import pandas as pd
 from musegen import metrics
 from musegen.config import ParamsError
 from musegen.evaluate import EvaluateParams, score_set
-from musegen.files import from_printable
+from musegen.files import from_printable, write_headline
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -346,6 +346,7 @@ def sweep(
     result["page"] = str(write_page(out, columns, shown, ref, params))
     Path(params.metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(params.metrics_file).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    write_headline(params.metrics_file, sweep_score=result["best_sweep_score"])
     return result
 
 

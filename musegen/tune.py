@@ -41,7 +41,7 @@ import yaml
 from musegen import metrics, tracking
 from musegen.config import DataParams, ParamsError, load_section
 from musegen.evaluate import EvaluateParams, score_set
-from musegen.files import temp_name, write_atomic
+from musegen.files import temp_name, write_atomic, write_headline
 from musegen.midi import Score, to_score
 from musegen.sampling import SampleParams
 
@@ -619,4 +619,5 @@ def write_results(
     else:  # nothing tuned for this checkpoint: no stale settings of another one may remain
         (out / "best_sampling.yaml").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_headline(out / "metrics.json", tune_score=summary.get("best_proxy_score"))
     return summary
