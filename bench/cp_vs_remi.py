@@ -1,6 +1,6 @@
 """CP vs REMI on one backbone and one budget; relative vs absolute attention at equal steps.
 
-Trains three models with musegen.train on the real tokens (<data.tokens_dir>/{cp,remi}):
+Trains three models with musegen.stages.train on the real tokens (<data.tokens_dir>/{cp,remi}):
 CP + relative attention, REMI + relative attention, CP + absolute attention; same model
 section, seq_len, batch and steps (so the same number of positions per step). Reports
 
@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musegen import train as stage
-from musegen.checkpoint import load as load_checkpoint
 from musegen.config import DataParams, load_section
-from musegen.model import ModelParams
+from musegen.core.checkpoint import load as load_checkpoint
+from musegen.core.model import ModelParams
+from musegen.stages import train as stage
 
 
 def note_share(tokens: Path, p: stage.TrainParams) -> tuple[float, float]:

@@ -13,7 +13,7 @@
    2-minute window the duplicate-bar rate and pitch-class entropy (metrics.piece_metrics).
 3. Words/s of one decoding step at 256, 1k and 4k words of context on the params.yaml model
    shape (random init, max_len = context): the KV cache (one new word against a cache trimmed
-   to max_len - 1: `Decoder.step`, as `musegen.generate` runs it) vs recomputing the whole
+   to max_len - 1: `Decoder.step`, as `musegen.core.generate` runs it) vs recomputing the whole
    window each step (what a cache-less sampler such as netpi's CP port does). The peer gets
    its best thread count (1 or all); the cached path runs on 1 thread, as `generate` does on CPU.
    Runs last, so the 4k-word peer's memory does not show in part 2's peak RSS.
@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musegen import generate as gen
 from musegen.config import load_section
-from musegen.metrics import piece_metrics
-from musegen.midi import TICKS_PER_BEAT, Score, to_score
-from musegen.model import Decoder, ModelConfig, ModelParams, MusicTransformer
-from musegen.sampling import SampleParams
-from musegen.tokenizer import EOS, get_tokenizer
+from musegen.core import generate as gen
+from musegen.core.metrics import piece_metrics
+from musegen.core.midi import TICKS_PER_BEAT, Score, to_score
+from musegen.core.model import Decoder, ModelConfig, ModelParams, MusicTransformer
+from musegen.core.sampling import SampleParams
+from musegen.core.tokenizer import EOS, get_tokenizer
 
 BAR_TICKS = 4 * TICKS_PER_BEAT
 

@@ -1,7 +1,7 @@
 """Tokenizer benchmark: musegen vs MidiTok 3.1 (REMI and CPWord) on the same files, one run.
 
 End to end per file: parse the MIDI file and tokenize it. MidiTok parses with symusic; musegen
-with musegen.midi.read_score (symusic too) by default, and also through miditoolkit (the
+with musegen.core.midi.read_score (symusic too) by default, and also through miditoolkit (the
 `load_midi` + `to_score` path) to show what the parser costs. MidiTok is configured as close to
 musegen as it allows: pitches 21-108, 8 positions per beat, durations up to 8 beats, 64
 velocities, 32 log-spaced tempos 30-240 BPM, chords, rests.
@@ -65,8 +65,8 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=0, help="first N files only (0 = all)")
     args = parser.parse_args()
 
-    from musegen.midi import load_midi, read_score
-    from musegen.tokenizer import get_tokenizer
+    from musegen.core.midi import load_midi, read_score
+    from musegen.core.tokenizer import get_tokenizer
 
     midi_dir = args.midi_dir or DEFAULT_DIR
     if not midi_dir.is_dir():

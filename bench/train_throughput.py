@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from musegen import train as stage
 from musegen.config import DataParams, load_section
-from musegen.model import ModelConfig, ModelParams, MusicTransformer
-from musegen.tokenizer import get_tokenizer
-from musegen.train import TrainParams
+from musegen.core.model import ModelConfig, ModelParams, MusicTransformer
+from musegen.core.tokenizer import get_tokenizer
+from musegen.stages import train as stage
+from musegen.stages.train import TrainParams
 
 #: dense bf16 tensor-core peaks from the vendor's data sheets (FLOP/s), matched by name
 VENDOR_BF16 = {"H100 PCIe": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}

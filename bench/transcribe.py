@@ -1,8 +1,8 @@
 """Transcription benchmark: render held-out corpus MIDI, transcribe it back, score it.
 
 For each piece of the corpus's test split (prepare's hash split, so no training piece):
-render it with the project's FluidSynth path (musegen.render), then make a second copy with
-sox reverb plus white noise at --snr dB, and transcribe both with `musegen.transcribe`
+render it with the project's FluidSynth path (musegen.core.render), then make a second copy with
+sox reverb plus white noise at --snr dB, and transcribe both with `musegen.stages.transcribe`
 (streamed). Peer in the same run: basic-pitch's own `predict()` (whole file in memory, its
 default decoding) on the clean audio. Scores (mir_eval): note F1 onset-only and
 onset+offset, beat F-measure of the written tempo map (its 480-tick beats, back in seconds)
@@ -39,9 +39,9 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from musegen import transcribe as tr  # noqa: E402
 from musegen.config import load_section  # noqa: E402
-from musegen.prepare import PrepareParams, split_of  # noqa: E402
+from musegen.stages import transcribe as tr  # noqa: E402
+from musegen.stages.prepare import PrepareParams, split_of  # noqa: E402
 
 DEFAULT_DIR = Path("data/raw/m21-keyboard")
 
@@ -175,7 +175,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     args = ap.parse_args()
 
-    from musegen.render import render_audio
+    from musegen.core.render import render_audio
 
     params = load_section(tr.TranscribeParams, "transcribe", args.params)
     files = held_out(args.midi_dir, args.num_files, args.params)

@@ -1,6 +1,6 @@
 """Listening session as a Prefect flow: people rate clips in optuna-dashboard, Optuna learns.
 
-Two tasks, each one call into `musegen.listen`: the session (serves the dashboard on
+Two tasks, each one call into `musegen.apps.listen`: the session (serves the dashboard on
 127.0.0.1, generates trials and collects ratings until `n_trials` arrive or `timeout_s`
 passes), then a markdown artifact with the best settings so far. Ratings persist in the study
 storage, so a timed-out session loses nothing; the next run picks the open trials up.
@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 
-from musegen import listen as stage
+from musegen.apps import listen as stage
 from musegen.config import DEFAULT_PARAMS
 
 

@@ -64,8 +64,8 @@ from prefect.input import RunInput
 from prefect.states import Running, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from musegen.apps.ui import ServeParams
 from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, read_yaml
-from musegen.ui import ServeParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -327,11 +327,11 @@ def ask_person(params: Path, root: Path, selected: PrefectFuture) -> bool:
 
     `selected` is the select task's future; nothing is asked when it did not complete.
 
-    A different STEP is recorded with `musegen.select.record_decision` (the select stage's
+    A different STEP is recorded with `musegen.stages.select.record_decision` (the select stage's
     DVC dependency), so re-running select makes it the choice and dvc.lock records it. With
     no answer in time, the run goes on with the automatic choice.
     """
-    from musegen.select import SelectParams, record_decision
+    from musegen.stages.select import SelectParams, record_decision
 
     p = load_section(SelectParams, "select", root / params)
     if p.wait_minutes <= 0:

@@ -23,8 +23,8 @@ from prefect.schedules import Cron
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from flows.pipeline import ROOT, configured, pipeline, tune_flow
+from musegen.apps.ui import ServeParams, prefect_server, running, stop_on_signals
 from musegen.config import DEFAULT_PARAMS, load_section
-from musegen.ui import ServeParams, prefect_server, running, stop_on_signals
 
 
 def deployments(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> list[RunnerDeployment]:

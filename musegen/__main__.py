@@ -1,5 +1,5 @@
 """`python -m musegen` runs the CLI."""
 
-from musegen.cli import main
+from musegen.apps.cli import main
 
 main()

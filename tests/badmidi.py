@@ -3,7 +3,7 @@
 Each builder writes one file into `folder` and returns its path; names default to the case
 so a failing test names the file. The raw SMF writer (`smf`, `track`) gives exact control over
 headers and chunk lengths, which a MIDI library would refuse to write. Docstrings give the
-reason code `musegen.prepare` assigns under the default `prepare:` params.
+reason code `musegen.stages.prepare` assigns under the default `prepare:` params.
 
 Usage:
     from tests.badmidi import make_all, valid_piece

@@ -57,8 +57,8 @@ def real_midi_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from miditoolkit.midi.utils import example_midi_file
 
-    from musegen import corpus
     from musegen.config import load_section
+    from musegen.stages import corpus
 
     out = tmp_path_factory.mktemp("real") / "m21"
     params = load_section(corpus.CorpusParams, "corpus", ROOT / "params.yaml")
@@ -91,8 +91,8 @@ def prepared_corpus(real_midi_dir: Path, tmp_path_factory: pytest.TempPathFactor
     """
     import dataclasses
 
-    from musegen import prepare
     from musegen.config import load_section
+    from musegen.stages import prepare
 
     out = tmp_path_factory.mktemp("prepared")
     params = load_section(prepare.PrepareParams, "prepare", ROOT / "params.yaml")

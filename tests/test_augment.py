@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musegen import tokenizer as tk
-from musegen.augment import Augmenter
-from musegen.midi import Score, to_score
+from musegen.core import tokenizer as tk
+from musegen.core.augment import Augmenter
+from musegen.core.midi import Score, to_score
 
 ROOTS = tk.ROOTS
 

@@ -67,8 +67,8 @@ def test_repository_params_load() -> None:
 def test_override_profiles_load(profile: str) -> None:
     """The README's override profiles only set known keys; the long CPU profile keeps >= 6
     STEP checkpoints for the sweep."""
-    from musegen.model import ModelParams
-    from musegen.train import TrainParams
+    from musegen.core.model import ModelParams
+    from musegen.stages.train import TrainParams
 
     over = (ROOT / profile,)
     train = load_section(TrainParams, "train", ROOT / "params.yaml", over)

@@ -1,4 +1,4 @@
-"""Tests for musegen.corpus: the m21-keyboard build and the Pop1K7 fetch (offline)."""
+"""Tests for musegen.stages.corpus: the m21-keyboard build and the Pop1K7 fetch (offline)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import pytest
 import yaml
 from miditoolkit.midi.utils import example_midi_file
 
-from musegen import corpus
-from musegen.corpus import CorpusError, CorpusParams, CorpusWarning
-from musegen.midi import TICKS_PER_BEAT, load_midi, to_score
+from musegen.core.midi import TICKS_PER_BEAT, load_midi, to_score
+from musegen.stages import corpus
+from musegen.stages.corpus import CorpusError, CorpusParams, CorpusWarning
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -146,7 +146,7 @@ def test_editing_the_sampling_module_changes_the_stages_that_sample(tmp_path: Pa
     import subprocess
     import sys
 
-    import musegen.sampling
+    import musegen.core.sampling
 
     for name in ("musegen", "dvc.yaml", "params.yaml"):
         src = ROOT / name
@@ -177,7 +177,7 @@ def test_editing_the_sampling_module_changes_the_stages_that_sample(tmp_path: Pa
             target.write_text("{}\n")
     dvc("commit", "-f", "-q")
     assert "up to date" in dvc("status")
-    sampling = tmp_path / Path(musegen.sampling.__file__).relative_to(ROOT)
+    sampling = tmp_path / Path(musegen.core.sampling.__file__).relative_to(ROOT)
     sampling.write_text(sampling.read_text() + "\n# an edited sampling rule\n")
     changed = set(json.loads(dvc("status", "--json")))
     assert {"sweep", "tune", "evaluate"} <= changed, changed

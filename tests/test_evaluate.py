@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 from miditoolkit.midi.utils import example_midi_file
 
-from musegen import metrics
 from musegen.config import ParamsError, load_section
-from musegen.evaluate import EvaluateParams, evaluate, proxy_score
-from musegen.midi import Score, load_midi, to_score
+from musegen.core import metrics
+from musegen.core.midi import Score, load_midi, to_score
+from musegen.stages.evaluate import EvaluateParams, evaluate, proxy_score
 from tests import badmidi
 from tests.test_metrics import loop_piece, score, varied_piece
 
@@ -196,7 +196,7 @@ def real_segments(real_midi_files: list[Path]) -> dict[str, list[Score]]:
 
 
 def test_the_proxy_orders_the_ladder_on_real_pieces(real_segments: dict[str, list[Score]]):
-    from musegen.evaluate import score_set
+    from musegen.stages.evaluate import score_set
 
     ref = real_segments["reference"]
     ref_metrics = [metrics.piece_metrics(s) for s in ref]

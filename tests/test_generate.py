@@ -20,11 +20,11 @@ import yaml
 from miditoolkit.midi.utils import example_midi_file
 from typer.testing import CliRunner
 
-from musegen import generate as gen
 from musegen.config import ParamsError, load_section
-from musegen.model import ModelConfig, MusicTransformer
-from musegen.sampling import SampleParams
-from musegen.tokenizer import (
+from musegen.core import generate as gen
+from musegen.core.model import ModelConfig, MusicTransformer
+from musegen.core.sampling import SampleParams
+from musegen.core.tokenizer import (
     BAR,
     BAR_BEAT,
     CHORD,
@@ -366,7 +366,7 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
     tmp_path: Path, ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A real registry in a tmp sqlite store: register, then generate from models:/...@alias."""
-    from musegen import register
+    from musegen.stages import register
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     ckpt_dir = tmp_path / "checkpoints"
@@ -397,7 +397,7 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
 def test_cli_writes_midi_mp3_and_roll(
     tmp_path: Path, ckpts: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from musegen.cli import app
+    from musegen.apps.cli import app
 
     monkeypatch.setenv("MUSEGEN_RENDERER", "numpy")
     params = params_copy(tmp_path)

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from conftest import REAL_SOURCES
 
-from musegen import tokenizer as tk
-from musegen.corpus import midi_name
-from musegen.tokenizer import BAR, BAR_BEAT, FIELDS, REST, TYPE, GrammarState
+from musegen.core import tokenizer as tk
+from musegen.core.tokenizer import BAR, BAR_BEAT, FIELDS, REST, TYPE, GrammarState
+from musegen.stages.corpus import midi_name
 
 FILES = [*(midi_name(s) for s in REAL_SOURCES[:4]), "pop1k7__1390.mid"]
 

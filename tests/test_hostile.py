@@ -1,7 +1,7 @@
 """Hostile inputs, crafted here: odd file names, FIFOs, device links, unreadable folders.
 
 Each test is one defect found by trying the product as an attacker would (issue 10); the
-guards are general (one safe read in musegen.files, one archive guard in musegen.corpus, one
+guards are general (one safe read in musegen.files, one archive guard in musegen.stages.corpus, one
 params check in the CLI), so these cases stand for the families they belong to.
 """
 
@@ -25,8 +25,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from musegen import files, prepare
+from musegen import files
 from musegen.config import load_section
+from musegen.stages import prepare
 from tests import badmidi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,7 +137,7 @@ def test_prepare_reports_every_hostile_entry_in_seconds(tmp_path):
 
 
 def test_tokenize_reads_a_non_utf8_name_from_the_manifest(tmp_path):
-    from musegen import tokenize
+    from musegen.stages import tokenize
 
     raw = tmp_path / "raw"
     for seed in range(3):
@@ -404,7 +405,7 @@ def test_corpus_cleans_its_temp_folder_on_sigterm_and_after_sigkill(tmp_path):
 
 def cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     """Run `musegen ARGV` in this process through the real entry point; (exit code, stderr)."""
-    from musegen.cli import main
+    from musegen.apps.cli import main
 
     old = sys.argv
     sys.argv = ["musegen", *argv]
@@ -488,7 +489,7 @@ def test_tune_workers_finishing_together_never_collide(tmp_path):
 
     import optuna
 
-    from musegen import tune
+    from musegen.stages import tune
 
     tp = load_section(tune.TuneParams, "tune", ROOT / "params.yaml")
     tp = dataclasses.replace(tp, out_dir=str(tmp_path / "tune"))

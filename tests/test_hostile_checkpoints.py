@@ -26,8 +26,8 @@ import torch
 from test_sweep import make_checkpoint
 from test_train import ROOT, tiny_params, write_override, write_tokens
 
-from musegen import generate as gen
-from musegen import train as stage
+from musegen.core import generate as gen
+from musegen.stages import train as stage
 
 
 def flip_tensor_bytes(path: Path) -> None:
@@ -220,7 +220,7 @@ def dying_save(obj, f, *args, **kwargs):
         os._exit(137)
     return save(obj, f, *args, **kwargs)
 torch.save = dying_save
-from musegen.cli import main
+from musegen.apps.cli import main
 sys.argv = ["musegen", "train", *sys.argv[1:]]
 main()
 """

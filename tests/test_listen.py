@@ -23,9 +23,9 @@ import pytest
 import soundfile as sf
 from optuna.trial import TrialState
 
-from musegen import listen as ls
-from musegen import tune as tn
+from musegen.apps import listen as ls
 from musegen.config import load_section
+from musegen.stages import tune as tn
 from tests.test_tune import make_workspace
 
 TARGET = 0.8

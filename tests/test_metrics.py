@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from musegen import metrics
-from musegen.midi import Score, load_midi, to_score
+from musegen.core import metrics
+from musegen.core.midi import Score, load_midi, to_score
 
 BAR, EIGHTH = 1920, 240
 # Loop bars: C-major and G-major arpeggios, 8 eighths each (pitch classes 3 + 3 + 2 each).
@@ -23,7 +23,7 @@ LOOP_B = (67, 71, 74, 79, 83, 86, 91, 95)
 
 
 def score(rows: list[tuple[int, int, int, int]]) -> Score:
-    """A Score from [start, end, pitch, velocity] rows, sorted as musegen.midi sorts them."""
+    """A Score from [start, end, pitch, velocity] rows, sorted as musegen.core.midi sorts them."""
     notes = np.array(rows, np.int64).reshape(-1, 4)
     return Score(notes=notes[np.lexsort((notes[:, 1], notes[:, 2], notes[:, 0]))])
 

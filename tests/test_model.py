@@ -12,7 +12,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from musegen.config import ParamsError, load_section
-from musegen.model import (
+from musegen.core.model import (
     Decoder,
     KVCache,
     ModelConfig,

@@ -14,9 +14,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from musegen import prepare as stage
-from musegen.cli import app
+from musegen.apps.cli import app
 from musegen.config import ParamsError, load_section
+from musegen.stages import prepare as stage
 from tests import badmidi
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -286,7 +286,7 @@ def test_cli_strict_exits_1_and_still_writes_summary(corpus, tmp_path):
 def test_real_pieces_are_all_kept(request, tmp_path):
     """The corpus stage's real pieces (conftest) and the Pop1K7 example all pass prepare."""
     pytest.importorskip("music21")
-    raw = request.getfixturevalue("real_midi_dir")  # built by musegen.corpus (about 30 s)
+    raw = request.getfixturevalue("real_midi_dir")  # built by musegen.stages.corpus (about 30 s)
     m = stage.prepare(raw, tmp_path, make_params(num_workers=0))
     assert "manifest.json" not in set(m.path)
     assert (m.status == "ok").all(), m[m.status != "ok"][["path", "reason", "detail"]]

@@ -18,9 +18,9 @@ import pytest
 import yaml
 from test_sweep import PARAMS, make_checkpoint
 
-from musegen import register as stage
 from musegen.config import load_section
-from musegen.sampling import SampleParams
+from musegen.core.sampling import SampleParams
+from musegen.stages import register as stage
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_register_load_by_alias_predict_and_reregister(
         assert len(notes) == n_notes > 0
         assert max(n.start for n in notes) < 3 * 1920 + 2 * 1920  # bar caps held
     # with a prompt: the piece opens with the prompt's first two bars, note for note
-    from musegen.tokenizer import get_tokenizer
+    from musegen.core.tokenizer import get_tokenizer
 
     tok = get_tokenizer("cp")
     real = tok.decode(tok.encode(prompt)).instruments[0].notes

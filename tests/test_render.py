@@ -12,7 +12,7 @@ import pytest
 import soundfile as sf
 from miditoolkit.midi.utils import example_midi_file
 
-from musegen import render
+from musegen.core import render
 from tests.conftest import needs
 
 #: the Pop1K7 piece shipped with miditoolkit: 930 notes, last note-off at 79.0 s.

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from musegen.config import load_section
-from musegen.sampling import (
+from musegen.core.sampling import (
     SampleParams,
     forbid_ids,
     loop_guard,

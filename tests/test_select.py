@@ -18,10 +18,10 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from musegen import ratings as rt
-from musegen import select as stage
-from musegen.cli import app
+from musegen.apps.cli import app
 from musegen.config import ParamsError, load_section
+from musegen.core import ratings as rt
+from musegen.stages import select as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = (100, 200, 300)

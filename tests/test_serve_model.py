@@ -29,9 +29,9 @@ from test_register import kept
 from test_sweep import PARAMS, make_checkpoint
 
 from mlflow.exceptions import MlflowException
-from musegen import register as stage
 from musegen.config import load_section
-from musegen.sampling import SampleParams
+from musegen.core.sampling import SampleParams
+from musegen.stages import register as stage
 
 LIMITS = stage.limits_for(PARAMS)  # generate.max_bars 32, max_words 4096, max_file_mb 4,
 # min_bars 32
@@ -229,7 +229,7 @@ def test_served_model_over_http(server: str, prompt_midi: Path) -> None:
     data = prompt_midi.read_bytes()
     status, body, _ = ask(server, [{"seed": 1, "bars": 2, "prompt": b64(data), "prompt_bars": 2}])
     assert status == 200, body
-    from musegen.tokenizer import get_tokenizer
+    from musegen.core.tokenizer import get_tokenizer
 
     tok = get_tokenizer("cp")
     real = [(n.start, n.pitch) for n in tok.decode(tok.encode(prompt_midi)).instruments[0].notes]

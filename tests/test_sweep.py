@@ -18,11 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from musegen import sweep as stage
 from musegen.config import load_section
-from musegen.evaluate import EvaluateParams
-from musegen.model import ModelConfig, MusicTransformer
-from musegen.sampling import SampleParams
+from musegen.core.model import ModelConfig, MusicTransformer
+from musegen.core.sampling import SampleParams
+from musegen.stages import sweep as stage
+from musegen.stages.evaluate import EvaluateParams
 from tests.conftest import needs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,8 +41,8 @@ CHROME_FLAGS = (
 
 def cp_vocab() -> dict:
     """The CP vocab the tokenize stage writes with this params.yaml (it depends on config only)."""
-    from musegen.tokenize import TokenizeParams
-    from musegen.tokenizer import get_tokenizer
+    from musegen.core.tokenizer import get_tokenizer
+    from musegen.stages.tokenize import TokenizeParams
 
     p = load_section(TokenizeParams, "tokenize", PARAMS)
     return get_tokenizer("cp", use_chords=p.use_chords, num_rest_bars=p.num_rest_bars).vocab
@@ -188,8 +188,8 @@ def test_metrics_json_columns_scores_and_prompts(open_sweep: dict, store: dict) 
 def test_real_anchor_is_scored_without_its_own_songs(open_sweep: dict, store: dict) -> None:
     """The real column's score uses the other valid songs only; with its own songs in the
     reference (the leak this avoids) the same clips would score higher."""
-    from musegen.tokenize import TokenizeParams
-    from musegen.tokenizer import get_tokenizer
+    from musegen.core.tokenizer import get_tokenizer
+    from musegen.stages.tokenize import TokenizeParams
 
     tp = load_section(TokenizeParams, "tokenize", PARAMS)
     tok = get_tokenizer("cp", use_chords=tp.use_chords, num_rest_bars=tp.num_rest_bars)
@@ -340,7 +340,7 @@ def test_chromium_rates_on_the_blind_page_and_the_export_merges(
     """A rater clicks a score in every cell of the blind page (?ratetest) and "best of this
     row" in every row (first one clip, then another) and exports; the export merges into the
     ratings table with each clip's STEP, found from its hash, and each row's choices."""
-    from musegen import ratings
+    from musegen.core import ratings
 
     out = blind_sweep["out"]
     dom = _chromium((out / "index.html").as_uri() + "?ratetest", tmp_path / "profile")

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from musegen import prepare as prep
-from musegen import tokenize as stage
 from musegen.config import ParamsError, load_section
-from musegen.tokenizer import get_tokenizer, load_tokenizer
+from musegen.core.tokenizer import get_tokenizer, load_tokenizer
+from musegen.stages import prepare as prep
+from musegen.stages import tokenize as stage
 
 ROOT = Path(__file__).resolve().parents[1]
 

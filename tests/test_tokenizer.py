@@ -1,6 +1,6 @@
 """REMI and CP tokenizers: round trips on real files and random note tables, grammar, vocab.
 
-Parametrized over every tokenizer class in `musegen.tokenizer.__all__` (a new one joins by
+Parametrized over every tokenizer class in `musegen.core.tokenizer.__all__` (a new one joins by
 itself) and over real files (ids = file names). A failed round trip writes the decoded MIDI
 beside a copy of the reference in the test's tmp dir, so a person can listen to both.
 """
@@ -20,9 +20,9 @@ from conftest import REAL_SOURCES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from musegen import tokenizer as tk
-from musegen.corpus import midi_name
-from musegen.midi import MidiError, Score, load_midi, read_score, to_score
+from musegen.core import tokenizer as tk
+from musegen.core.midi import MidiError, Score, load_midi, read_score, to_score
+from musegen.stages.corpus import midi_name
 from tests import badmidi
 
 TOKENIZERS = [

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from musegen import transcribe as tr
 from musegen.config import load_section
+from musegen.stages import transcribe as tr
 
 ROOT = Path(__file__).resolve().parents[1]
 SR = 22050
@@ -94,8 +94,8 @@ def test_rendered_audio_becomes_a_corpus_prepare_and_tokenize_accept(tmp_path, r
     """As the README says: transcribe, then prepare; then the tokenize stage encodes it."""
     import mir_eval
 
-    from musegen.render import render_audio
-    from musegen.tokenize import TokenizeParams, tokenize
+    from musegen.core.render import render_audio
+    from musegen.stages.tokenize import TokenizeParams, tokenize
 
     audio = tmp_path / "recordings"
     audio.mkdir()
@@ -203,3 +203,19 @@ def test_model_frames_cover_the_audio_once(params):
     assert frames.shape == (len(clip) // tr.HOP + 1, 2, 88)
     a4 = frames[20:-20, 0, 69 - tr.MIDI_OFFSET]  # A4's note activation, held throughout
     assert a4.min() > params.frame_threshold
+
+
+def test_beats_follow_a_tempo_change_at_the_quarter_note_level():
+    """40 s at 120 BPM then 40 s at 96: a loud long bass note on each beat, a soft short one
+    between beats. The tracker must keep the beat (not the eighths) through the change."""
+    import mir_eval
+
+    beats = np.concatenate([np.arange(0.5, 40, 0.5), 40 + np.arange(0, 40, 60 / 96)])
+    offbeats = beats[:-1] + np.diff(beats) / 2
+    notes = np.concatenate(
+        [np.c_[beats, beats + 0.4, np.full(len(beats), 48), np.full(len(beats), 0.8)],
+         np.c_[offbeats, offbeats + 0.1, np.full(len(offbeats), 72), np.full(len(offbeats), 0.5)]]
+    )  # fmt: skip
+    notes = notes[np.argsort(notes[:, 0])]
+    found = tr.track_beats(notes, int(82 * tr.FPS))
+    assert mir_eval.beat.f_measure(beats, found) > 0.95

@@ -23,12 +23,12 @@ import yaml
 
 import mlflow
 from musegen import tracking
-from musegen import tune as tn
 from musegen.config import ParamsError, load_section
-from musegen.generate import generate, load_model
-from musegen.model import ModelConfig, ModelParams, MusicTransformer
-from musegen.sampling import SampleParams
-from musegen.tokenizer import get_tokenizer
+from musegen.core.generate import generate, load_model
+from musegen.core.model import ModelConfig, ModelParams, MusicTransformer
+from musegen.core.sampling import SampleParams
+from musegen.core.tokenizer import get_tokenizer
+from musegen.stages import tune as tn
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = {"d_model": 32, "n_layer": 1, "n_head": 2, "d_ff": 64, "max_len": 256}
@@ -111,7 +111,7 @@ def test_suggest_covers_the_space_and_overlays_sample_section(workspace: Path) -
 
 
 def test_bars_window_shifts_and_crops() -> None:
-    from musegen.midi import Score
+    from musegen.core.midi import Score
 
     bar = 1920
     notes = np.array(
@@ -125,8 +125,8 @@ def test_bars_window_shifts_and_crops() -> None:
 def test_proxy_prefers_real_music_over_noise(workspace: Path) -> None:
     """The documented objective: real bars score higher than random notes; the real clips
     are never in the reference they are scored against."""
-    from musegen.evaluate import EvaluateParams
-    from musegen.midi import Score
+    from musegen.core.midi import Score
+    from musegen.stages.evaluate import EvaluateParams
 
     tp = load_section(tn.TuneParams, "tune", workspace)
     ev = load_section(EvaluateParams, "evaluate", workspace)
@@ -203,7 +203,7 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     best = yaml.safe_load((Path(tp.out_dir) / "best_sampling.yaml").read_text())
     best_trial = study.trials[summary["best_trial"]]
     assert best == tn.as_section(best_trial.params)
-    from musegen.generate import sampling_for  # generation reads the file back
+    from musegen.core.generate import sampling_for  # generation reads the file back
 
     assert sampling_for(workspace).temperature["pitch"] == best["temperature"]["pitch"]
     metrics = json.loads((Path(tp.out_dir) / "metrics.json").read_text())

@@ -39,11 +39,11 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
-from musegen import tune as tn
+from musegen.apps.ui import ServeParams, ServerError
 from musegen.config import DataParams, load_section
-from musegen.evaluate import EvaluateParams
-from musegen.sampling import SampleParams
-from musegen.ui import ServeParams, ServerError
+from musegen.core.sampling import SampleParams
+from musegen.stages import tune as tn
+from musegen.stages.evaluate import EvaluateParams
 
 RATING_KEY = "rating"
 PREFERENCE_KEY = "preference"
@@ -128,7 +128,7 @@ def open_session(params_path: Path | str, pairwise: bool = False) -> Session:
     """Load the checkpoint, prompts and reference; create or load the listen study."""
     from optuna.artifacts import FileSystemArtifactStore
 
-    from musegen.generate import load_model
+    from musegen.core.generate import load_model
 
     params_path = Path(params_path)
     tp = load_section(tn.TuneParams, "tune", params_path)

@@ -104,7 +104,7 @@ def load(path: Path | str, keys: tuple[str, ...] = MODEL_KEYS) -> dict[str, Any]
 def _problems(ckpt: Any, keys: tuple[str, ...]) -> Iterator[str]:
     """What is wrong with a loaded checkpoint, first problem first (`load` takes only the first,
     so each check may assume the ones before it passed)."""
-    from musegen.model import ModelConfig, MusicTransformer
+    from musegen.core.model import ModelConfig, MusicTransformer
 
     if not isinstance(ckpt, dict):
         yield f"holds a {type(ckpt).__name__}, not a musegen checkpoint dict"

@@ -50,7 +50,7 @@ def _fail(message: str) -> None:
 @corpus_app.command("build")
 def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Write the embedded corpus (music21 keyboard works, chorales) to raw_root/m21-keyboard."""
-    from musegen import corpus
+    from musegen.stages import corpus
 
     data = load_section(DataParams, "data", params)
     out = corpus.build_m21(
@@ -68,7 +68,7 @@ def corpus_pop1k7(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Download (or take --from PATH), verify, extract Pop1K7 to raw_root/pop1k7; `dvc add` it."""
-    from musegen import corpus
+    from musegen.stages import corpus
 
     data = load_section(DataParams, "data", params)
     try:
@@ -99,7 +99,7 @@ def corpus_transcribe(
     skips files already done. Then: musegen prepare --raw <out>, or dvc exp run -S
     data.corpus=<out name> when <out> is under raw_root.
     """
-    from musegen import transcribe as stage
+    from musegen.stages import transcribe as stage
 
     out = out or Path(load_section(DataParams, "data", params).raw_root) / audio.name
     try:
@@ -125,7 +125,7 @@ def prepare(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
-    from musegen import prepare as stage
+    from musegen.stages import prepare as stage
 
     data = load_section(DataParams, "data", params)
     p = with_flags(
@@ -140,7 +140,7 @@ def prepare(
 @app.command()
 def tokenize(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Tokenize the manifest's ok files to CP and REMI arrays per split, plus vocab.json."""
-    from musegen import tokenize as stage
+    from musegen.stages import tokenize as stage
 
     data = load_section(DataParams, "data", params)
     out = stage.tokenize(
@@ -165,11 +165,11 @@ def train(
 ) -> None:
     """Train the CP (or REMI) Transformer: checkpoints, reports/train/*, one MLflow run.
 
-    Multi-GPU: torchrun --standalone --nproc_per_node=N -m musegen.train [same options].
+    Multi-GPU: torchrun --standalone --nproc_per_node=N -m musegen.stages.train [same options].
     """
-    from musegen import train as stage
     from musegen.config import merge, read_yaml
-    from musegen.model import ModelParams
+    from musegen.core.model import ModelParams
+    from musegen.stages import train as stage
 
     overrides = tuple(override or ())
     merged = read_yaml(params)
@@ -199,10 +199,10 @@ def sweep(
 ) -> None:
     """Continue the same valid prompts with every kept STEP (base sampling): page + metrics."""
 
-    from musegen import sweep as stage
-    from musegen.evaluate import EvaluateParams
-    from musegen.sampling import SampleParams
-    from musegen.train import TrainParams
+    from musegen.core.sampling import SampleParams
+    from musegen.stages import sweep as stage
+    from musegen.stages.evaluate import EvaluateParams
+    from musegen.stages.train import TrainParams
 
     p = with_flags(
         load_section(stage.SweepParams, "sweep", params), {"use_blind": ("--blind", blind)}
@@ -238,9 +238,9 @@ def select(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Pick the STEP tune, evaluate and register use (select.by: ratings|proxy|valid_loss|step)."""
-    from musegen import select as stage
-    from musegen.sweep import SweepParams
-    from musegen.train import TrainParams
+    from musegen.stages import select as stage
+    from musegen.stages.sweep import SweepParams
+    from musegen.stages.train import TrainParams
 
     p = load_section(stage.SelectParams, "select", params)
     try:
@@ -266,9 +266,9 @@ def ratings_add(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Merge blind-page ratings into the ratings table; log counts and means to the sweep runs."""
-    from musegen import ratings as stage
-    from musegen.select import SelectParams
-    from musegen.sweep import SweepParams
+    from musegen.core import ratings as stage
+    from musegen.stages.select import SelectParams
+    from musegen.stages.sweep import SweepParams
 
     p = load_section(SelectParams, "select", params)
     sweep_metrics = Path(load_section(SweepParams, "sweep", params).metrics_file)
@@ -308,12 +308,12 @@ def ratings_add(
 @app.command()
 def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Register the bundle (selected STEP + its tuned sampling + its evaluation) as one version."""
-    from musegen import register as stage
-    from musegen.evaluate import EvaluateParams
-    from musegen.generate import sampling_for
-    from musegen.select import selected
-    from musegen.train import TrainParams
-    from musegen.tune import TuneParams
+    from musegen.core.generate import sampling_for
+    from musegen.stages import register as stage
+    from musegen.stages.evaluate import EvaluateParams
+    from musegen.stages.select import selected
+    from musegen.stages.train import TrainParams
+    from musegen.stages.tune import TuneParams
 
     p = load_section(stage.RegisterParams, "register", params)
     choice = selected(params)
@@ -362,7 +362,7 @@ def tune(
 
     Several workers may run at once on one tune.storage. Writes reports/tune/best_sampling.yaml.
     """
-    from musegen import tune as stage
+    from musegen.stages import tune as stage
 
     summary = stage.tune(params, n_trials=trials)
     typer.echo(
@@ -394,8 +394,8 @@ def listen(
     Without --serve, start the dashboard yourself:
     optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host 127.0.0.1
     """
-    from musegen import listen as stage
-    from musegen.ui import ServeParams, ServerError
+    from musegen.apps import listen as stage
+    from musegen.apps.ui import ServeParams, ServerError
 
     sp = with_flags(load_section(ServeParams, "serve", params), {"optuna_port": ("--port", port)})
     try:
@@ -448,8 +448,8 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     <tune.out_dir>/best_sampling.yaml if present; then --temperature / --top-p.
     Writes <out>/<name>_seed<S>.mid (+ .mp3, .png), generate.json.
     """
-    from musegen import generate as stage
-    from musegen.midi import MidiError, read_checked
+    from musegen.core import generate as stage
+    from musegen.core.midi import MidiError, read_checked
 
     flags = {"num_samples": ("--n", n), "max_bars": ("--bars", bars)}
     flags |= {"max_minutes": ("--minutes", minutes), "max_words": ("--words", words)}
@@ -493,9 +493,9 @@ def evaluate(
     Without them (the DVC stage): the selected STEP with its tuned sampling against the test
     split.
     """
-    from musegen import evaluate as stage
-    from musegen.generate import sampling_for
-    from musegen.select import selected
+    from musegen.core.generate import sampling_for
+    from musegen.stages import evaluate as stage
+    from musegen.stages.select import selected
 
     p = load_section(stage.EvaluateParams, "evaluate", params)
     if samples is not None or reference is not None:
@@ -533,7 +533,7 @@ def ui(
 
     Waits until each answers, prints the URLs, and stops them all on Ctrl-C.
     """
-    from musegen import ui as stage
+    from musegen.apps import ui as stage
 
     flags = {"host": ("--host", host), "prefect_port": ("--prefect-port", prefect_port)}
     flags |= {"mlflow_port": ("--mlflow-port", mlflow_port)}
@@ -585,9 +585,9 @@ def main() -> None:
     try:
         command()
     except Exception as exc:
-        # musegen.checkpoint imports torch (~200 MB, seconds): only the commands that load a
+        # musegen.core.checkpoint imports torch (~200 MB, seconds): only the commands that load a
         # checkpoint import it, so `corpus` and `prepare` start light
-        checkpoint = sys.modules.get("musegen.checkpoint")
+        checkpoint = sys.modules.get("musegen.core.checkpoint")
         known = (
             ParamsError,
             FileNotFoundError,

@@ -6,7 +6,7 @@ Checkpoints hold only tensors, plain containers and primitives, so `torch.load(.
 weights_only=True)` reads them; a run killed at any point and resumed on CPU ends with the same
 weights, bit for bit, as one that never stopped.
 
-DDP: ``torchrun --standalone --nproc_per_node=N -m musegen.train [--resume] [--override F]``;
+DDP: ``torchrun --standalone --nproc_per_node=N -m musegen.stages.train [--resume] [--override F]``;
 each rank samples its own stream, rank 0 alone logs and saves.
 """
 
@@ -36,13 +36,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from musegen import checkpoint, tracking
-from musegen.augment import Augmenter
+from musegen import tracking
 from musegen.config import flatten
+from musegen.core import checkpoint
+from musegen.core.augment import Augmenter
 from musegen.files import write_headline
 
 if TYPE_CHECKING:
-    from musegen.model import ModelParams
+    from musegen.core.model import ModelParams
 
 #: train.* keys that do not change the weights: a resume may change them.
 UNHASHED = ("out_dir", "metrics_file", "plots_file", "experiment", "device", "compile")
@@ -268,7 +269,7 @@ def train(
         tokens_dir: the tokenize stage's root (data.tokens_dir).
         out_dir: run folder (train.out_dir): checkpoints/step_<STEP>.pt and best.pt.
         params: the `train` section.
-        model_params: the `model` section (musegen.model.ModelParams).
+        model_params: the `model` section (musegen.core.model.ModelParams).
         all_params: the whole merged params file, logged to MLflow (default: model + train).
         resume: continue from the last checkpoint in out_dir (same params and vocab).
 
@@ -279,7 +280,7 @@ def train(
         TrainError: nothing to resume, params or vocab changed since the checkpoint, or the
             MLflow tracking store is unreachable (all before the first step).
     """
-    from musegen.model import ModelConfig, MusicTransformer
+    from musegen.core.model import ModelConfig, MusicTransformer
 
     # ---- setup: ranks, device, precision, seeds -------------------------------------------
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -735,8 +736,8 @@ def _git_commit() -> str:
 
 
 if __name__ == "__main__":
-    # torchrun -m musegen.train [args]: the same as `musegen train [args]`
-    from musegen.cli import main
+    # torchrun -m musegen.stages.train [args]: the same as `musegen train [args]`
+    from musegen.apps.cli import main
 
     sys.argv = [sys.argv[0], "train", *sys.argv[1:]]
     main()

@@ -52,9 +52,9 @@ import mlflow
 import mlflow.pyfunc
 from musegen import tracking
 from musegen.config import ParamsError, load_section, repo_root
-from musegen.sampling import SampleParams
+from musegen.core.sampling import SampleParams
 
-#: same store as training (musegen.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
+#: same store as training (musegen.stages.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
 #: checkpoint keys a generating model needs; optimizer, scheduler and RNG state are dropped.
 SLIM_KEYS = (
     "step",
@@ -119,8 +119,8 @@ def limits_for(params_path: Path | str) -> dict[str, float]:
             service needs both bounds.
     """
     from musegen.config import load_section
-    from musegen.generate import GenerateParams
-    from musegen.prepare import PrepareParams
+    from musegen.core.generate import GenerateParams
+    from musegen.stages.prepare import PrepareParams
 
     gen = load_section(GenerateParams, "generate", params_path)
     for key in ("max_words", "max_bars"):
@@ -157,7 +157,7 @@ def check_request(frame: pd.DataFrame, limits: dict[str, float]) -> list[Request
         mlflow.exceptions.MlflowException: INVALID_PARAMETER_VALUE (HTTP 400), one line naming
             the row, the column and the bound; it never quotes a prompt's bytes.
     """
-    from musegen.midi import MidiError, read_header
+    from musegen.core.midi import MidiError, read_header
 
     if len(frame) > MAX_ROWS:
         raise _refuse(f"{len(frame)} rows; at most {MAX_ROWS} pieces per request")
@@ -211,7 +211,7 @@ class Composer(mlflow.pyfunc.PythonModel):
     """
 
     def load_context(self, context: Any) -> None:
-        from musegen.generate import load_model
+        from musegen.core.generate import load_model
 
         self.loaded = load_model(context.artifacts["checkpoint"])
         cfg = yaml.safe_load(Path(context.artifacts["sampling"]).read_text())
@@ -229,8 +229,8 @@ class Composer(mlflow.pyfunc.PythonModel):
     ) -> pd.DataFrame:
         """One composition per row: columns seed, bars, optional prompt, prompt_bars and
         min_bars; returns OUTPUTS."""
-        from musegen.generate import generate, prompt_of
-        from musegen.midi import to_score
+        from musegen.core.generate import generate, prompt_of
+        from musegen.core.midi import to_score
 
         rows = []
         tok = self.loaded.tokenizer
@@ -343,7 +343,7 @@ def register(
     """
     import torch
 
-    from musegen.checkpoint import load
+    from musegen.core.checkpoint import load
 
     path = Path(checkpoint)
     if not path.is_file():
@@ -383,7 +383,7 @@ def register(
         # models from code: MLflow stores this script, not a pickle of Composer
         script = Path(tmp) / "composer.py"
         script.write_text(
-            "import mlflow\nfrom musegen.register import Composer\n\n"
+            "import mlflow\nfrom musegen.stages.register import Composer\n\n"
             "mlflow.models.set_model(Composer())\n"
         )
         run_name = f"register STEP {step}"
@@ -395,7 +395,7 @@ def register(
                 python_model=str(script),
                 artifacts={"checkpoint": str(slim), "sampling": str(sampling)},
                 model_config=dict(limits),  # context.model_config: the request limits
-                code_paths=[str(Path(__file__).parent)],  # musegen itself: self-contained
+                code_paths=[str(Path(__file__).parents[1])],  # musegen itself: self-contained
                 pip_requirements=_requirements(),
                 signature=_signature(),
                 # documents the input in the UI; MLflow runs it once, a 1-bar check

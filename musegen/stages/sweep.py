@@ -38,12 +38,12 @@ import miditoolkit
 import numpy as np
 import pandas as pd
 
-from musegen import metrics
 from musegen.config import ParamsError
-from musegen.evaluate import EvaluateParams, score_set
+from musegen.core import metrics
+from musegen.core.midi import Score, to_score
+from musegen.core.sampling import SampleParams
 from musegen.files import from_printable, write_headline
-from musegen.midi import Score, to_score
-from musegen.sampling import SampleParams
+from musegen.stages.evaluate import EvaluateParams, score_set
 
 log = logging.getLogger(__name__)
 
@@ -231,8 +231,8 @@ def sweep(
     Returns:
         The metrics written to `params.metrics_file` (also holds `page`, the index.html path).
     """
-    from musegen import render
-    from musegen.generate import generate_batch, load_model, midi_prompt
+    from musegen.core import render
+    from musegen.core.generate import generate_batch, load_model, midi_prompt
 
     t_start = time.perf_counter()
     chosen = choose_checkpoints(ckpt_dir, params.steps, params.every_k)
@@ -356,7 +356,8 @@ def _curves(
     """curves.png: the valid curves of the last checkpoint's history, the STEP checkpoints,
     the best valid loss and the sweep's STEP marked; logged to the training run in MLflow."""
     import mlflow
-    from musegen import render, tracking
+    from musegen import tracking
+    from musegen.core import render
 
     history = max((torch_history(p) for p in chosen), key=len)  # the latest holds every eval
     best_valid = int(min(history, key=lambda r: r["valid_loss"])["step"])
@@ -371,7 +372,7 @@ def _curves(
 
 def torch_history(path: Path) -> list[dict]:
     """The eval history stored in a checkpoint (read and checked like any checkpoint)."""
-    from musegen.checkpoint import load
+    from musegen.core.checkpoint import load
 
     return list(load(path, ("history",))["history"])
 

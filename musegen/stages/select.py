@@ -33,8 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from musegen import ratings as rt
 from musegen.config import ParamsError, load_section
+from musegen.core import ratings as rt
 from musegen.files import write_headline
 
 BY = ("ratings", "proxy", "valid_loss", "step")

@@ -4,7 +4,7 @@ A CP word is drawn type first, then its other fields given the sampled type (the
 type-first heads, Hsiao et al. 2021); a REMI token is one draw. Each new word costs one
 model step: its keys/values join a cache trimmed to `max_len - 1` positions, so the cost
 per word is constant and a piece can run for as long as asked (a sliding window; see
-`musegen.model.KVCache` for what it equals).
+`musegen.core.model.KVCache` for what it equals).
 
 Grammar masks keep every output decodable (`tokenizer.check(out) == 0`): the tokenizer's
 `Grammar` (the rules its `check` and `decode` read words by) says which ids may come next
@@ -37,12 +37,12 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from musegen.checkpoint import CheckpointError
-from musegen.checkpoint import load as load_checkpoint
 from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
-from musegen.model import Decoder, ModelConfig, MusicTransformer
-from musegen.sampling import SampleParams, loop_guard, mask_logits, sample_field
-from musegen.tokenizer import (
+from musegen.core.checkpoint import CheckpointError
+from musegen.core.checkpoint import load as load_checkpoint
+from musegen.core.model import Decoder, ModelConfig, MusicTransformer
+from musegen.core.sampling import SampleParams, loop_guard, mask_logits, sample_field
+from musegen.core.tokenizer import (
     BAR,
     BAR_BEAT,
     CHORD,
@@ -646,7 +646,7 @@ def bundled_sampling(checkpoint: Path) -> SampleParams | None:
     """The sampling a registered bundle holds beside its checkpoint (None for a bare .pt).
 
     A model version downloaded by `resolve_checkpoint` has artifacts/checkpoint.pt and
-    artifacts/sampling.yaml (musegen.register): the settings tuned for that STEP.
+    artifacts/sampling.yaml (musegen.stages.register): the settings tuned for that STEP.
     """
     path = Path(checkpoint).with_name("sampling.yaml")
     if not path.is_file():
@@ -700,7 +700,7 @@ def resolve_checkpoint(ref: str | Path, dst: Path | None = None) -> Path:
 
 def piece_seconds(tokenizer: Tokenizer, array: np.ndarray) -> float:
     """Music time of a generated array: the last note's end under its tempo changes."""
-    from musegen.midi import to_score
+    from musegen.core.midi import to_score
 
     return to_score(tokenizer.decode(array)).seconds()
 
@@ -728,7 +728,7 @@ def write_samples(
     """
     import json
 
-    from musegen.render import piano_roll, render_audio
+    from musegen.core.render import piano_roll, render_audio
 
     out_dir.mkdir(parents=True, exist_ok=True)
     caps = {

@@ -1,10 +1,10 @@
 """The `evaluate` stage: objective metrics of a folder of samples against a reference folder.
 
 Both folders are read recursively (every non-hidden file, as `prepare` lists them). A file
-that cannot be used is rejected with a `musegen.midi` reason code (not_midi, empty_file,
+that cannot be used is rejected with a `musegen.core.midi` reason code (not_midi, empty_file,
 truncated, corrupt, no_notes, drums_only …) and listed in the output, never a crash. Usable
 pieces are cropped to `crop_bars` bars (compression and repetition measures depend on
-length) and measured with `musegen.metrics`.
+length) and measured with `musegen.core.metrics`.
 
 The JSON written to `out` holds: per-piece metrics of both sets, per-set mean and std,
 MGEval overlap area (OA) and KL per feature with their means, the loop thresholds of the
@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from musegen import metrics
 from musegen.config import ParamsError
+from musegen.core import metrics
+from musegen.core.midi import MidiError, Score, load_midi, to_score
 from musegen.files import from_printable, write_atomic, write_headline
-from musegen.midi import MidiError, Score, load_midi, to_score
-from musegen.prepare import list_files
+from musegen.stages.prepare import list_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -321,7 +321,7 @@ def evaluate_model(
 
     import pandas as pd
 
-    from musegen.generate import GenerateParams, load_model, write_samples
+    from musegen.core.generate import GenerateParams, load_model, write_samples
 
     out = Path(params.out_dir)
     samples, reference = out / "samples", out / "reference"

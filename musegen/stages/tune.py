@@ -38,12 +38,13 @@ import numpy as np
 import optuna
 import yaml
 
-from musegen import metrics, tracking
+from musegen import tracking
 from musegen.config import DataParams, ParamsError, load_section
-from musegen.evaluate import EvaluateParams, score_set
+from musegen.core import metrics
+from musegen.core.midi import Score, to_score
+from musegen.core.sampling import SampleParams
 from musegen.files import temp_name, write_atomic, write_headline
-from musegen.midi import Score, to_score
-from musegen.sampling import SampleParams
+from musegen.stages.evaluate import EvaluateParams, score_set
 
 #: rating scale of the listen study (ChoiceWidget values 1..5; 0 = "not rated")
 RATINGS = (1, 2, 3, 4, 5)
@@ -244,7 +245,7 @@ def make_clips(
     exactly prompt_bars + clip_bars bars (EOS is masked until then), unless the word cap cuts
     it short: then it is marked incomplete.
     """
-    from musegen.generate import generate_batch
+    from musegen.core.generate import generate_batch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     clips = []
@@ -398,12 +399,12 @@ def checkpoint_path(params: TuneParams, params_path: Path) -> Path:
     """tune.checkpoint, or the STEP `musegen select` chose when it is empty."""
     if params.checkpoint:
         return Path(params.checkpoint)
-    from musegen.select import selected
+    from musegen.stages.select import selected
 
     return Path(selected(params_path)["checkpoint"])
 
 
-# ---- one scored trial (shared with musegen.listen) --------------------------------------------
+# ---- one scored trial (shared with musegen.apps.listen) -------------------------------------
 
 
 def upload_clips(
@@ -420,7 +421,7 @@ def upload_clips(
     """
     from optuna.artifacts import upload_artifact
 
-    from musegen.render import render_audio
+    from musegen.core.render import render_audio
 
     out = []
     for clip in clips:
@@ -478,7 +479,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
     from optuna.artifacts import FileSystemArtifactStore
 
     import mlflow
-    from musegen.generate import load_model
+    from musegen.core.generate import load_model
 
     params_path = Path(params_path)
     tp = load_section(TuneParams, "tune", params_path)

@@ -24,7 +24,7 @@ from dataclasses import replace
 import numpy as np
 from scipy.stats import gaussian_kde
 
-from musegen.midi import TICKS_PER_BEAT, Score
+from musegen.core.midi import TICKS_PER_BEAT, Score
 
 BAR = 4 * TICKS_PER_BEAT  # 1920 ticks: a 4/4 bar
 STEP = TICKS_PER_BEAT // 4  # 120 ticks: a 16th, the CP position grid

@@ -8,7 +8,7 @@ skipped. Only bookkeeping is left out: hidden names (a leading dot: `.gitignore`
 
 A row is `ok` or `rejected` with a reason code (REASONS):
 
-- read_header / load_midi (musegen.midi): not_midi, empty_file, truncated, corrupt, format_2,
+- read_header / load_midi (musegen.core.midi): not_midi, empty_file, truncated, corrupt, format_2,
   smpte_division, zero_division; `header_only` (an MThd chunk and nothing else) is split off
   `truncated` here.
 - too_large: size checked on the opened descriptor before anything is read (neither parsed
@@ -27,7 +27,7 @@ A row is `ok` or `rejected` with a reason code (REASONS):
 Accepted with a note in the `notes` column: non-4/4 time signatures (the CP grid is 4/4 bars
 of 1920 ticks, as in Pop1K7, so such pieces are tokenized on a 4/4 grid), tempo changes
 (Pop1K7 has one per beat; tempo is a token field), resolutions other than 480 ticks per beat
-(rescaled by musegen.midi.to_score), dropped drum notes and unexpected extensions.
+(rescaled by musegen.core.midi.to_score), dropped drum notes and unexpected extensions.
 
 Splits come from each file's own sha256 (valid at the bottom of the hash range, test at the
 top), so adding or removing files never moves another file, and growing `valid_percent` only
@@ -51,15 +51,16 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from musegen import files, midi
+from musegen import files
 from musegen.config import ParamsError
-from musegen.midi import TICKS_PER_BEAT, MidiError
+from musegen.core import midi
+from musegen.core.midi import TICKS_PER_BEAT, MidiError
 
 REASONS = (*midi.REASONS, *(r for r in ("header_only",) if r not in midi.REASONS))
 SPLITS = ("train", "valid", "test")
 BAR_TICKS = 4 * TICKS_PER_BEAT  # the CP grid: 4/4 bars of 480-tick beats
 MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
-CORPUS_BOOKKEEPING = ("manifest.json",)  # musegen.corpus's own record, top level only
+CORPUS_BOOKKEEPING = ("manifest.json",)  # musegen.stages.corpus's own record, top level only
 
 COLUMNS = (
     "path",  # relative to raw_dir, POSIX, as files.printable text (a non-UTF-8 byte is \xNN)

@@ -39,8 +39,8 @@ from tqdm import tqdm
 
 from musegen import files
 from musegen.config import ParamsError
+from musegen.core.midi import TICKS_PER_BEAT, MidiError, load_midi, to_score
 from musegen.files import printable
-from musegen.midi import TICKS_PER_BEAT, MidiError, load_midi, to_score
 
 MUSIC21_VERSION = "10.5.1"  # the committed manifest's hashes hold for this version only
 M21_CORPUS = "m21-keyboard"

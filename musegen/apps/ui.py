@@ -86,7 +86,7 @@ def mlflow_server(p: ServeParams, root: Path) -> Server:
 
 def optuna_dashboard(p: ServeParams, root: Path, storage: str, artifact_dir: str) -> Server:
     """optuna-dashboard on tune.storage (an RDB URL, or journal:///path for a journal log)."""
-    from musegen.tune import open_storage
+    from musegen.stages.tune import open_storage
 
     with contextlib.chdir(root):  # the dashboard opens tables; it does not create them
         open_storage(storage)

@@ -6,11 +6,11 @@ For each representation in `params.representations`, `out_dir/<repr>/` gets:
   each ending with its EOS (CP: [n_words_total, 8]; REMI: [n_tokens_total]);
 - `{train,valid,test}_offsets.npy`: int64 [n_songs + 1], song k is rows offsets[k]:offsets[k+1];
 - `vocab.json`: fields, sizes, the event string of every id and the tokenizer config (enough to
-  decode alone; see musegen.tokenizer);
+  decode alone; see musegen.core.tokenizer);
 - `pieces.json`: {split: [manifest path of song k]}, so a stage that reads a split can name
   (and record) the manifest rows it used.
 
-Each file is parsed once (musegen.midi.read_score) and encoded by every tokenizer. A file that
+Each file is parsed once (musegen.core.midi.read_score) and encoded by every tokenizer. A file that
 prepare accepted but that fails here is named on stderr, skipped and counted in the metrics
 JSON (`params.metrics`), never a crash.
 """
@@ -31,10 +31,10 @@ import numpy as np
 from tqdm import tqdm
 
 from musegen.config import ParamsError
+from musegen.core.midi import read_score
+from musegen.core.tokenizer import FIELDS, Tokenizer, get_tokenizer
 from musegen.files import from_printable, replacing, write_headline
-from musegen.midi import read_score
-from musegen.prepare import read_manifest
-from musegen.tokenizer import FIELDS, Tokenizer, get_tokenizer
+from musegen.stages.prepare import read_manifest
 
 SPLITS = ("train", "valid", "test")
 
