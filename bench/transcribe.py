@@ -1,17 +1,19 @@
 """Transcription benchmark: render held-out corpus MIDI, transcribe it back, score it.
 
-For each piece of the corpus's test split (prepare's hash split, so no training piece):
-render it with the project's FluidSynth path (musegen.core.render), then make a second copy with
-sox reverb plus white noise at --snr dB, and transcribe both with `musegen.stages.transcribe`
-(streamed). Peer in the same run: basic-pitch's own `predict()` (whole file in memory, its
-default decoding) on the clean audio. Scores (mir_eval): note F1 onset-only and
+For each piece of the test and valid splits (prepare's hash split, so no training piece):
+render it with the project's FluidSynth path (musegen.core.render), then make a second copy
+with sox reverb plus white noise at --snr dB, and transcribe both with
+`musegen.stages.transcribe` (streamed). Peers in the same run: basic-pitch's own `predict()`
+(whole file in memory, its default decoding) for notes and speed, librosa's own tracker on
+the audio (`beat_track(y=...)`) for beats. Scores (mir_eval): note F1 onset-only and
 onset+offset, beat F-measure of the written tempo map (its 480-tick beats, back in seconds)
-against the source's quarter-note beats, downbeat F-measure of its bars against the
-source's bars. Speed: audio seconds / wall seconds, one file at a time on one thread, and
-the whole folder through `transcribe()` with every core (the command's own path). Memory:
-peak RSS of a child process transcribing --long-minutes of audio vs 1 minute.
+against the source's quarter-note beats, downbeat F-measure of its bars against the source's
+bars. Speed: audio seconds / wall seconds, one file at a time on one thread, the whole
+folder through `transcribe()` with every core (the command's own path), and the model alone
+on one thread, with the 1-minute load average. Memory: peak RSS of a child process
+transcribing --long-minutes of audio vs 1 minute.
 
-    python -m bench.transcribe                        # data/raw/m21-keyboard, 8 held-out pieces
+    python -m bench.transcribe                        # data/raw/m21-keyboard, all held-out pieces
     python -m bench.transcribe --num-files 4 --long-minutes 0
 
 Goals (issue 14): onset F1 >= 0.85 and beat F >= 0.9 on clean rendered piano; >= 10x real
@@ -30,6 +32,7 @@ import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
+import os  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -47,16 +50,15 @@ DEFAULT_DIR = Path("data/raw/m21-keyboard")
 
 
 def held_out(midi_dir: Path, n: int, params: Path) -> list[Path]:
-    """The first n test-split files (then valid), by prepare's own hash split."""
+    """The first n test-split files (then valid), by prepare's own hash split; n = 0: all."""
     p = load_section(PrepareParams, "prepare", params)
     files = sorted(midi_dir.glob("*.mid"))
     split = {
         f: split_of(hashlib.sha256(f.read_bytes()).hexdigest(), p.valid_percent, p.test_percent)
         for f in files
     }
-    return ([f for f in files if split[f] == "test"] + [f for f in files if split[f] == "valid"])[
-        :n
-    ]
+    chosen = [f for f in files if split[f] == "test"] + [f for f in files if split[f] == "valid"]
+    return chosen[: n or None]
 
 
 def reference(midi_path: Path) -> dict[str, np.ndarray]:
@@ -139,7 +141,8 @@ def degrade(clean: Path, out: Path, snr_db: float, seed: int) -> Path:
 def peak_rss_mb(audio: Path, params_file: Path) -> float:
     """Peak RSS (MB) of a fresh process that transcribes `audio`."""
     code = (
-        "import sys, resource; from pathlib import Path; from musegen import transcribe as tr;"
+        "import sys, resource; from pathlib import Path;"
+        "from musegen.stages import transcribe as tr;"
         "from musegen.config import load_section;"
         "p = load_section(tr.TranscribeParams, 'transcribe', sys.argv[2]);"
         "import dataclasses; p = dataclasses.replace(p, max_seconds=1e6);"
@@ -151,6 +154,25 @@ def peak_rss_mb(audio: Path, params_file: Path) -> float:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return float(out.stdout.strip().splitlines()[-1])
+
+
+def model_alone(session: object, wav: Path, seconds: float = 10.0) -> float:
+    """The model's own speed on one thread: audio seconds per wall second, batches of windows
+    of `wav` run for about `seconds` (no decoding, note or beat work)."""
+    import soundfile as sf
+
+    audio, _ = sf.read(wav, dtype="float32")  # rendered at the model's 22.05 kHz
+    n = tr.BATCH
+    batch = np.zeros((n, tr.WINDOW, 1), np.float32)
+    for i in range(n):
+        piece = audio[i * tr.WINDOW_HOP : i * tr.WINDOW_HOP + tr.WINDOW]
+        batch[i, : len(piece), 0] = piece
+    inp = session.get_inputs()[0].name
+    runs, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        session.run(None, {inp: batch})
+        runs += 1
+    return round(runs * n * tr.WINDOW_HOP / tr.SAMPLE_RATE / (time.perf_counter() - t0), 1)
 
 
 def tile(src: Path, out: Path, minutes: float) -> Path:
@@ -168,7 +190,7 @@ def tile(src: Path, out: Path, minutes: float) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--midi-dir", type=Path, default=DEFAULT_DIR)
-    ap.add_argument("--num-files", type=int, default=8)
+    ap.add_argument("--num-files", type=int, default=0, help="0 = every held-out piece")
     ap.add_argument("--snr", type=float, default=20.0, help="noise level of the degraded copy")
     ap.add_argument("--long-minutes", type=float, default=20, help="memory check; 0 = skip")
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -190,6 +212,7 @@ def main() -> None:
             degrade(clean_dir / f"{f.stem}.wav", noisy_dir / f"{f.stem}.wav", args.snr, i)
     print(f"{len(files)} held-out pieces from {args.midi_dir}, rendered to {work}")
 
+    import librosa
     import mir_eval
     from basic_pitch.inference import Model, predict
 
@@ -198,7 +221,9 @@ def main() -> None:
         Path(__import__("basic_pitch").__file__).parent / "saved_models/icassp_2022/nmp.onnx"
     )
     rows, audio_s, ours_s, peer_s = [], 0.0, 0.0, 0.0
+    load = {"start": os.getloadavg()[0]}
     tr.transcribe_audio(clean_dir / f"{files[0].stem}.wav", params, session)  # warm up (JIT)
+    model_x = model_alone(session, clean_dir / f"{files[0].stem}.wav")
     for f in files:
         ref = reference(f)
         for kind in ("clean", "noisy") if use_sox else ("clean",):
@@ -206,12 +231,9 @@ def main() -> None:
             t0 = time.perf_counter()
             midi, info = tr.transcribe_audio(wav, params, session)
             took = time.perf_counter() - t0
-            grid0 = tr.beat_grid(info["beats"], info["downbeat"])[0]
+            grid0 = tr.beat_grid(info["beats"], 0)[0]
             row = {"file": f.name, "kind": kind, "seconds": info["seconds"]}
             row |= score(ref, written(midi, grid0, work / f"{kind}-{f.stem}.mid"))
-            # peer for the downbeat heuristic: bars of four from the first detected beat
-            first = tr.beat_grid(info["beats"], 0)[::4]
-            row["downbeat_f_first_beat"] = mir_eval.beat.f_measure(ref["bars"], first)
             if kind == "clean":
                 audio_s, ours_s = audio_s + info["seconds"], ours_s + took
                 t0 = time.perf_counter()
@@ -225,6 +247,10 @@ def main() -> None:
                 peer_s += time.perf_counter() - t0
                 peer_notes = {"notes": np.array([(s, e, p) for s, e, p, *_ in events])}
                 row["peer_onset_f1"] = score(ref, peer_notes)["onset_f1"]
+                # beat peer: librosa's tracker on the audio's own onset strength
+                y, sr = librosa.load(wav, sr=None)
+                _, peer_beats = librosa.beat.beat_track(y=y, sr=sr, units="time")
+                row["peer_beat_f"] = mir_eval.beat.f_measure(ref["beats"], peer_beats)
             rows.append(row)
             print(
                 json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()})
@@ -236,6 +262,7 @@ def main() -> None:
 
     # the command's own path: every core, one worker per core, a folder of clean audio
     out_dir = work / "corpus"
+    load["folder"] = os.getloadavg()[0]
     t0 = time.perf_counter()
     report = tr.transcribe(
         clean_dir, out_dir, dataclasses.replace(params, num_workers=0), progress=False
@@ -252,8 +279,8 @@ def main() -> None:
                 "onset_offset_f1",
                 "beat_f",
                 "downbeat_f",
-                "downbeat_f_first_beat",
                 "peer_onset_f1",
+                "peer_beat_f",
             )
         },
         "noisy": {
@@ -263,6 +290,14 @@ def main() -> None:
         "x_realtime_1_thread": round(audio_s / ours_s, 1),
         "peer_x_realtime_1_thread": round(audio_s / peer_s, 1),
         "x_realtime_folder_all_cores": round(folder_audio / folder_s, 1),
+        "x_realtime_model_alone_1_thread": model_x,
+        "cores": os.cpu_count(),
+        "load_avg_1min": {k: round(v, 1) for k, v in load.items()},
+        "beat_f_below_0.9": {
+            r["file"]: round(r["beat_f"], 3)
+            for r in rows
+            if r["kind"] == "clean" and r["beat_f"] < 0.9
+        },
     }
     if args.long_minutes:
         one = tile(clean_dir / f"{files[0].stem}.wav", work / "one.flac", 1)

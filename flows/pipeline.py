@@ -72,13 +72,14 @@ ROOT = Path(__file__).resolve().parents[1]
 #: each stage's upstream stages, as in dvc.yaml (tests/test_dag.py checks it against `dvc dag`)
 UPSTREAM: dict[str, tuple[str, ...]] = {
     "corpus": (),
-    "prepare": ("corpus",),
-    "tokenize": ("corpus", "prepare"),
+    "transcribe": (),  # optional (transcribe.corpora): with none, DVC has no such edges
+    "prepare": ("corpus", "transcribe"),
+    "tokenize": ("corpus", "transcribe", "prepare"),
     "train": ("tokenize",),
-    "sweep": ("corpus", "prepare", "train"),
+    "sweep": ("corpus", "transcribe", "prepare", "train"),
     "select": ("sweep",),
     "tune": ("tokenize", "train", "select"),
-    "evaluate": ("corpus", "prepare", "train", "select", "tune"),
+    "evaluate": ("corpus", "transcribe", "prepare", "train", "select", "tune"),
     "register": ("train", "select", "tune", "evaluate"),
 }
 
@@ -114,13 +115,16 @@ def repro(stage: str, root: Path = ROOT, force: bool = False) -> None:
 
 
 def stage_state(stage: str, root: Path = ROOT) -> dict[str, Any] | None:
-    """The stage's dvc.lock entry when `dvc status` finds it up to date, else None."""
+    """The stage's dvc.lock entry when `dvc status` finds it up to date, else None (a
+    `foreach` stage: its generated stages' entries, {} when params name none)."""
     proc = _dvc(root, "status", "--json", stage)
     if proc.returncode or json.loads(proc.stdout or "{}"):
         return None  # changed (or DVC could not tell): the stage must run
     lock = root / "dvc.lock"
-    entry = yaml.safe_load(lock.read_text())["stages"].get(stage) if lock.is_file() else None
-    return entry or None
+    entries = yaml.safe_load(lock.read_text())["stages"] if lock.is_file() else {}
+    if "foreach" in read_yaml(root / "dvc.yaml")["stages"][stage]:  # transcribe@<name> each
+        return {k: v for k, v in entries.items() if k.partition("@")[0] == stage}  # none: {}
+    return entries.get(stage) or None
 
 
 def dvc_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -179,6 +183,19 @@ def corpus(params: Path, root: Path = ROOT) -> Path:
         key="corpus", markdown=f"**m21-keyboard**: {len(rows)} files in `{out.relative_to(root)}`"
     )
     return out
+
+
+@task(name="transcribe", **STAGE)
+def transcribe(params: Path, root: Path = ROOT) -> Path:
+    """Transcribe the recordings named in transcribe.corpora (none by default: a no-op)."""
+    repro("transcribe", root)
+    corpora = _section(params, root, "transcribe")["corpora"] or {}
+    raw_root = _data(params, root).raw_root
+    lines = [f"- **{name}**: `{audio}` -> `{raw_root}/{name}`" for name, audio in corpora.items()]
+    create_markdown_artifact(
+        key="transcribe", markdown="\n".join(lines) or "no corpora to transcribe"
+    )
+    return root / raw_root
 
 
 @task(name="prepare", **STAGE)
@@ -363,7 +380,7 @@ def ask_person(params: Path, root: Path, selected: PrefectFuture) -> bool:
 
 
 #: the tasks in DAG order; tests check this equals dvc.yaml's stages.
-TASKS = (corpus, prepare, tokenize, train, sweep, select, tune, evaluate, register)
+TASKS = (corpus, transcribe, prepare, tokenize, train, sweep, select, tune, evaluate, register)
 
 
 @flow(name="musegen-pipeline", log_prints=True)

@@ -108,6 +108,16 @@ BIN = Path(sys.executable).parent
 PROJECT = ("musegen", "flows", "ratings", "dvc.yaml", "params.yaml", "pyproject.toml")
 
 
+def copy_project(dest: Path, names: tuple[str, ...] = ("musegen", "dvc.yaml", "params.yaml")):
+    """Copy the project's `names` (folders without __pycache__) into `dest`."""
+    for name in names:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dest / name)
+
+
 def sh(*cmd: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)  # the repo's own store: sqlite:///mlflow/mlflow.db

@@ -21,28 +21,43 @@ def test_flow_tasks_equal_dvc_stages_in_order() -> None:
 
 def test_every_stage_runs_its_musegen_command() -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    for name, stage in stages.items():
+    for name, entry in stages.items():
+        stage = entry.get("do", entry)  # a `foreach` stage (transcribe) defines its cmd in `do`
         assert stage["cmd"].startswith("musegen "), name
         assert name in stage["cmd"], f"stage {name} runs {stage['cmd']!r}"
 
 
-def dvc_edges() -> set[tuple[str, str]]:
-    """DVC's own DAG (upstream, downstream) from `dvc dag --dot` on this repo's dvc.yaml."""
+def dvc_edges(root: Path = ROOT) -> set[tuple[str, str]]:
+    """DVC's own DAG (upstream, downstream) from `dvc dag --dot` on `root`'s dvc.yaml; a
+    `foreach` stage's generated stages (transcribe@name) count under the stage's name."""
     import re
     import subprocess
     import sys
 
     cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "dag", "--dot"]
-    dot = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    return set(re.findall(r'"([\w-]+)" -> "([\w-]+)"', dot))
+    dot = subprocess.run(cmd, cwd=root, capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r'"([\w-]+)(?:@[^"]*)?" -> "([\w-]+)(?:@[^"]*)?"', dot))
 
 
-def test_flow_dependencies_equal_dvc_dag() -> None:
+def test_flow_dependencies_equal_dvc_dag(tmp_path: Path) -> None:
+    """UPSTREAM is DVC's DAG with the optional transcribe stage selected; by default (no
+    transcribe.corpora) DVC has the same DAG without it."""
+    import subprocess
+    import sys
+
     from flows.pipeline import UPSTREAM
 
-    edges = dvc_edges()
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["transcribe"]["corpora"] = {"mine": "recordings"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    subprocess.run(
+        [sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True
+    )
+    edges = dvc_edges(tmp_path)
     assert edges, "dvc dag --dot printed no edges"
     assert {(up, name) for name, ups in UPSTREAM.items() for up in ups} == edges
+    assert dvc_edges() == {(up, down) for up, down in edges if up != "transcribe"}
     order = [t.name for t in TASKS]
     for up, down in edges:  # the task order is a topological order of DVC's DAG
         assert order.index(up) < order.index(down), f"{up} must run before {down}"
@@ -72,6 +87,8 @@ def stage_code(cmd: str) -> set[Path]:
     cli = importlib.import_module(cli_name)
     command = typer.main.get_command(cli.app)
     for word in cmd.split()[1:]:
+        if word.startswith("-"):
+            break  # the command's options
         command = command.commands[word]  # click groups: `musegen corpus build`
 
     def is_module(name: str) -> bool:
@@ -126,7 +143,8 @@ def test_dvc_deps_list_the_code_each_stage_runs() -> None:
     """A stage reruns when code it runs changes: its musegen .py deps equal `stage_code`."""
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     problems = []
-    for name, stage in stages.items():
+    for name, entry in stages.items():
+        stage = entry.get("do", entry)
         derived = stage_code(stage["cmd"])
         listed = {Path(d) for d in stage.get("deps", []) if str(d).endswith(".py")}
         if derived != listed:
@@ -142,18 +160,14 @@ def test_editing_the_sampling_module_changes_the_stages_that_sample(tmp_path: Pa
     """DVC acts on the derived deps: in a fresh git + DVC copy of the project whose stages are
     all recorded (`dvc commit` over placeholder data, so nothing runs), a changed sampling
     rule makes `dvc status` report sweep, tune and evaluate, and no stage before them."""
-    import shutil
     import subprocess
     import sys
 
+    from conftest import copy_project
+
     import musegen.core.sampling
 
-    for name in ("musegen", "dvc.yaml", "params.yaml"):
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, tmp_path / name)
+    copy_project(tmp_path)
 
     def dvc(*args: str) -> str:
         cmd = [sys.executable, "-m", "dvc", *args]

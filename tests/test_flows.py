@@ -52,6 +52,7 @@ if name in ("tune", "evaluate") and float(sys.argv[2]) > 0:  # meet the other on
     met = other.exists()
 files = {
     "corpus": {"data/raw/m21-keyboard/manifest.json": json.dumps([{"file": "a.mid"}])},
+    "transcribe": {"data/raw/mine/a.mid": "MThd"},
     "prepare": {"data/prepared/manifest.csv":
                 "path,status,reason,split\na.mid,ok,,train\nb.mid,rejected,no_notes,\n"},
     "tokenize": {"data/tokens/cp/vocab.json": "{}",
@@ -86,6 +87,7 @@ with open(".runs.log", "a") as log:
 #: each stand-in stage's DVC outs (dirs where the real stage writes a dir)
 OUTS = {
     "corpus": ["data/raw/m21-keyboard"],
+    "transcribe": ["data/raw/mine"],  # the optional stage, as if transcribe.corpora named one
     "prepare": ["data/prepared/manifest.csv"],
     "tokenize": ["data/tokens", "reports/tokenize/metrics.json"],
     "train": ["models/cp", "reports/train/loss.csv"],
@@ -229,7 +231,8 @@ def test_failed_stage_is_not_retried_and_stops_downstream(prefect_server: None, 
     state = pipeline(Path("params.yaml"), tiny, return_state=True)
     assert state.is_failed()
     assert "bad input" in str(state.message) or "tokenize" in str(state.message)
-    assert [r["stage"] for r in runs(tiny)] == ["corpus", "prepare"]  # one attempt, no train
+    ran = sorted(r["stage"] for r in runs(tiny))
+    assert ran == ["corpus", "prepare", "transcribe"]  # one attempt, no train
     states = task_states(state, n=len(UPSTREAM))
     assert states["tokenize"] == "Failed" and states["train"] != "Completed"
 

@@ -219,3 +219,37 @@ def test_beats_follow_a_tempo_change_at_the_quarter_note_level():
     notes = notes[np.argsort(notes[:, 0])]
     found = tr.track_beats(notes, int(82 * tr.FPS))
     assert mir_eval.beat.f_measure(beats, found) > 0.95
+
+
+@pytest.mark.slow
+def test_optional_dvc_stage_transcribes_the_corpora_named_in_params(tmp_path, real_midi_dir):
+    """In a fresh git + DVC copy of the project: transcribe.corpora {mine: recordings} adds
+    a stage transcribe@mine upstream of prepare; `dvc repro` of it writes the corpus and its
+    report, and DVC then finds it up to date."""
+    import yaml
+    from conftest import copy_project, sh
+
+    from musegen.core.render import render_audio
+
+    copy_project(tmp_path, ("musegen", "dvc.yaml"))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["transcribe"]["corpora"] = {"mine": "recordings"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (tmp_path / "recordings").mkdir()
+    wav = render_audio(real_midi_dir / "bach__bwv269.mid", tmp_path / "full.wav")
+    clip, sr = sf.read(wav, dtype="float32")
+    sf.write(tmp_path / "recordings/chorale.flac", clip[: 8 * sr], sr)
+
+    def dvc(*args: str) -> str:
+        return sh(sys.executable, "-m", "dvc", *args, cwd=tmp_path).stdout
+
+    sh("git", "init", "-q", cwd=tmp_path)
+    dvc("init", "-q")
+    assert '"transcribe@mine" -> "prepare"' in dvc("dag", "--dot")
+    dvc("repro", "--single-item", "transcribe")
+    midi = miditoolkit.MidiFile(str(tmp_path / "data/raw/mine/chorale.mid"))
+    assert midi.ticks_per_beat == 480 and len(midi.instruments[0].notes) > 20
+    report = tr.read_report(tmp_path / "data/raw/mine.transcribe.csv")
+    assert report.status.tolist() == ["ok"] and not (tmp_path / "recordings" / tr.REPORT).exists()
+    assert "transcribe@mine" in yaml.safe_load((tmp_path / "dvc.lock").read_text())["stages"]
+    assert "transcribe@mine" not in dvc("status", "transcribe")  # up to date

@@ -91,6 +91,9 @@ def corpus_transcribe(
         Path | None, typer.Option("--out", help="corpus folder (default raw_root/<audio name>)")
     ] = None,
     use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the result")] = False,
+    report: Annotated[
+        Path | None, typer.Option(help="the report (default <audio>/transcribe.csv)")
+    ] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Transcribe recordings to beat-synchronous piano MIDI (basic-pitch): a corpus folder.
@@ -103,14 +106,15 @@ def corpus_transcribe(
 
     out = out or Path(load_section(DataParams, "data", params).raw_root) / audio.name
     try:
-        report = stage.transcribe(
-            audio, out, load_section(stage.TranscribeParams, "transcribe", params)
+        table = stage.transcribe(
+            audio, out, load_section(stage.TranscribeParams, "transcribe", params), report=report
         )
     except ImportError as exc:
         _fail(str(exc))
-    typer.echo(stage.summarize(report, out))
-    if not (report.status == "ok").any():
-        _fail(f"{audio}: no file became MIDI; see the reasons above and {audio / stage.REPORT}")
+    typer.echo(stage.summarize(table, out))
+    if not (table.status == "ok").any():
+        where = report or audio / stage.REPORT
+        _fail(f"{audio}: no file became MIDI; see the reasons above and {where}")
     if use_dvc:
         subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
 
@@ -265,7 +269,8 @@ def ratings_add(
     ] = True,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
-    """Merge blind-page ratings into the ratings table; log counts and means to the sweep runs."""
+    """Merge blind-page scores and pairwise choices into the ratings table; log counts, means
+    and Bradley-Terry strengths to the sweep runs."""
     from musegen.core import ratings as stage
     from musegen.stages.select import SelectParams
     from musegen.stages.sweep import SweepParams

@@ -7,8 +7,8 @@ tensorflow<2.15.1, which would take numpy back to 1.26: `make setup` installs ba
 with --no-deps plus the `audio` extra). Beats come from librosa's dynamic-programming
 tracker on an onset envelope made from the transcribed notes, at their median local tempo;
 each beat becomes 480 ticks (one tempo event per beat, as in Pop1K7's midi_analyzed
-files) and notes keep their place between beats. Bars: 4/4 from the beat whose phase (of
-four) holds the most low-register onset energy, a downbeat heuristic (bench/transcribe.py).
+files) and notes keep their place between beats. Bars: 4/4 from the first detected beat (a
+downbeat guess from bass onsets, and one from chord changes, scored lower on train pieces).
 
 Memory is bounded by the chunk sizes, not the file: audio is decoded in blocks and
 resampled as a stream, the model sees 2-second windows, notes are decoded from a rolling
@@ -92,12 +92,16 @@ class TranscribeParams:
     frame_threshold: float
     min_note_ms: float
     num_workers: int
+    corpora: dict[str, str]  # name -> audio folder: one `transcribe@name` DVC stage each
 
     def __post_init__(self) -> None:
         if not 0 < self.min_seconds < self.max_seconds:
             raise ParamsError("transcribe: need 0 < min_seconds < max_seconds (fix params.yaml)")
         if self.num_workers < 0 or self.min_notes < 1:
             raise ParamsError("transcribe: num_workers >= 0 and min_notes >= 1 (fix params.yaml)")
+        for name in self.corpora or {}:
+            if not re.fullmatch(r"[\w.-]+", str(name)) or name in (".", ".."):
+                raise ParamsError(f"transcribe.corpora: {name!r} is not a folder name")
 
 
 class AudioError(Exception):
@@ -345,24 +349,6 @@ def track_beats(notes: np.ndarray, n_frames: int) -> np.ndarray:
     return np.asarray(beats, np.float64)
 
 
-def downbeat_phase(beats: np.ndarray, notes: np.ndarray, tolerance: float = 0.07) -> int:
-    """Which beat of four starts a bar: the phase with the most bass onset energy.
-
-    Chord changes and bass notes fall on downbeats far more often than between them in
-    piano music; onsets within `tolerance` s of a beat, below middle C, weighted by amplitude.
-    """
-    bass = notes[notes[:, 2] < 60]
-    if len(bass) == 0 or len(beats) < 4:
-        return 0
-    idx = np.clip(np.searchsorted(beats, bass[:, 0]), 1, len(beats) - 1)
-    nearest = np.where(
-        bass[:, 0] - beats[idx - 1] < beats[idx] - bass[:, 0], idx - 1, idx
-    )  # (n_bass,) beat index
-    near = np.abs(beats[nearest] - bass[:, 0]) <= tolerance
-    weight = np.bincount(nearest[near] % 4, bass[near, 3], minlength=4)
-    return int(np.argmax(weight))
-
-
 def beat_grid(beats: np.ndarray, phase: int) -> np.ndarray:
     """The beats extended backwards (first interval) to a bar start at or before 0 s.
 
@@ -410,7 +396,7 @@ def transcribe_audio(
 
     Returns:
         The MidiFile and what the report row needs (seconds, n_notes, bpm), plus the
-        detected `beats` (s) and the `downbeat` phase for scoring.
+        detected `beats` (s) for scoring.
 
     Raises:
         AudioError: with one of REASONS.
@@ -439,14 +425,12 @@ def transcribe_audio(
     beats = track_beats(notes, n_frames)
     if len(beats) < MIN_BEATS:
         raise AudioError("no_beats", f"{len(beats)} beats found; need {MIN_BEATS} for a tempo map")
-    phase = downbeat_phase(beats, notes)
-    midi = to_midi(notes, beat_grid(beats, phase))
+    midi = to_midi(notes, beat_grid(beats, 0))
     info = {
         "seconds": round(stats["seconds"], 3),
         "n_notes": len(notes),
         "bpm": round(float(60 / np.median(np.diff(beats))), 2),
         "beats": beats,
-        "downbeat": phase,
         "notes": notes,
     }
     return midi, info
@@ -508,7 +492,11 @@ def read_report(path: Path) -> pd.DataFrame:
 
 
 def transcribe(
-    audio_dir: Path, out_dir: Path, params: TranscribeParams, progress: bool = True
+    audio_dir: Path,
+    out_dir: Path,
+    params: TranscribeParams,
+    progress: bool = True,
+    report: Path | None = None,
 ) -> pd.DataFrame:
     """Transcribe every file under audio_dir into out_dir; write audio_dir/transcribe.csv.
 
@@ -518,6 +506,8 @@ def transcribe(
             at the input's relative path.
         params: the `transcribe` section.
         progress: draw a progress bar (stderr).
+        report: where the report goes (default audio_dir/transcribe.csv); the DVC stage
+            keeps it beside the corpus, out of its input folder.
 
     Returns:
         The report, one row per input file in path order, columns COLUMNS.
@@ -531,7 +521,7 @@ def transcribe(
     names = [f for f in list_files(audio_dir) if f != REPORT]
     if not names:
         raise FileNotFoundError(f"{audio_dir}: no files to transcribe (hidden files are skipped)")
-    report = audio_dir / REPORT
+    report = Path(report) if report else audio_dir / REPORT
     done: dict[tuple[str, str], dict[str, Any]] = {}
     if report.is_file():
         for row in read_report(report).to_dict("records"):
@@ -593,6 +583,7 @@ def transcribe(
     finally:
         bar.close()
         table = pd.DataFrame([rows[r] for r in names if r in rows], columns=list(COLUMNS))
+        report.parent.mkdir(parents=True, exist_ok=True)
         files.write_atomic(report, table.to_csv(index=False, lineterminator="\n"))
     return table
 
