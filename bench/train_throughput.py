@@ -98,15 +98,21 @@ def make_step(
 
 def time_steps(
     steps: dict[str, Callable[[], None]], device: torch.device, rounds: int
-) -> dict[str, float]:
-    """Best seconds per step of each variant, the variants interleaved round by round.
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Best seconds per step of each variant, the variants interleaved round by round, and
+    the seconds of each variant's first step (for a compiled one: compilation included).
 
     Interleaving and the minimum keep the ratios fair on a shared machine: a burst of load
     from other processes hits every variant, and the least-disturbed step is the estimate.
     """
-    for step in steps.values():  # warm-up: allocator, kernels, compilation
-        for _ in range(2):
-            step()
+    first = {}
+    for name, step in steps.items():  # warm-up: allocator, kernels, compilation
+        sync(device)
+        t = time.perf_counter()
+        step()
+        sync(device)
+        first[name] = time.perf_counter() - t
+        step()
     best = dict.fromkeys(steps, float("inf"))
     for _ in range(rounds):
         for name, step in steps.items():
@@ -115,7 +121,7 @@ def time_steps(
             step()
             sync(device)
             best[name] = min(best[name], time.perf_counter() - t)
-    return best
+    return best, first
 
 
 def batch_seconds(repr_dir: Path, vocab: dict, p: TrainParams, repeat: int = 20) -> float:
@@ -170,7 +176,7 @@ def main() -> None:
             variants |= {f"relative/{i}": make_step(config, p, device, i, False) for i in impls}
         if args.compile:  # train.compile: true, the auto path compiled
             variants["relative/auto compiled"] = make_step(config, p, device, "auto", True)
-        best = time_steps({k: v[0] for k, v in variants.items()}, device, args.steps)
+        best, first = time_steps({k: v[0] for k, v in variants.items()}, device, args.steps)
         # CPU trains in fp32, CUDA under bf16 autocast: the peak uses the same dtype
         dtype, n = (torch.bfloat16, 8192) if name == "cuda" else (torch.float32, 2048)
         peak = matmul_peak(device, n, dtype, repeat=5)
@@ -197,9 +203,30 @@ def main() -> None:
                 line += f" {row['mfu_vendor']:11.1%}"
             print(line)
             results.append(row)
+        if args.compile:  # train.compile both ways over a whole run of train.max_steps
+            model = variants["relative/auto compiled"][1]
+            auto = f"relative/{model.blocks[0].attn.resolved_impl(device)}"
+            auto = auto if auto in best else "absolute"
+            extra = first["relative/auto compiled"] - best["relative/auto compiled"]
+            words = p.max_steps * p.batch_size * p.seq_len
+            eager = words / (p.max_steps * best[auto])
+            compiled = words / (p.max_steps * best["relative/auto compiled"] + extra)
+            print(f"train.compile over train.max_steps = {p.max_steps}: false {eager:,.0f} "
+                  f"words/s ({auto}), true {compiled:,.0f} words/s including {extra:.0f} s of "
+                  f"compilation: {compiled / eager:.2f}x")  # fmt: skip
+            results.append(
+                {
+                    "device": label,
+                    "train_compile_speedup": round(compiled / eager, 3),
+                    "compile_seconds": round(extra, 1),
+                    "max_steps": p.max_steps,
+                }
+            )
     if (tokens / p.representation / "train.npy").is_file():
         seconds = batch_seconds(tokens / p.representation, vocab, p)
-        step = min(r["seq_len"] * p.batch_size / r["tokens_per_s"] for r in results)
+        step = min(
+            r["seq_len"] * p.batch_size / r["tokens_per_s"] for r in results if "seq_len" in r
+        )
         print(f"data: one batch from the memory-mapped tokens takes {seconds * 1e3:.2f} ms, "
               f"{seconds / step:.2%} of the fastest step: not worth a loader thread")  # fmt: skip
     print("\n(variants interleaved, best step of each; the box may be shared: compare ratios)")

@@ -16,11 +16,15 @@ into text that is valid UTF-8, readable and reversible (`from_printable` gives t
 
 `write_atomic` / `replacing` write beside the target under a unique hidden name and rename it
 over the target, so a reader never sees half a file and two writers never share a temp file.
+
+`write_headline` writes the few figures of a stage that `dvc metrics show` prints (headline.json,
+declared under `metrics:` in dvc.yaml) beside the stage's full report (a plain output).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -28,6 +32,17 @@ import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
+
+#: the file beside a stage's report that dvc.yaml declares under `metrics:`
+HEADLINE = "headline.json"
+#: the figures headlines hold, each written by one stage: prepare's ok pieces, tokenize's CP
+#: words, train's best valid loss, sweep's best and tune's best proxy score (valid split), the
+#: STEP select chose, evaluate's proxy score on the test split. Few in all (`dvc metrics show`
+#: prints a column per name) and none shared (`dvc exp show` puts the file path before a name
+#: two files share), so both tables stay within 120 columns.
+HEADLINE_KEYS = (
+    "pieces", "words", "valid_loss", "sweep_score", "step", "tune_score", "test_score"
+)  # fmt: skip
 
 #: reason codes FileRefusedError may carry
 REASONS = ("missing", "not_regular", "unreadable", "too_large")
@@ -182,3 +197,20 @@ def write_atomic(path: Path | str, data: str | bytes) -> Path:
         else:
             tmp.write_bytes(data)
     return Path(path)
+
+
+def write_headline(report: Path | str, **figures: float | None) -> Path:
+    """Write the figures a person compares across experiments to headline.json beside `report`.
+
+    `report` keeps every detail (readers use it); the headline holds a few of HEADLINE_KEYS
+    (None values are left out) for `dvc metrics show` and `dvc exp show`.
+
+    Raises:
+        ValueError: a figure name outside HEADLINE_KEYS.
+    """
+    unknown = sorted(set(figures) - set(HEADLINE_KEYS))
+    if unknown:
+        raise ValueError(f"headline figures {unknown}: use names from {HEADLINE_KEYS}")
+    path = Path(report).with_name(HEADLINE)
+    kept = {k: v for k, v in figures.items() if v is not None}
+    return write_atomic(path, json.dumps(kept, indent=2) + "\n")

@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.pipeline import TASKS
@@ -195,3 +196,26 @@ def test_editing_the_sampling_module_changes_the_stages_that_sample(tmp_path: Pa
     changed = set(json.loads(dvc("status", "--json")))
     assert {"sweep", "tune", "evaluate"} <= changed, changed
     assert not {"corpus", "prepare", "tokenize", "train"} & changed, changed
+
+
+def test_metrics_are_headlines_beside_their_reports(tmp_path: Path) -> None:
+    """dvc.yaml's `metrics:` are headline.json files (a few figures: files.HEADLINE_KEYS), each
+    beside the full report its stage writes as a plain output (files.write_headline)."""
+    from dvc.repo import Repo
+
+    from musegen.files import HEADLINE, write_headline
+
+    with Repo(str(ROOT)) as repo:
+        stages = [s for s in repo.index.stages if s.cmd]
+        declared = [o for s in stages for o in s.outs if o.metric]
+        for stage in stages:
+            reports = {Path(o.fs_path).parent for o in stage.outs if not o.metric}
+            for out in (o for o in stage.outs if o.metric):
+                assert Path(out.fs_path).name == HEADLINE, (stage.name, out.def_path)
+                assert Path(out.fs_path).parent in reports, (stage.name, out.def_path)
+    assert len(declared) >= 7  # prepare .. evaluate
+    report = tmp_path / "metrics.json"
+    assert write_headline(report, step=3, test_score=None) == tmp_path / HEADLINE
+    assert json.loads((tmp_path / HEADLINE).read_text()) == {"step": 3}  # None is left out
+    with pytest.raises(ValueError, match="'pitch_range'"):
+        write_headline(report, pitch_range=1.0)  # a figure outside the short list

@@ -45,8 +45,18 @@ def test_second_repro_is_a_fast_noop(repo: Path) -> None:
 
 
 def test_metrics_show(repo: Path) -> None:
-    out = sh("dvc", "metrics", "show", "--json", cwd=repo).stdout
-    assert "summary.json" in out
+    """`dvc metrics show` lists each stage's headline.json, few figures: within 120 columns."""
+    from musegen.files import HEADLINE_KEYS
+
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=repo).stdout)
+    files = shown[""]["data"]
+    assert {Path(f).parent.name for f in files} == {
+        "prepared", "tokenize", "train", "sweep", "select", "tune", "evaluate"
+    }, files  # fmt: skip
+    figures = [k for f in files.values() for k in f["data"]]
+    assert sorted(figures) == sorted(HEADLINE_KEYS)  # each figure once, from one stage
+    table = sh("dvc", "metrics", "show", cwd=repo).stdout.splitlines()
+    assert max(map(len, table)) <= 120, "\n".join(table)
 
 
 def test_training_learns_below_unigram_baseline(repo: Path) -> None:
@@ -169,3 +179,11 @@ def test_experiment_run_with_a_changed_param(repo: Path) -> None:
     sh("dvc", "exp", "run", "-n", "short", "-S", "sweep.num_prompts=1", cwd=repo)
     shown = sh("dvc", "exp", "show", "--json", cwd=repo).stdout
     assert '"short"' in shown
+    # what changed, readable at 120 columns (README): the figures and params, no cell cut to
+    # "…"; what --drop hides is only the hash columns DVC adds for changed files
+    show = ("dvc", "exp", "show", "--only-changed")
+    table = sh("env", "COLUMNS=120", *show, "--drop", ".*/.*", "--no-pager", cwd=repo).stdout
+    assert "…" not in table and "sweep.num_prompts" in table and "test_score" in table, table
+    every, kept = (sh(*show, *drop, "--csv", cwd=repo).stdout.splitlines()[0].split(",")
+                   for drop in ((), ("--drop", ".*/.*")))  # fmt: skip
+    assert all("/" in column for column in set(every) - set(kept)), every

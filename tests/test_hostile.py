@@ -509,6 +509,7 @@ def test_tune_workers_finishing_together_never_collide(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(write, range(300)))  # raises the first error any writer hit
     out = tmp_path / "tune"
-    assert sorted(p.name for p in out.iterdir()) == ["best_sampling.yaml", "metrics.json"]
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["best_sampling.yaml", "headline.json", "metrics.json"]
     best_sampling = yaml.safe_load((out / "best_sampling.yaml").read_text())
     assert best_sampling == {"temperature": {"pitch": 1.1}, "top_p": {}}

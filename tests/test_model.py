@@ -365,7 +365,9 @@ def test_per_head_relative_embeddings_and_cpu_training_path() -> None:
 )
 def test_batched_ring_decoder_equals_windowed_forward(attention: str, per_head: bool) -> None:
     """Decoder steps == hidden(window=max_len) per stream; prompts of different lengths, one
-    longer than the window, a stream dropped halfway (keep), fused heads == head_logits."""
+    longer than the window, a stream dropped halfway (keep), fused heads == head_logits.
+    16 steps > max_len 8: the ring wraps and the unwritten-slot bias is skipped after W steps
+    (transposed key ring, E_r read as a slice of its doubled flip; tolerance 1e-5, float32)."""
     config = tiny(attention, rel_per_head=per_head)
     model = build(config)
     x = random_ids(config, 3, 40)
@@ -389,3 +391,5 @@ def test_batched_ring_decoder_equals_windowed_forward(attention: str, per_head: 
         torch.testing.assert_close(dec.type_logits(h), ref[0][:, 0], rtol=0, atol=1e-5)
         for got, want in zip(dec.field_logits(h, nt).split(dec.split, -1), ref[1:], strict=True):
             torch.testing.assert_close(got, want[:, 0], rtol=0, atol=1e-5)
+        with pytest.raises(ValueError, match="before the first step"):
+            dec.prime(0, x[0, :2])

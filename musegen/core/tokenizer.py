@@ -213,7 +213,8 @@ class GrammarState:
 
         Rules: the song opens with a Bar word; a Bar carries only a rest, a Position only a
         tempo and chord; positions rise within a bar; a Note follows a Position in the same
-        bar and has pitch, duration and velocity and nothing else; the song ends with one EOS.
+        bar and has pitch, duration and velocity and nothing else; the song ends with one EOS
+        word, which carries nothing else.
         Repairs (the decoder's): a song that opens with another word starts in bar 0; a Note
         with no position or pitch is skipped; a missing duration is a 32nd note, a missing
         velocity 89.
@@ -225,7 +226,7 @@ class GrammarState:
             return 1
         if kind == EOS:
             self.ended = True
-            return 0
+            return int(any(row[1:]))  # an EOS word carries nothing else
         errors = 0
         if self.bar < 0 and not (kind == METRICAL and row[BAR_BEAT] == BAR):
             errors, self.bar = 1, 0  # repair: the song starts in bar 0

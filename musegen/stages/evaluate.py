@@ -24,7 +24,7 @@ from tqdm import tqdm
 from musegen.config import ParamsError
 from musegen.core import metrics
 from musegen.core.midi import MidiError, Score, load_midi, to_score
-from musegen.files import from_printable, write_atomic
+from musegen.files import from_printable, write_atomic, write_headline
 from musegen.stages.prepare import list_files
 
 
@@ -357,4 +357,5 @@ def evaluate_model(
         "pieces": sorted(held_out.path),  # the manifest rows read
     }
     (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
+    write_headline(out / "metrics.json", test_score=result["proxy_score"])
     return headline

@@ -354,9 +354,9 @@ def prepare(raw_dir: Path, out_dir: Path, params: PrepareParams) -> pd.DataFrame
     out_dir.mkdir(parents=True, exist_ok=True)
     csv = manifest.to_csv(index=False, lineterminator="\n")
     files.write_atomic(out_dir / "manifest.csv", csv)
-    files.write_atomic(
-        out_dir / "summary.json", json.dumps(summary_counts(manifest), indent=2) + "\n"
-    )
+    counts = summary_counts(manifest)
+    files.write_atomic(out_dir / "summary.json", json.dumps(counts, indent=2) + "\n")
+    files.write_headline(out_dir / "summary.json", pieces=counts["status"]["ok"])
     return manifest
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 from musegen.config import ParamsError, load_section
 from musegen.core import ratings as rt
+from musegen.files import write_headline
 
 BY = ("ratings", "proxy", "valid_loss", "step")
 DECISION = "decision.json"
@@ -203,6 +204,7 @@ def select(
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1) + "\n")
     tmp.replace(out)
+    write_headline(out, step=chosen)
     return report
 
 

@@ -42,7 +42,7 @@ from musegen.config import ParamsError
 from musegen.core import metrics
 from musegen.core.midi import Score, to_score
 from musegen.core.sampling import SampleParams
-from musegen.files import from_printable
+from musegen.files import from_printable, write_headline
 from musegen.stages.evaluate import EvaluateParams, score_set
 
 log = logging.getLogger(__name__)
@@ -346,6 +346,7 @@ def sweep(
     result["page"] = str(write_page(out, columns, shown, ref, params))
     Path(params.metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(params.metrics_file).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n")
+    write_headline(params.metrics_file, sweep_score=result["best_sweep_score"])
     return result
 
 

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from musegen.config import ParamsError
 from musegen.core.midi import read_score
 from musegen.core.tokenizer import FIELDS, Tokenizer, get_tokenizer
-from musegen.files import from_printable, replacing
+from musegen.files import from_printable, replacing, write_headline
 from musegen.stages.prepare import read_manifest
 
 SPLITS = ("train", "valid", "test")
@@ -180,4 +180,6 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
     path = Path(params.metrics)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(metrics, indent=2) + "\n")
+    cp_words = sum(s["total"] for s in metrics["cp"].values()) if "cp" in metrics else None
+    write_headline(path, words=cp_words)
     return out_dir

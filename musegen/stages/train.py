@@ -40,6 +40,7 @@ from musegen import tracking
 from musegen.config import flatten
 from musegen.core import checkpoint
 from musegen.core.augment import Augmenter
+from musegen.files import write_headline
 
 if TYPE_CHECKING:
     from musegen.core.model import ModelParams
@@ -716,6 +717,7 @@ def _write_reports(params: TrainParams, history: list[dict], best: dict, baselin
     metrics["baseline"] = baseline
     Path(params.metrics_file).parent.mkdir(parents=True, exist_ok=True)
     Path(params.metrics_file).write_text(json.dumps(metrics, indent=2) + "\n")
+    write_headline(params.metrics_file, valid_loss=best["valid_loss"])
     Path(params.plots_file).parent.mkdir(parents=True, exist_ok=True)
     with Path(params.plots_file).open("w", newline="") as fh:
         out = csv.DictWriter(fh, ["step", "train_loss", *losses], extrasaction="ignore")

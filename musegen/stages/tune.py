@@ -43,7 +43,7 @@ from musegen.config import DataParams, ParamsError, load_section
 from musegen.core import metrics
 from musegen.core.midi import Score, to_score
 from musegen.core.sampling import SampleParams
-from musegen.files import temp_name, write_atomic
+from musegen.files import temp_name, write_atomic, write_headline
 from musegen.stages.evaluate import EvaluateParams, score_set
 
 #: rating scale of the listen study (ChoiceWidget values 1..5; 0 = "not rated")
@@ -620,4 +620,5 @@ def write_results(
     else:  # nothing tuned for this checkpoint: no stale settings of another one may remain
         (out / "best_sampling.yaml").unlink(missing_ok=True)
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
+    write_headline(out / "metrics.json", tune_score=summary.get("best_proxy_score"))
     return summary
