@@ -307,6 +307,10 @@ class _Run:
     h: Tensor | None = None  # (B, D): row i predicts the next word of the batch's piece i
     min_bars: int = 0
 
+    @functools.cached_property
+    def device(self) -> torch.device:
+        return self.loaded.device  # looked up once: it walks the model's parameters
+
     def words_done(self, n_new: int) -> bool:
         return self.max_words is not None and n_new >= self.max_words
 
@@ -319,16 +323,15 @@ class _Run:
 
     def uniforms(self, pieces: list[_Piece], n: int) -> Tensor:
         """(B, n) uniforms, row i from piece i's own generator (batch-independent draws)."""
-        device = self.loaded.device
-        return torch.stack([torch.rand(n, generator=p.gen, device=device) for p in pieces])
+        return torch.stack([torch.rand(n, generator=p.gen, device=self.device) for p in pieces])
 
     def step(self, pieces: list[_Piece], rows: list[int], words: np.ndarray) -> list[_Piece]:
         """Feed each piece in `rows` its new word; pieces not in rows leave the batch."""
         if len(rows) < len(pieces):
-            self.decoder.keep(torch.tensor(rows, dtype=torch.long, device=self.loaded.device))
+            self.decoder.keep(torch.tensor(rows, dtype=torch.long, device=self.device))
             pieces = [pieces[r] for r in rows]
         if pieces:
-            x = torch.as_tensor(words[rows], device=self.loaded.device)  # (B, F)
+            x = torch.as_tensor(words[rows], device=self.device)  # (B, F)
             self.h = self.decoder.step(x)  # (B, D)
         self.bar.update(1)
         return pieces

@@ -602,6 +602,15 @@ class Decoder:
                 else None
                 for b in model.blocks
             ]  # (Dh, 2W) or (H, Dh, 2W) per layer
+            # each block's weights and biases, looked up once (the same tensors: no copy)
+            self.weights = [
+                tuple(
+                    t
+                    for m in (b.ln_1, b.attn.qkv, b.attn.proj, b.ln_2, b.mlp[0], b.mlp[2])
+                    for t in (m.weight, m.bias)
+                )
+                for b in model.blocks
+            ]
             emb = model.embed
             parts, start = [], 0  # proj(cat_f(e_f * s_f)) = sum_f (E_f * s_f) @ P_f^T + b
             for table, scale in zip(emb.tables, emb.scales, strict=True):
@@ -672,12 +681,15 @@ class Decoder:
         if masked:
             self.bias[..., slot] = 0.0  # the new word's slot is in use from now on
         B, D = h.shape
-        for block, keys, values, rel2 in zip(
-            model.blocks, self.keys, self.values, self.rel2, strict=True
+        H, eps = model.config.n_head, model.blocks[0].ln_1.eps
+        for weights, keys, values, rel2 in zip(
+            self.weights, self.keys, self.values, self.rel2, strict=True
         ):
-            attn, ln_1, ln_2, (fc, _, out) = block.attn, block.ln_1, block.ln_2, block.mlp
-            x = F.layer_norm(h, (D,), ln_1.weight, ln_1.bias, ln_1.eps)
-            qkv = F.linear(x, attn.qkv.weight, attn.qkv.bias).view(B, 3, attn.n_head, 1, -1)
+            ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = (
+                weights
+            )
+            x = F.layer_norm(h, (D,), ln1_w, ln1_b, eps)
+            qkv = F.linear(x, qkv_w, qkv_b).view(B, 3, H, 1, -1)
             q, k, v = qkv.unbind(1)  # 3 x (B, H, 1, Dh)
             keys[..., slot : slot + 1] = k.transpose(-2, -1)  # over the word W positions back
             values[:, :, slot : slot + 1] = v
@@ -692,10 +704,10 @@ class Decoder:
             if masked:
                 att = att + self.bias
             y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
-            h = h + F.linear(y, attn.proj.weight, attn.proj.bias)
-            x = F.layer_norm(h, (D,), ln_2.weight, ln_2.bias, ln_2.eps)
-            x = F.gelu(F.linear(x, fc.weight, fc.bias))
-            h = h + F.linear(x, out.weight, out.bias)
+            h = h + F.linear(y, proj_w, proj_b)
+            x = F.layer_norm(h, (D,), ln2_w, ln2_b, eps)
+            x = F.gelu(F.linear(x, fc_w, fc_b))
+            h = h + F.linear(x, out_w, out_b)
         self.count += 1
         return model.ln_f(h)  # (B, D)
 
