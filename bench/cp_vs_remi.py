@@ -65,7 +65,7 @@ def run(
         p, metrics_file=str(out / "metrics.json"), plots_file=str(out / "loss.csv")
     )
     print(f"\n== {name}: {p.representation}, {m.attention} attention, {p.max_steps} steps")
-    final = stage.train(tokens, out, p, m)
+    final = stage.train(tokens, dataclasses.replace(p, out_dir=str(out)), m)
     history = load_checkpoint(final, ("history",))["history"]
     n_targets, n_notes = note_share(tokens, p)
     for row in history:  # valid_loss = summed field NLL per target (weights are all 1)

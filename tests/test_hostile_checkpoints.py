@@ -9,6 +9,7 @@ process deaths (`os._exit` inside the checkpoint write), not exceptions.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -129,7 +130,7 @@ def train_tiny(tokens: Path, out: Path, *, resume: bool = False, **changes: obje
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same reductions in every run: bit-exact resumes
     try:
-        return stage.train(tokens, out, p, m, resume=resume)
+        return stage.train(tokens, dataclasses.replace(p, out_dir=str(out)), m, resume=resume)
     finally:
         torch.set_num_threads(threads)
 

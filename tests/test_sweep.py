@@ -22,6 +22,7 @@ from musegen.config import load_section
 from musegen.core.model import ModelConfig, MusicTransformer
 from musegen.core.sampling import SampleParams
 from musegen.stages import sweep as stage
+from musegen.stages import sweep_page
 from musegen.stages.evaluate import EvaluateParams
 from tests.conftest import needs
 
@@ -279,7 +280,7 @@ def test_blind_page_hides_steps(blind_sweep: dict) -> None:
     order = [[cells[c]["label"] for c in row] for row in rows]
     assert len(order) == 2 and order[0] != order[1], order
     assert order == [
-        [["real", "STEP 1", "STEP 3"][i] for i in row] for row in stage.row_orders(2, 3, 0)
+        [["real", "STEP 1", "STEP 3"][i] for i in row] for row in sweep_page.row_orders(2, 3, 0)
     ]
 
 
@@ -287,7 +288,7 @@ def test_blind_page_hides_steps(blind_sweep: dict) -> None:
 def test_row_orders_shuffle_every_row(n_cols: int, seed: int) -> None:
     """The true order the old whole-page permutation gave (seed 1, 4 columns) is gone: the
     first row is never it, no row repeats the one above, every column leads somewhere."""
-    orders = stage.row_orders(30, n_cols, seed)
+    orders = sweep_page.row_orders(30, n_cols, seed)
     assert orders[0] != list(range(n_cols))
     assert all(a != b for a, b in itertools.pairwise(orders))
     assert all(sorted(o) == list(range(n_cols)) for o in orders)

@@ -117,7 +117,7 @@ def trained(tokens: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model on a shared 2-core box: spinning threads only wait
     try:
-        final = stage.train(tokens, tmp / "model", p, m)
+        final = stage.train(tokens, dataclasses.replace(p, out_dir=str(tmp / "model")), m)
     finally:
         torch.set_num_threads(threads)
     return {"final": final, "tmp": tmp, "params": p, "model": m}
@@ -155,7 +155,7 @@ def test_missing_loss_weight_is_named(tokens: Path, tmp_path: Path) -> None:
     weights = {k: v for k, v in p.loss_weights.items() if k != "pitch"}
     p = dataclasses.replace(p, loss_weights=weights)
     with pytest.raises(stage.TrainError, match="loss_weights has no weight for field 'pitch'"):
-        stage.train(tokens, tmp_path / "model", p, m)
+        stage.train(tokens, dataclasses.replace(p, out_dir=str(tmp_path / "model")), m)
 
 
 # ---- a real (tiny) run ------------------------------------------------------------------
@@ -226,7 +226,10 @@ def test_compiled_training_follows_the_eager_run(tokens: Path, tmp_path: Path) -
             out = tmp_path / f"compile_{compiled}"
             p, m = tiny_params(out, max_steps=8, eval_every=4, save_every=8, compile=compiled)
             m = dataclasses.replace(m, dropout=0.0)  # compiled dropout draws other masks
-            ckpt = torch.load(stage.train(tokens, out / "model", p, m), weights_only=True)
+            ckpt = torch.load(
+                stage.train(tokens, dataclasses.replace(p, out_dir=str(out / "model")), m),
+                weights_only=True,
+            )
             losses[compiled] = [r["valid_loss"] for r in ckpt["history"]]
     finally:
         torch.set_num_threads(threads)
@@ -257,13 +260,18 @@ def test_run_is_one_mlflow_run_with_params_metrics_artifacts(trained: dict) -> N
 def test_resume_without_checkpoint_fails(tokens: Path, tmp_path: Path) -> None:
     p, m = tiny_params(tmp_path)
     with pytest.raises(stage.TrainError, match=r"no checkpoint step_<STEP>\.pt in"):
-        stage.train(tokens, tmp_path / "empty", p, m, resume=True)
+        stage.train(tokens, dataclasses.replace(p, out_dir=str(tmp_path / "empty")), m, resume=True)
 
 
 def test_resume_with_changed_params_names_the_key(trained: dict, tokens: Path) -> None:
     p = dataclasses.replace(trained["params"], lr=0.5)
     with pytest.raises(stage.TrainError, match=r"train\.lr = 0\.01, params now say 0\.5"):
-        stage.train(tokens, trained["final"].parents[1], p, trained["model"], resume=True)
+        stage.train(
+            tokens,
+            dataclasses.replace(p, out_dir=str(trained["final"].parents[1])),
+            trained["model"],
+            resume=True,
+        )
 
 
 def test_resume_with_changed_vocab_fails(trained: dict, tmp_path: Path) -> None:
@@ -274,7 +282,10 @@ def test_resume_with_changed_vocab_fails(trained: dict, tmp_path: Path) -> None:
     (other / "cp/vocab.json").write_text(json.dumps(vocab))
     with pytest.raises(stage.TrainError, match=r"trained on another vocab\.json"):
         stage.train(
-            other, trained["final"].parents[1], trained["params"], trained["model"], resume=True
+            other,
+            dataclasses.replace(trained["params"], out_dir=str(trained["final"].parents[1])),
+            trained["model"],
+            resume=True,
         )
 
 
@@ -290,7 +301,7 @@ def test_unreachable_http_tracking_fails_before_training(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
     p, m = tiny_params(tmp_path)
     with pytest.raises(stage.TrainError, match=f"'http://127.0.0.1:{port}' is unreachable"):
-        stage.train(tokens, tmp_path / "model", p, m)
+        stage.train(tokens, dataclasses.replace(p, out_dir=str(tmp_path / "model")), m)
     assert not (tmp_path / "model").exists()
 
 
@@ -302,7 +313,7 @@ def test_unwritable_sqlite_tracking_fails_before_training(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     p, m = tiny_params(tmp_path)
     with pytest.raises(stage.TrainError, match="unset MLFLOW_TRACKING_URI"):
-        stage.train(tokens, tmp_path / "model", p, m)
+        stage.train(tokens, dataclasses.replace(p, out_dir=str(tmp_path / "model")), m)
     assert not (tmp_path / "model").exists()
 
 

@@ -20,9 +20,11 @@ import optuna
 import pytest
 import torch
 import yaml
+from typer.testing import CliRunner
 
 import mlflow
-from musegen import tracking
+from musegen import paths, tracking
+from musegen.apps.cli import app
 from musegen.config import ParamsError, load_section
 from musegen.core.generate import generate, load_model
 from musegen.core.model import ModelConfig, ModelParams, MusicTransformer
@@ -190,12 +192,22 @@ def test_ridge_listener_recovers_a_linear_rater_and_spearman() -> None:
     assert tn.spearman([1, 2, 3], [5, 5, 5]) is None
 
 
+def run_tune(params_path: Path, n_trials: int) -> dict:
+    """`musegen tune --num_trials N` as the CLI runs it; the summary is its metrics.json."""
+    result = CliRunner().invoke(
+        app, ["tune", "--params", str(params_path), "--num_trials", str(n_trials)]
+    )
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    tp = load_section(tn.TuneParams, "tune", params_path)
+    return json.loads(paths.metrics(tp.out_dir).read_text())
+
+
 def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_midi_files: list[Path]
 ) -> None:
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    summary = tn.tune(workspace, n_trials=3)
+    summary = run_tune(workspace, n_trials=3)
     tp = load_section(tn.TuneParams, "tune", workspace)
     study = optuna.load_study(study_name=tp.study, storage=tp.storage)
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
@@ -249,7 +261,7 @@ def test_learned_listener_takes_over_after_min_ratings(
         proxy = metrics["h1"] + 0.1 * rng.normal()
         listen._storage.set_trial_system_attr(t._trial_id, tn.PROXY_KEY, proxy)
         listen.tell(t, rating)
-    summary = tn.tune(workspace, n_trials=1)
+    summary = run_tune(workspace, n_trials=1)
     assert summary["objective"] == "listener" and summary["n_ratings"] == tp.min_ratings + 1
     assert summary["study"] == f"{tp.study}-listener"
     assert summary["spearman_proxy_vs_rating"] > 0.5

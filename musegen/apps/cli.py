@@ -227,7 +227,6 @@ def train(
     try:
         final = stage.train(
             Path(load_section(DataParams, "data", params, overrides).tokens_dir),
-            Path(p.out_dir),
             p,
             load_section(ModelParams, "model", params, overrides),
             all_params=merged,
@@ -407,9 +406,19 @@ def tune(
 
     Several workers may run at once on one tune.storage. Writes reports/tune/best_sampling.yaml.
     """
+    from musegen.core.sampling import SampleParams
     from musegen.stages import tune as stage
+    from musegen.stages.evaluate import EvaluateParams
 
-    summary = stage.tune(params, n_trials=num_trials)
+    p = load_section(stage.TuneParams, "tune", params)
+    summary = stage.tune(
+        p,
+        stage.checkpoint_path(p, params),
+        Path(load_section(DataParams, "data", params).tokens_dir),
+        sample=load_section(SampleParams, "sample", params),
+        eval_params=load_section(EvaluateParams, "evaluate", params),
+        n_trials=num_trials,
+    )
     typer.echo(
         f"tune: {summary['n_trials_run']} trials ({summary['seconds_per_trial']:.1f} s each), "
         f"objective {summary['objective']}, best {summary.get('best_value', float('nan')):.4f} "

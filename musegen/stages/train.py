@@ -256,25 +256,24 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 @_fail_run_on_exit
 def train(
     tokens_dir: Path,
-    out_dir: Path,
     params: TrainParams,
     model_params: ModelParams,
     *,
     all_params: Mapping[str, Any] | None = None,
     resume: bool = False,
 ) -> Path:
-    """Train on `tokens_dir/<representation>/` and write checkpoints to `out_dir/checkpoints/`.
+    """Train on `tokens_dir/<representation>/`; checkpoints go to `params.out_dir/checkpoints/`.
 
     Args:
         tokens_dir: the tokenize stage's root (data.tokens_dir).
-        out_dir: run folder (train.out_dir): checkpoints/step_<STEP>.pt and best.pt.
-        params: the `train` section.
+        params: the `train` section; its out_dir is the run folder (checkpoints/step_<STEP>.pt,
+            best.pt).
         model_params: the `model` section (musegen.core.model.ModelParams).
         all_params: the whole merged params file, logged to MLflow (default: model + train).
         resume: continue from the last checkpoint in out_dir (same params and vocab).
 
     Returns:
-        The final checkpoint, out_dir/checkpoints/step_<max_steps>.pt.
+        The final checkpoint, params.out_dir/checkpoints/step_<max_steps>.pt.
 
     Raises:
         TrainError: nothing to resume, params or vocab changed since the checkpoint, or the
@@ -333,6 +332,7 @@ def train(
     # ---- model: from scratch, or the last checkpoint --------------------------------------
     hashed = flatten({"model": dataclasses.asdict(model_params), "train": _hashed(params)})
     params_hash = _sha(hashed)
+    out_dir = Path(params.out_dir)
     ckpt_dir = paths.checkpoints(out_dir)
     ckpt = None
     if master:

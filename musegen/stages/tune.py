@@ -39,7 +39,7 @@ import optuna
 import yaml
 
 from musegen import paths, tracking
-from musegen.config import DataParams, ParamsError, load_section
+from musegen.config import ParamsError
 from musegen.core import metrics
 from musegen.core.midi import Score, to_score
 from musegen.core.sampling import SampleParams
@@ -466,11 +466,27 @@ def best_trial(study: optuna.Study, step: int | None = None) -> optuna.trial.Fro
 # ---- the stage --------------------------------------------------------------------------------
 
 
-def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]:
+def tune(
+    params: TuneParams,
+    checkpoint: Path,
+    tokens_dir: Path,
+    *,
+    sample: SampleParams,
+    eval_params: EvaluateParams,
+    n_trials: int | None = None,
+) -> dict[str, Any]:
     """Run `n_trials` (default tune.num_trials) unattended trials; write the best settings.
 
     Workers may run this at the same time on one storage: Optuna hands each its own trials
     (TPE's constant liar keeps them apart), artifacts go to each trial's own ids.
+
+    Args:
+        params: the `tune` section.
+        checkpoint: the STEP to tune for (`checkpoint_path`: the one select chose).
+        tokens_dir: the tokenize stage's root (data.tokens_dir): valid-split prompts.
+        sample: the `sample` section, which the tuned fields overlay.
+        eval_params: the `evaluate` section (the proxy's settings and seed).
+        n_trials: trials in this call (default params.num_trials).
 
     Returns:
         The metrics.json content: best value and settings, objective kind, ratings used,
@@ -481,15 +497,11 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
     import mlflow
     from musegen.core.generate import load_model
 
-    params_path = Path(params_path)
-    tp = load_section(TuneParams, "tune", params_path)
-    data = load_section(DataParams, "data", params_path)
-    ev = load_section(EvaluateParams, "evaluate", params_path)
-    base = load_section(SampleParams, "sample", params_path)
+    tp, ev = params, eval_params
     n_trials = tp.num_trials if n_trials is None else n_trials
 
-    loaded = load_model(checkpoint_path(tp, params_path))
-    repr_dir = Path(data.tokens_dir) / loaded.vocab["representation"]
+    loaded = load_model(checkpoint)
+    repr_dir = Path(tokens_dir) / loaded.vocab["representation"]
     bench = load_bench(repr_dir, loaded.tokenizer, tp, ev.seed)
     storage = open_storage(tp.storage)
     rated = rated_trials(storage, tp.listen_study)
@@ -519,7 +531,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
         with tempfile.TemporaryDirectory(prefix="musegen-tune-") as tmp:
             work = Path(tmp)
             clips = complete_only(
-                make_clips(loaded, to_sampling(base, values), bench, tp, work), trial
+                make_clips(loaded, to_sampling(sample, values), bench, tp, work), trial
             )
             result = measure([c.score for c in clips], bench, ev)
             value = listener.predict(result["metrics"]) if listener else result["proxy_score"]
