@@ -64,6 +64,7 @@ from prefect.input import RunInput
 from prefect.states import Running, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
+from musegen import paths
 from musegen.apps.ui import ServeParams
 from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, read_yaml
 
@@ -176,13 +177,13 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 @task(name="corpus", **STAGE)
 def corpus(params: Path, root: Path = ROOT) -> Path:
     """Build the embedded default corpus."""
+    from musegen.stages.corpus import M21_CORPUS, Built
+
     repro("corpus", root)
-    out = root / _data(params, root).raw_root / "m21-keyboard"
-    rows = json.loads((out / "manifest.json").read_text())
-    create_markdown_artifact(
-        key="corpus", markdown=f"**m21-keyboard**: {len(rows)} files in `{out.relative_to(root)}`"
-    )
-    return out
+    built = Built.read(root / _data(params, root).raw_root / M21_CORPUS)
+    where = built.folder.relative_to(root)
+    create_markdown_artifact(key="corpus", markdown=f"**{M21_CORPUS}**: {built} in `{where}`")
+    return built.folder
 
 
 @task(name="transcribe", **STAGE)
@@ -258,7 +259,7 @@ def select(params: Path, root: Path = ROOT) -> Path:
 def tune(params: Path, root: Path = ROOT, force: bool = False) -> Path:
     """Tune per-field sampling against the proxy (force: more trials); publish the best."""
     repro("tune", root, force=force)
-    out = root / _section(params, root, "tune")["out_dir"] / "best_sampling.yaml"
+    out = root / paths.best_sampling(_section(params, root, "tune")["out_dir"])
     create_markdown_artifact(key="best-sampling", markdown=f"```yaml\n{out.read_text()}```")
     return out
 
@@ -268,7 +269,7 @@ def sweep(params: Path, root: Path = ROOT) -> Path:
     """Same prompts x every chosen STEP; publish a link to the side-by-side report."""
     repro("sweep", root)
     section = _section(params, root, "sweep")
-    page = root / section["out_dir"] / "index.html"
+    page = root / paths.sweep_page(section["out_dir"])
     result = json.loads((root / section["metrics_file"]).read_text())
     create_markdown_artifact(
         key="sweep-report",
@@ -282,7 +283,7 @@ def sweep(params: Path, root: Path = ROOT) -> Path:
 def evaluate(params: Path, root: Path = ROOT) -> Path:
     """Generated vs held-out metrics; publish the headline numbers."""
     repro("evaluate", root)
-    out = root / _section(params, root, "evaluate")["out_dir"] / "metrics.json"
+    out = root / paths.metrics(_section(params, root, "evaluate")["out_dir"])
     create_markdown_artifact(key="evaluate", markdown=f"```json\n{out.read_text()}```")
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -166,6 +167,33 @@ def load_section(
             raise
         where = ", ".join(str(p) for p in (path, *overrides))
         raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
+
+
+def comments(path: Path | str = DEFAULT_PARAMS) -> dict[str, str]:
+    """{"section.key": the key's comment} from a params file: the one text documenting a knob.
+
+    A key's comment is the text after `#` on its line, plus comment lines indented under it
+    (the CLI builds each flag's help from it). A file that does not exist gives {}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    found: dict[str, str] = {}
+    section = key = None
+    for line in path.read_text().splitlines():
+        head = re.match(r"^(\w+):\s*(#.*)?$", line)
+        item = re.match(r"^  (\w+):[^#]*(?:#\s*(.*))?$", line)
+        more = re.match(r"^\s{3,}#\s*(.*)$", line)
+        if head:
+            section, key = head.group(1), None
+        elif item and section:
+            key = f"{section}.{item.group(1)}"
+            found[key] = (item.group(2) or "").strip()
+        elif more and key and found[key]:
+            found[key] += " " + more.group(1).strip()
+        else:
+            key = None
+    return found
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

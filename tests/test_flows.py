@@ -51,7 +51,9 @@ if name in ("tune", "evaluate") and float(sys.argv[2]) > 0:  # meet the other on
         time.sleep(0.05)
     met = other.exists()
 files = {
-    "corpus": {"data/raw/m21-keyboard/manifest.json": json.dumps([{"file": "a.mid"}])},
+    "corpus": {"data/raw/m21-keyboard/manifest.json": json.dumps({"files": [
+        {"file": "a.mid", "notes": 1200, "seconds": 90},
+        {"file": "b.mid", "notes": 3, "seconds": 30}]})},
     "transcribe": {"data/raw/mine/a.mid": "MThd"},
     "prepare": {"data/prepared/manifest.csv":
                 "path,status,reason,split\na.mid,ok,,train\nb.mid,rejected,no_notes,\n"},
@@ -201,6 +203,8 @@ def test_rerun_skips_unchanged_stages_as_dvc_does(prefect_server: None, stand_in
     assert {"status": "rejected", "reason": "no_notes", "split": "", "files": 1} in summary
     assert "](file://" in published["sweep-report"].data
     assert "pitch: 1.1" in published["best-sampling"].data
+    # the corpus's true counts (its manifest's rows), not the manifest's keys
+    assert "2 files, 1,203 notes, 2.0 min of music" in published["corpus"].data
 
     # nothing changed: DVC skips every stage; now that Prefect has seen each stage up to date
     # (a key exists only then), the run after that is served from Prefect's cache
@@ -338,6 +342,8 @@ def test_prefect_e2e_on_the_real_pipeline(prefect_server: None, repo: Path) -> N
     assert [row["step"] for row in loss][-1] == 180 and "valid_loss_pitch" in loss[0]
     assert any(row["status"] == "ok" for row in json.loads(published["manifest-summary"].data))
     assert "models:/musegen@champion" in published["champion"].data
+    n_files = len(list((real / "data/raw/m21-keyboard").glob("*.mid")))
+    assert f"**m21-keyboard**: {n_files} files, " in published["corpus"].data
     second = pipeline(Path("params.yaml"), real, return_state=True)
     assert set(task_states(second).values()) == {"Cached"}  # DVC found them up to date before
     assert json.loads(sh(sys.executable, "-m", "dvc", "status", "--json", cwd=real)) == {}

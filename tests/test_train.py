@@ -341,7 +341,7 @@ def test_ddp_two_cpu_ranks(tokens: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     override = write_override(tmp_path, tokens, out, max_steps=8, save_every=4, eval_every=4)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += ["-m", "musegen.stages.train", "--override", str(override)]
+    cmd += ["-m", "musegen", "train", "--override", str(override)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180

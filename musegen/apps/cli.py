@@ -20,26 +20,67 @@ from typing import Annotated, Any
 
 import typer
 
+from musegen import paths
 from musegen.config import (
     DEFAULT_PARAMS,
     DataParams,
     ParamsError,
+    comments,
     load_section,
     repo_root,
     with_flags,
 )
 from musegen.tracking import TrackingError
 
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help=__doc__, pretty_exceptions_enable=False
-)
-corpus_app = typer.Typer(no_args_is_help=True, help="Build or fetch a raw MIDI corpus.")
+#: plain click help: a flag shows no `<bool>` placeholder, options list every name they take
+TYPER: dict[str, Any] = {"no_args_is_help": True, "add_completion": False, "rich_markup_mode": None}
+app = typer.Typer(help=__doc__, pretty_exceptions_enable=False, **TYPER)
+corpus_app = typer.Typer(help="Build or fetch a raw MIDI corpus.", **TYPER)
 app.add_typer(corpus_app, name="corpus")
-ratings_app = typer.Typer(no_args_is_help=True, help="People's ratings of the sweep's clips.")
+ratings_app = typer.Typer(help="People's ratings of the sweep's clips.", **TYPER)
 app.add_typer(ratings_app, name="ratings")
 
 #: every command takes --params FILE (default params.yaml, or $MUSEGEN_PARAMS)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
+
+#: flags that set a params.yaml knob: {section.key: the short flags people type}. Each knob
+#: also answers to --<key>, params.yaml's own name; an error names its first flag.
+SHORT: dict[str, tuple[str, ...]] = {
+    "prepare.use_strict": ("--strict",),
+    "sweep.use_blind": ("--blind",),
+    "tune.num_trials": ("--trials",),
+    "generate.num_samples": ("--n", "--num-samples"),
+    "generate.max_bars": ("--bars",),
+    "generate.min_bars": ("--min-bars",),
+    "generate.max_minutes": ("--minutes",),
+    "generate.max_words": ("--words",),
+    "generate.prompt_bars": ("--prompt-bars",),
+    "generate.out_dir": ("--out",),
+    "serve.prefect_port": ("--prefect-port",),
+    "serve.mlflow_port": ("--mlflow-port",),
+    "serve.optuna_port": ("--optuna-port",),
+}
+#: each knob's help is its comment in params.yaml (one text), from the repository's file
+DOCS = comments((repo_root() or Path()) / DEFAULT_PARAMS)
+
+
+def _flags(name: str) -> tuple[str, ...]:
+    return (*SHORT.get(name, ()), f"--{name.split('.')[1]}")
+
+
+def knob(name: str, *, switch: bool = False, note: str = "", flags: tuple[str, ...] = ()) -> Any:
+    """The option for params key `name` ("generate.max_bars"): its flags (`flags`, else SHORT's
+    and --<key>), help "name: <its params.yaml comment>" (or `note`); `switch`: on/off."""
+    names = flags or _flags(name)
+    if switch:
+        names = tuple(f"{n}/--no-{n[2:]}" for n in names)
+    text = note or DOCS.get(name, "")
+    return typer.Option(*names, help=f"{name}: {text}" if text else name, show_default=False)
+
+
+def given(section: str, **values: Any) -> dict[str, tuple[str, Any]]:
+    """`with_flags`'s {key: (flag, value)} for knobs of `section` (the flag an error names)."""
+    return {key: (_flags(f"{section}.{key}")[0], value) for key, value in values.items()}
 
 
 def _fail(message: str) -> None:
@@ -54,7 +95,7 @@ def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
 
     data = load_section(DataParams, "data", params)
     out = corpus.build_m21(
-        Path(data.raw_root) / "m21-keyboard", load_section(corpus.CorpusParams, "corpus", params)
+        Path(data.raw_root) / corpus.M21_CORPUS, load_section(corpus.CorpusParams, "corpus", params)
     )
     typer.echo(f"corpus: {out}")
 
@@ -121,11 +162,13 @@ def corpus_transcribe(
 
 @app.command()
 def prepare(
-    raw: Annotated[Path | None, typer.Option(help="MIDI folder (default: data.raw_dir)")] = None,
-    out: Annotated[Path | None, typer.Option(help="output folder (default: prepared_dir)")] = None,
-    strict: Annotated[
-        bool | None, typer.Option("--strict/--no-strict", help="fail on any rejection")
+    raw: Annotated[
+        Path | None, typer.Option(help="MIDI folder (default: data.raw_root/data.corpus)")
     ] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="output folder (default: data.prepared_dir)")
+    ] = None,
+    use_strict: Annotated[bool | None, knob("prepare.use_strict", switch=True)] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
@@ -133,7 +176,8 @@ def prepare(
 
     data = load_section(DataParams, "data", params)
     p = with_flags(
-        load_section(stage.PrepareParams, "prepare", params), {"use_strict": ("--strict", strict)}
+        load_section(stage.PrepareParams, "prepare", params),
+        given("prepare", use_strict=use_strict),
     )
     manifest = stage.prepare(raw or data.raw_dir, out or Path(data.prepared_dir), p)
     typer.echo(stage.summarize(manifest))
@@ -169,7 +213,7 @@ def train(
 ) -> None:
     """Train the CP (or REMI) Transformer: checkpoints, reports/train/*, one MLflow run.
 
-    Multi-GPU: torchrun --standalone --nproc_per_node=N -m musegen.stages.train [same options].
+    Multi-GPU: torchrun --standalone --nproc_per_node=N -m musegen train [same options].
     """
     from musegen.config import merge, read_yaml
     from musegen.core.model import ModelParams
@@ -196,9 +240,7 @@ def train(
 
 @app.command()
 def sweep(
-    blind: Annotated[
-        bool | None, typer.Option("--blind/--no-blind", help="override sweep.use_blind")
-    ] = None,
+    use_blind: Annotated[bool | None, knob("sweep.use_blind", switch=True)] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Continue the same valid prompts with every kept STEP (base sampling): page + metrics."""
@@ -209,14 +251,14 @@ def sweep(
     from musegen.stages.train import TrainParams
 
     p = with_flags(
-        load_section(stage.SweepParams, "sweep", params), {"use_blind": ("--blind", blind)}
+        load_section(stage.SweepParams, "sweep", params), given("sweep", use_blind=use_blind)
     )
     data = load_section(DataParams, "data", params)
     train_p = load_section(TrainParams, "train", params)
     try:
         result = stage.sweep(
             p,
-            Path(train_p.out_dir) / "checkpoints",
+            paths.checkpoints(train_p.out_dir),
             data.manifest,
             data.raw_dir,
             sample=load_section(SampleParams, "sample", params),  # never one STEP's tuning
@@ -251,7 +293,7 @@ def select(
         report = stage.select(
             p,
             Path(load_section(SweepParams, "sweep", params).metrics_file),
-            Path(load_section(TrainParams, "train", params).out_dir) / "checkpoints",
+            paths.checkpoints(load_section(TrainParams, "train", params).out_dir),
             step=step,
         )
     except ValueError as exc:
@@ -326,8 +368,8 @@ def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     try:
         evaluation = stage.check_bundle(
             choice["step"],
-            Path(load_section(TuneParams, "tune", params).out_dir) / "metrics.json",
-            Path(load_section(EvaluateParams, "evaluate", params).out_dir) / "metrics.json",
+            paths.metrics(load_section(TuneParams, "tune", params).out_dir),
+            paths.metrics(load_section(EvaluateParams, "evaluate", params).out_dir),
         )
         version = stage.register(
             p,
@@ -358,9 +400,7 @@ def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
 
 @app.command()
 def tune(
-    trials: Annotated[
-        int | None, typer.Option("--trials", help="trials in this call (default tune.num_trials)")
-    ] = None,
+    num_trials: Annotated[int | None, knob("tune.num_trials")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Tune per-field temperature / top-p against the listening proxy (or the learned listener).
@@ -369,7 +409,7 @@ def tune(
     """
     from musegen.stages import tune as stage
 
-    summary = stage.tune(params, n_trials=trials)
+    summary = stage.tune(params, n_trials=num_trials)
     typer.echo(
         f"tune: {summary['n_trials_run']} trials ({summary['seconds_per_trial']:.1f} s each), "
         f"objective {summary['objective']}, best {summary.get('best_value', float('nan')):.4f} "
@@ -380,14 +420,14 @@ def tune(
 
 @app.command()
 def listen(
-    trials: Annotated[
-        int | None, typer.Option("--trials", help="ratings to collect (default tune.num_trials)")
+    num_trials: Annotated[
+        int | None, knob("tune.num_trials", note="ratings to collect in this call")
     ] = None,
     serve: Annotated[
-        bool, typer.Option("--serve", help="also serve optuna-dashboard on 127.0.0.1")
+        bool, typer.Option("--serve", help="also serve optuna-dashboard on serve.host")
     ] = False,
-    port: Annotated[
-        int | None, typer.Option(help="dashboard port (with --serve; default serve.optuna_port)")
+    optuna_port: Annotated[
+        int | None, knob("serve.optuna_port", flags=("--port", "--optuna_port"))
     ] = None,
     pairwise: Annotated[
         bool, typer.Option("--pairwise", help="A/B preference against the incumbent")
@@ -397,15 +437,17 @@ def listen(
     """Generate clips per trial for people to rate in optuna-dashboard; tell Optuna the ratings.
 
     Without --serve, start the dashboard yourself:
-    optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host 127.0.0.1
+    optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host <serve.host>
     """
     from musegen.apps import listen as stage
     from musegen.apps.ui import ServeParams, ServerError
 
-    sp = with_flags(load_section(ServeParams, "serve", params), {"optuna_port": ("--port", port)})
+    sp = with_flags(
+        load_section(ServeParams, "serve", params), {"optuna_port": ("--port", optuna_port)}
+    )
     try:
         summary = stage.listen(
-            params, n_trials=trials, pairwise=pairwise, serve=serve, port=sp.optuna_port
+            params, n_trials=num_trials, pairwise=pairwise, serve=serve, port=sp.optuna_port
         )
     except ServerError as exc:
         _fail(str(exc))
@@ -415,34 +457,23 @@ def listen(
 @app.command()
 def generate(  # keyword-only: one option per flag, as Typer reads them
     *,
-    checkpoint: Annotated[
-        Path | None, typer.Option("--checkpoint", help="a .pt file (default generate.checkpoint)")
-    ] = None,
+    checkpoint: Annotated[Path | None, knob("generate.checkpoint")] = None,
     model: Annotated[
         str | None, typer.Option("--model", help="MLflow URI, e.g. models:/musegen@champion")
     ] = None,
     prompt: Annotated[Path | None, typer.Option("--prompt", help="MIDI file to continue")] = None,
-    prompt_bars: Annotated[
-        int | None, typer.Option("--prompt-bars", help="bars of --prompt kept")
-    ] = None,
+    prompt_bars: Annotated[int | None, knob("generate.prompt_bars")] = None,
     temperature: Annotated[
         list[str] | None, typer.Option("--temperature", help="FIELD=T, repeatable (0 = greedy)")
     ] = None,
     top_p: Annotated[list[str] | None, typer.Option("--top-p", help="FIELD=P, repeatable")] = None,
-    seed: Annotated[int | None, typer.Option("--seed", help="piece i uses seed + i")] = None,
-    n: Annotated[int | None, typer.Option("--n", "--num-samples", help="pieces")] = None,
-    bars: Annotated[int | None, typer.Option("--bars", help="bars per piece; 0 = no cap")] = None,
-    min_bars: Annotated[
-        int | None,
-        typer.Option("--min-bars", help="bars before a piece may end (at most --bars); 0 = any"),
-    ] = None,
-    minutes: Annotated[
-        float | None, typer.Option("--minutes", help="music minutes per piece; 0 = no cap")
-    ] = None,
-    words: Annotated[
-        int | None, typer.Option("--words", help="sampled words per piece; 0 = no cap")
-    ] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="output folder")] = None,
+    seed: Annotated[int | None, knob("sample.seed", note="piece i uses seed + i")] = None,
+    num_samples: Annotated[int | None, knob("generate.num_samples")] = None,
+    max_bars: Annotated[int | None, knob("generate.max_bars")] = None,
+    min_bars: Annotated[int | None, knob("generate.min_bars")] = None,
+    max_minutes: Annotated[float | None, knob("generate.max_minutes")] = None,
+    max_words: Annotated[int | None, knob("generate.max_words")] = None,
+    out_dir: Annotated[Path | None, knob("generate.out_dir")] = None,
     mp3: Annotated[bool, typer.Option("--mp3", help="render an MP3 beside each MIDI")] = False,
     roll: Annotated[bool, typer.Option("--roll", help="draw a piano-roll PNG beside each")] = False,
     params: ParamsOpt = DEFAULT_PARAMS,
@@ -456,10 +487,11 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     from musegen.core import generate as stage
     from musegen.core.midi import MidiError, read_checked
 
-    flags = {"num_samples": ("--n", n), "max_bars": ("--bars", bars)}
-    flags |= {"max_minutes": ("--minutes", minutes), "max_words": ("--words", words)}
-    flags |= {"min_bars": ("--min-bars", min_bars)}
-    flags |= {"prompt_bars": ("--prompt-bars", prompt_bars), "out_dir": ("--out", out and str(out))}
+    flags = given(
+        "generate", num_samples=num_samples, max_bars=max_bars, min_bars=min_bars,
+        max_minutes=max_minutes, max_words=max_words, prompt_bars=prompt_bars,
+        out_dir=out_dir and str(out_dir),
+    )  # fmt: skip
     p = with_flags(load_section(stage.GenerateParams, "generate", params), flags)
     if checkpoint and model:
         _fail("give --checkpoint or --model, not both")
@@ -475,13 +507,13 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
         sample = sample.with_overrides(temperature or (), top_p or ())
         loaded = stage.load_model(path, p.device)
         typer.echo(f"model: {path} (step {loaded.step}, {loaded.config.max_len}-word window)")
-        paths = stage.write_samples(
+        written = stage.write_samples(
             loaded, sample, p, Path(p.out_dir), prompt=prompt,
             seed=sample.seed if seed is None else seed, mp3=mp3, roll=roll,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, MidiError) as exc:
         _fail(str(exc))
-    for path in paths:
+    for path in written:
         typer.echo(f"wrote {path}")
 
 
@@ -506,7 +538,7 @@ def evaluate(
     if samples is not None or reference is not None:
         if samples is None or reference is None:
             _fail("give both --samples and --reference (or neither, for the pipeline stage)")
-        result = stage.evaluate(samples, reference, out or Path(p.out_dir) / "metrics.json", p)
+        result = stage.evaluate(samples, reference, out or paths.metrics(p.out_dir), p)
         typer.echo(
             f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}, "
             f"order {result['order_score']:.3f}"
@@ -528,10 +560,10 @@ def evaluate(
 
 @app.command()
 def ui(
-    host: Annotated[str | None, typer.Option(help="bind address (default serve.host)")] = None,
-    prefect_port: Annotated[int | None, typer.Option(help="default serve.prefect_port")] = None,
-    mlflow_port: Annotated[int | None, typer.Option(help="default serve.mlflow_port")] = None,
-    optuna_port: Annotated[int | None, typer.Option(help="default serve.optuna_port")] = None,
+    host: Annotated[str | None, knob("serve.host")] = None,
+    prefect_port: Annotated[int | None, knob("serve.prefect_port")] = None,
+    mlflow_port: Annotated[int | None, knob("serve.mlflow_port")] = None,
+    optuna_port: Annotated[int | None, knob("serve.optuna_port")] = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Start the MLflow UI, the Prefect server and optuna-dashboard on the project's stores.
@@ -540,9 +572,10 @@ def ui(
     """
     from musegen.apps import ui as stage
 
-    flags = {"host": ("--host", host), "prefect_port": ("--prefect-port", prefect_port)}
-    flags |= {"mlflow_port": ("--mlflow-port", mlflow_port)}
-    flags |= {"optuna_port": ("--optuna-port", optuna_port)}
+    flags = given(
+        "serve", host=host, prefect_port=prefect_port, mlflow_port=mlflow_port,
+        optuna_port=optuna_port,
+    )  # fmt: skip
     p = with_flags(load_section(stage.ServeParams, "serve", params), flags)
     try:
         stage.ui(params, Path.cwd(), p)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
+from musegen import paths
 from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
 from musegen.core.checkpoint import CheckpointError
 from musegen.core.checkpoint import load as load_checkpoint
@@ -630,7 +631,7 @@ def sampling_for(params_path: Path | str) -> SampleParams:
         raise ParamsError(f"{params_path}: missing section 'sample'")
     section = data["sample"]
     tune_dir = (data.get("tune") or {}).get("out_dir")
-    tuned = Path(tune_dir) / "best_sampling.yaml" if tune_dir else None
+    tuned = paths.best_sampling(tune_dir) if tune_dir else None
     if tuned is not None and tuned.is_file():
         extra = read_yaml(tuned)
         section = merge(section, extra.get("sample", extra), str(tuned))

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
-from musegen import files
+from musegen import files, paths
 from musegen.config import ParamsError
 from musegen.core.midi import TICKS_PER_BEAT, MidiError, load_midi, to_score
 from musegen.files import printable
@@ -88,6 +88,26 @@ class CorpusError(RuntimeError):
 
 class CorpusWarning(UserWarning):
     """A corpus file deviates from the expected format but may still be usable."""
+
+
+@dataclass(frozen=True)
+class Built:
+    """What a corpus build wrote, read back from its manifest.json (`Built.read`)."""
+
+    folder: Path
+    files: int
+    notes: int
+    minutes: float
+
+    @classmethod
+    def read(cls, folder: Path | str) -> Built:
+        """The counts of the corpus built in `folder` (its manifest's `files` rows)."""
+        rows = json.loads(paths.corpus_manifest(folder).read_text())["files"]
+        notes, seconds = sum(r["notes"] for r in rows), sum(r["seconds"] for r in rows)
+        return cls(Path(folder), len(rows), notes, seconds / 60)
+
+    def __str__(self) -> str:
+        return f"{self.files} files, {self.notes:,} notes, {self.minutes:.1f} min of music"
 
 
 @dataclass(frozen=True)
@@ -353,14 +373,11 @@ def build_m21(out_dir: Path, params: CorpusParams, sources: Sequence[str] | None
         "versions": {"music21": music21.__version__, "miditoolkit": miditoolkit.__version__},
         "files": rows,
     }
-    path = out_dir / "manifest.json"
+    path = paths.corpus_manifest(out_dir)
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     verified = _verify(rows, path, full=sources is None and params.max_files <= 0)
-    notes, minutes = sum(r["notes"] for r in rows), sum(r["seconds"] for r in rows) / 60
-    print(
-        f"{M21_CORPUS}: {len(rows)} files, {notes:,} notes, {minutes:.1f} min of music "
-        f"-> {out_dir} ({time.perf_counter() - t0:.0f} s, {verified})"
-    )
+    built = Built.read(out_dir)
+    print(f"{M21_CORPUS}: {built} -> {out_dir} ({time.perf_counter() - t0:.0f} s, {verified})")
     return path
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from musegen import paths
 from musegen.config import ParamsError
 from musegen.core import metrics
 from musegen.core.midi import MidiError, Score, load_midi, to_score
@@ -356,6 +357,6 @@ def evaluate_model(
         "split": "test",
         "pieces": sorted(held_out.path),  # the manifest rows read
     }
-    (out / "metrics.json").write_text(json.dumps(headline, indent=2) + "\n")
-    write_headline(out / "metrics.json", test_score=result["proxy_score"])
+    paths.metrics(out).write_text(json.dumps(headline, indent=2) + "\n")
+    write_headline(paths.metrics(out), test_score=result["proxy_score"])
     return headline

@@ -51,7 +51,7 @@ from typing import Any
 import pandas as pd
 from tqdm import tqdm
 
-from musegen import files
+from musegen import files, paths
 from musegen.config import ParamsError
 from musegen.core import midi
 from musegen.core.midi import TICKS_PER_BEAT, MidiError
@@ -60,7 +60,7 @@ REASONS = (*midi.REASONS, *(r for r in ("header_only",) if r not in midi.REASONS
 SPLITS = ("train", "valid", "test")
 BAR_TICKS = 4 * TICKS_PER_BEAT  # the CP grid: 4/4 bars of 480-tick beats
 MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
-CORPUS_BOOKKEEPING = ("manifest.json",)  # musegen.stages.corpus's own record, top level only
+CORPUS_BOOKKEEPING = (paths.CORPUS_MANIFEST,)  # musegen.stages.corpus's own record, top level only
 
 COLUMNS = (
     "path",  # relative to raw_dir, POSIX, as files.printable text (a non-UTF-8 byte is \xNN)

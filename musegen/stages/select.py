@@ -33,6 +33,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from musegen import paths
 from musegen.config import ParamsError, load_section
 from musegen.core import ratings as rt
 from musegen.files import write_headline
@@ -184,7 +185,7 @@ def select(
     else:
         chosen, decided_by = int(decision["step"]), "person"
         reason = f"chosen by a person ({decision['who']}, {decision['time']})"
-    path = Path(ckpt_dir) / f"step_{chosen}.pt"
+    path = paths.step_checkpoint(ckpt_dir, chosen)
     if not path.is_file():
         found = sorted(int(p.stem[5:]) for p in Path(ckpt_dir).glob("step_*.pt"))
         raise FileNotFoundError(f"{path}: no checkpoint for STEP {chosen} (found {found})")

@@ -38,6 +38,7 @@ import miditoolkit
 import numpy as np
 import pandas as pd
 
+from musegen import paths
 from musegen.config import ParamsError
 from musegen.core import metrics
 from musegen.core.midi import Score, to_score
@@ -695,6 +696,6 @@ def write_page(
         f'<div id="summary"></div><pre id="selftest" hidden></pre>'
         f"<script>{script}</script></body></html>\n"
     )
-    path = out / "index.html"
+    path = paths.sweep_page(out)
     path.write_text(page)
     return path

@@ -6,7 +6,7 @@ Checkpoints hold only tensors, plain containers and primitives, so `torch.load(.
 weights_only=True)` reads them; a run killed at any point and resumed on CPU ends with the same
 weights, bit for bit, as one that never stopped.
 
-DDP: ``torchrun --standalone --nproc_per_node=N -m musegen.stages.train [--resume] [--override F]``;
+DDP: ``torchrun --standalone --nproc_per_node=N -m musegen train [--resume] [--override F]``;
 each rank samples its own stream, rank 0 alone logs and saves.
 """
 
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from musegen import tracking
+from musegen import paths, tracking
 from musegen.config import flatten
 from musegen.core import checkpoint
 from musegen.core.augment import Augmenter
@@ -333,7 +333,7 @@ def train(
     # ---- model: from scratch, or the last checkpoint --------------------------------------
     hashed = flatten({"model": dataclasses.asdict(model_params), "train": _hashed(params)})
     params_hash = _sha(hashed)
-    ckpt_dir = out_dir / "checkpoints"
+    ckpt_dir = paths.checkpoints(out_dir)
     ckpt = None
     if master:
         checkpoint.remove_temps(ckpt_dir)  # temp files of writes a kill interrupted
@@ -543,18 +543,18 @@ def train(
             if bad:  # the loss was finite, yet an update overflowed: never save such weights
                 raise TrainError(f"step {step}: weight {bad[0]} is not finite; not saved")
             if master and save:
-                checkpoint.save(state, ckpt_dir / f"step_{step}.pt")
+                checkpoint.save(state, paths.step_checkpoint(ckpt_dir, step))
                 old = sorted(_step_of(p) for p in ckpt_dir.glob("step_*.pt"))
                 for s in old[: -params.keep_last] if params.keep_last > 0 else []:
-                    (ckpt_dir / f"step_{s}.pt").unlink()
+                    paths.step_checkpoint(ckpt_dir, s).unlink()
             if master and is_best:
-                checkpoint.save(state, ckpt_dir / "best.pt")
+                checkpoint.save(state, paths.best_checkpoint(ckpt_dir))
         if master and evaluated:  # after the checkpoints: metrics.json never runs ahead of best.pt
             _write_reports(params, history, best, baseline)
     bar.close()
 
     # ---- finish: final checkpoint and reports as artifacts --------------------------------
-    final = ckpt_dir / f"step_{params.max_steps}.pt"
+    final = paths.step_checkpoint(ckpt_dir, params.max_steps)
     if master:
         mlflow.flush_async_logging()
         mlflow.log_artifact(str(final), "checkpoints")
@@ -650,13 +650,13 @@ def _restore_best(ckpt_dir: Path, resumed: Path, ckpt: dict[str, Any]) -> None:
     A kill between writing step_<STEP>.pt and best.pt (or during best.pt) leaves best.pt at an
     older STEP; a resume from an earlier checkpoint may find it at a later one.
     """
-    want, path = ckpt["best"]["step"], ckpt_dir / "best.pt"
+    want, path = ckpt["best"]["step"], paths.best_checkpoint(ckpt_dir)
     if not want:
         return  # no eval yet, no best
     with contextlib.suppress(checkpoint.CheckpointError, FileNotFoundError):
         if checkpoint.load(path).get("step") == want:
             return
-    source = resumed if ckpt["step"] == want else ckpt_dir / f"step_{want}.pt"
+    source = resumed if ckpt["step"] == want else paths.step_checkpoint(ckpt_dir, want)
     try:
         checkpoint.load(source)
     except (checkpoint.CheckpointError, FileNotFoundError):
@@ -733,11 +733,3 @@ def _git_commit() -> str:
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
-
-
-if __name__ == "__main__":
-    # torchrun -m musegen.stages.train [args]: the same as `musegen train [args]`
-    from musegen.apps.cli import main
-
-    sys.argv = [sys.argv[0], "train", *sys.argv[1:]]
-    main()

@@ -38,7 +38,7 @@ import numpy as np
 import optuna
 import yaml
 
-from musegen import tracking
+from musegen import paths, tracking
 from musegen.config import DataParams, ParamsError, load_section
 from musegen.core import metrics
 from musegen.core.midi import Score, to_score
@@ -575,7 +575,7 @@ def tune(params_path: Path | str, n_trials: int | None = None) -> dict[str, Any]
             extra={"checkpoint_step": loaded.step, "pieces": bench.pieces},
         )
         mlflow.log_metrics({k: v for k, v in summary.items() if isinstance(v, int | float)})
-        mlflow.log_artifact(str(Path(tp.out_dir) / "best_sampling.yaml"))
+        mlflow.log_artifact(str(paths.best_sampling(tp.out_dir)))
     return summary
 
 
@@ -616,9 +616,9 @@ def write_results(
             f"{objective_kind} {best.value:.4f}); overlays params.yaml's sample: section\n"
         )
         # unique temp names: several workers finishing together each replace the file whole
-        write_atomic(out / "best_sampling.yaml", text + yaml.safe_dump(section, sort_keys=True))
+        write_atomic(paths.best_sampling(out), text + yaml.safe_dump(section, sort_keys=True))
     else:  # nothing tuned for this checkpoint: no stale settings of another one may remain
-        (out / "best_sampling.yaml").unlink(missing_ok=True)
-    write_atomic(out / "metrics.json", json.dumps(summary, indent=2) + "\n")
-    write_headline(out / "metrics.json", tune_score=summary.get("best_proxy_score"))
+        paths.best_sampling(out).unlink(missing_ok=True)
+    write_atomic(paths.metrics(out), json.dumps(summary, indent=2) + "\n")
+    write_headline(paths.metrics(out), tune_score=summary.get("best_proxy_score"))
     return summary
