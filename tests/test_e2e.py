@@ -17,8 +17,9 @@ pytestmark = pytest.mark.slow
 
 def test_repro_runs_every_stage(repo: Path) -> None:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    stages = list(yaml.safe_load((repo / "dvc.yaml").read_text())["stages"])
-    assert sorted(lock["stages"]) == sorted(stages)
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    # a foreach stage (transcribe) makes one stage per entry of its params: none by default
+    assert sorted(lock["stages"]) == sorted(s for s, d in stages.items() if "foreach" not in d)
     manifest = pd.read_csv(repo / "data/prepared/manifest.csv", keep_default_na=False)
     assert (manifest.status == "ok").sum() == 24
     assert set(manifest.split) <= {"train", "valid", "test"}
