@@ -63,7 +63,9 @@ def test_repository_params_load() -> None:
     assert flatten({"a": {"b": 1, "c": {"d": 2}}}) == {"a.b": 1, "a.c.d": 2}
 
 
-@pytest.mark.parametrize("profile", ["params-gpu.yaml", "params-cpu-long.yaml"])
+@pytest.mark.parametrize(
+    "profile", ["params-gpu.yaml", "params-cpu-long.yaml", "params-cp-vs-remi.yaml"]
+)
 def test_override_profiles_load(profile: str) -> None:
     """The README's override profiles only set known keys; the long CPU profile keeps >= 6
     STEP checkpoints for the sweep."""

@@ -150,16 +150,17 @@ def test_same_seed_same_piece_other_seed_other_piece(ckpts: dict[str, Path], rep
     assert a.shape != c.shape or not np.array_equal(a, c)
 
 
-@pytest.mark.parametrize("rep", ["cp", "remi"])
-def test_a_batch_equals_each_piece_alone(tmp_path: Path, rep: str) -> None:
+@pytest.mark.parametrize(("rep", "sequential"), [("cp", True), ("cp", False), ("remi", False)])
+def test_a_batch_equals_each_piece_alone(tmp_path: Path, rep: str, sequential: bool) -> None:
     """generate_batch == generate per piece: prompts of different lengths, pieces that stop
-    at different words (EOS, the bar cap, the word cap), loop guard and sequential fields on."""
+    at different words (EOS, the bar cap, the word cap), loop guard on, CP fields drawn one
+    after another or all in one draw."""
     eos = (0, EOS if rep == "cp" else 1)
     loaded = gen.load_model(save_random(tmp_path / "m.pt", rep, bias={eos: -1.5}))
     tok = loaded.tokenizer
     prompt = gen.prompt_of(tok, tok.encode(example_midi_file()), 99)[:30]
     prompts, seeds = [None, prompt, prompt[:7], None, prompt[:12]], [3, 4, 5, 6, 7]
-    s = sample(use_sequential_fields=True, loop_max_period=4, loop_max_repeats=2)
+    s = sample(use_sequential_fields=sequential, loop_max_period=4, loop_max_repeats=2)
     caps = {"max_words": 40, "max_bars": 6}
     batch = gen.generate_batch(loaded, s, prompts, seeds, **caps)
     for p, seed, got in zip(prompts, seeds, batch, strict=True):

@@ -360,18 +360,22 @@ def test_per_head_relative_embeddings_and_cpu_training_path() -> None:
         per_head.set_attention_impl("fast")
 
 
+@pytest.mark.parametrize("starts", [[3, 19, 1], [2, 2, 2]])
 @pytest.mark.parametrize(
     ("attention", "per_head"), [("relative", False), ("relative", True), ("absolute", False)]
 )
-def test_batched_ring_decoder_equals_windowed_forward(attention: str, per_head: bool) -> None:
-    """Decoder steps == hidden(window=max_len) per stream; prompts of different lengths, one
-    longer than the window, a stream dropped halfway (keep), fused heads == head_logits.
-    16 steps > max_len 8: the ring wraps and the unwritten-slot bias is skipped after W steps
-    (transposed key ring, E_r read as a slice of its doubled flip; tolerance 1e-5, float32)."""
+def test_batched_ring_decoder_equals_windowed_forward(
+    attention: str, per_head: bool, starts: list[int]
+) -> None:
+    """Decoder steps == hidden(window=max_len) per stream; prompts of different lengths (one
+    longer than the window) or equal ones, a stream dropped halfway (keep), fused heads ==
+    head_logits. 16 steps > max_len 8: the ring wraps and the unwritten-slot bias is skipped
+    after W steps (transposed key ring, E_r read as a slice of its doubled flip, q pre-scaled
+    and q · E_r added in one baddbmm; tolerance 1e-5, float32)."""
     config = tiny(attention, rel_per_head=per_head)
     model = build(config)
     x = random_ids(config, 3, 40)
-    W, starts = config.max_len, [3, 19, 1]
+    W = config.max_len
     with torch.no_grad():
         full = [model.hidden(x[i : i + 1], window=W)[0][0] for i in range(3)]  # (T, D) each
         dec = Decoder(model, 3)

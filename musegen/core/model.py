@@ -567,7 +567,9 @@ class Decoder:
       holds the word (c - s) mod W positions back (c = the step counter, shared by the
       streams), which is its relative distance, and E_r flipped and doubled gives the
       distance vectors in slot order as one slice; slots a stream has not written are
-      masked until the step has written every slot;
+      masked until the step has written every slot. Every step reads all W slots: a
+      narrower read while the ring fills would make a stream's sums depend on the other
+      streams' prompt lengths (rounding), and a piece must be the same alone or in a batch;
     - the field embeddings and their projection are folded into one table (sum_f V_f, D),
       the CP type projection's embedding half into a (V_type, D) table, and the heads of the
       non-type fields into one matmul: three ops where the model takes about twenty;
@@ -602,15 +604,17 @@ class Decoder:
                 else None
                 for b in model.blocks
             ]  # (Dh, 2W) or (H, Dh, 2W) per layer
-            # each block's weights and biases, looked up once (the same tensors: no copy)
-            self.weights = [
-                tuple(
-                    t
-                    for m in (b.ln_1, b.attn.qkv, b.attn.proj, b.ln_2, b.mlp[0], b.mlp[2])
-                    for t in (m.weight, m.bias)
-                )
-                for b in model.blocks
-            ]
+            # each block's weights and biases, looked up once (the same tensors), but with
+            # the query rows of qkv divided by sqrt(Dh) (a copy): the scores need no division
+            self.weights = []
+            for b in model.blocks:
+                qkv_w, qkv_b = b.attn.qkv.weight.clone(), b.attn.qkv.bias.clone()
+                qkv_w[: cfg.d_model] /= math.sqrt(d_head)
+                qkv_b[: cfg.d_model] /= math.sqrt(d_head)
+                rest = [
+                    t for m in (b.attn.proj, b.ln_2, b.mlp[0], b.mlp[2]) for t in m.parameters()
+                ]
+                self.weights.append((b.ln_1.weight, b.ln_1.bias, qkv_w, qkv_b, *rest))
             emb = model.embed
             parts, start = [], 0  # proj(cat_f(e_f * s_f)) = sum_f (E_f * s_f) @ P_f^T + b
             for table, scale in zip(emb.tables, emb.scales, strict=True):
@@ -668,8 +672,9 @@ class Decoder:
         """Feed one word per stream, words (B, F); return the final hidden states (B, D).
 
         Functional calls on the blocks' weights (no module dispatch), the relative term read
-        from a slice of the doubled E_r, and the unwritten-slot bias skipped once every slot
-        has been written (after W steps): about 20 ops per layer.
+        from a slice of the doubled E_r and added to q · keys in one baddbmm (q pre-scaled by
+        1 / sqrt(Dh)), and the unwritten-slot bias skipped once every slot has been written
+        (after W steps): about 20 ops per layer.
         """
         model, W = self.model, self.window
         h = self.table[words + self.offsets].sum(1)  # (B, F, D) -> (B, D)
@@ -690,17 +695,18 @@ class Decoder:
             )
             x = F.layer_norm(h, (D,), ln1_w, ln1_b, eps)
             qkv = F.linear(x, qkv_w, qkv_b).view(B, 3, H, 1, -1)
-            q, k, v = qkv.unbind(1)  # 3 x (B, H, 1, Dh)
+            q, k, v = qkv.unbind(1)  # 3 x (B, H, 1, Dh); q already divided by sqrt(Dh)
             keys[..., slot : slot + 1] = k.transpose(-2, -1)  # over the word W positions back
             values[:, :, slot : slot + 1] = v
-            att = q @ keys  # (B, H, 1, W)
-            if rel2 is not None:  # + q · E_r[distance of each slot] (Huang et al. eq. 3)
+            flat_q = q.reshape(B * H, 1, -1)  # (B * H, 1, Dh)
+            flat_keys = keys.view(B * H, -1, W)  # (B * H, Dh, W)
+            if rel2 is None:
+                att = torch.bmm(flat_q, flat_keys)  # (B * H, 1, W)
+            else:  # q · keys + q · E_r[distance of each slot] (Huang et al. eq. 3), one baddbmm
                 e = rel2[..., W - 1 - slot : 2 * W - 1 - slot]  # (Dh, W) or (H, Dh, W) view
-                if e.dim() == 2:  # shared by the heads: one (B * H, Dh) @ (Dh, W) product
-                    att = att + (q.reshape(-1, q.size(-1)) @ e).view(att.shape)
-                else:
-                    att = att + q @ e
-            att = att / math.sqrt(q.size(-1))
+                rel = flat_q.view(B * H, -1) @ e if e.dim() == 2 else q @ e  # shared: one mm
+                att = torch.baddbmm(rel.view(B * H, 1, W), flat_q, flat_keys)
+            att = att.view(B, H, 1, W)
             if masked:
                 att = att + self.bias
             y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
@@ -713,7 +719,8 @@ class Decoder:
 
     def type_logits(self, h: Tensor) -> Tensor:
         """(B, D) -> (B, V_type) (REMI: the token logits)."""
-        return self.model.heads[0](h)
+        head = self.model.heads[0]
+        return torch.addmm(head.bias, h, head.weight.T)
 
     def field_logits(self, h: Tensor, next_type: Tensor) -> Tensor:
         """CP: logits of fields 1..F-1 given each stream's drawn type (B,), side by side:
