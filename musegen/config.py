@@ -123,6 +123,15 @@ def merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[st
     return out
 
 
+def read_params(path: Path | str, overrides: tuple[Path | str, ...] = ()) -> dict[str, Any]:
+    """The whole params file with `overrides` merged in order (each may only set keys `path`
+    has)."""
+    data = read_yaml(Path(path))
+    for extra in overrides:
+        data = merge(data, read_yaml(Path(extra)), str(extra))
+    return data
+
+
 def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
 
@@ -146,9 +155,7 @@ def load_section(
         ParamsError: the file, section or a key is missing, or a key is unknown.
     """
     path = Path(path)
-    data = read_yaml(path)
-    for extra in overrides:
-        data = merge(data, read_yaml(Path(extra)), str(extra))
+    data = read_params(path, overrides)
     if section not in data or not isinstance(data[section], dict):
         raise ParamsError(f"{path}: missing section {section!r}")
     values = data[section]

@@ -97,7 +97,9 @@ def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path)
     )
     thread.start()
     try:
-        summary = ls.listen(params, n_trials=20, poll_seconds=0.05, timeout_s=150, echo=print)
+        summary = ls.listen(
+            ls.ListenConfig.load(params), n_trials=20, poll_seconds=0.05, timeout_s=150, echo=print
+        )
         study = optuna.load_study(study_name=tp.listen_study, storage=tp.storage)
         # the dashboard serves the trial's MP3 (what the browser's <audio> plays)
         first = study.trials[1]
@@ -133,7 +135,7 @@ def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path)
 
 def test_pairwise_mode_plays_new_against_incumbent(params: Path) -> None:
     tp = load_section(tn.TuneParams, "tune", params)
-    session = ls.open_session(params, pairwise=True)
+    session = ls.open_session(ls.ListenConfig.load(params), pairwise=True)
     for _ in range(3):
         trial = session.study.ask()
         ls.prepare(session, trial)

@@ -215,9 +215,10 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     best = yaml.safe_load((Path(tp.out_dir) / "best_sampling.yaml").read_text())
     best_trial = study.trials[summary["best_trial"]]
     assert best == tn.as_section(best_trial.params)
-    from musegen.core.generate import sampling_for  # generation reads the file back
+    from musegen.stages.choice import sampling  # evaluate, register, generate read it back
 
-    assert sampling_for(workspace).temperature["pitch"] == best["temperature"]["pitch"]
+    tuned = sampling(tn.TuneConfig.load(workspace))
+    assert tuned.temperature["pitch"] == best["temperature"]["pitch"]
     metrics = json.loads((Path(tp.out_dir) / "metrics.json").read_text())
     assert metrics["objective"] == "proxy" and metrics["seconds_per_trial"] > 0
     # what it was tuned for and on: the checkpoint's STEP, valid-split pieces only

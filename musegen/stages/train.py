@@ -30,20 +30,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from musegen import paths, tracking
-from musegen.config import flatten
+from musegen.config import DataParams, StageConfig, flatten
 from musegen.core import checkpoint
 from musegen.core.augment import Augmenter
+from musegen.core.model import ModelParams
 from musegen.files import write_headline
-
-if TYPE_CHECKING:
-    from musegen.core.model import ModelParams
 
 #: train.* keys that do not change the weights: a resume may change them.
 UNHASHED = ("out_dir", "metrics_file", "plots_file", "experiment", "device", "compile")
@@ -565,6 +563,55 @@ def train(
         torch.distributed.barrier()  # nobody exits while rank 0 still writes
         torch.distributed.destroy_process_group()
     return final
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(StageConfig):
+    """What training reads: its section, the tokens, the model's shape."""
+
+    train: TrainParams
+    data: DataParams
+    model: ModelParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What training wrote: the run folder, its final and best checkpoints, the loss reports
+    (metrics_file, plots_file) and the best STEP by valid loss."""
+
+    out_dir: Path
+    checkpoint: Path
+    best_checkpoint: Path
+    metrics: Path
+    loss: Path
+    best_step: int
+    best_valid_loss: float
+
+    @classmethod
+    def read(cls, params: TrainConfig, root: Path | str = ".") -> TrainResult:
+        """train.out_dir and the reports (in the repository at `root`)."""
+        p, out = params.train, Path(root, params.train.out_dir)
+        metrics = Path(root, p.metrics_file)
+        best = json.loads(metrics.read_text())["best"]
+        ckpt_dir = paths.checkpoints(out)
+        return cls(
+            out_dir=out,
+            checkpoint=paths.step_checkpoint(ckpt_dir, p.max_steps),
+            best_checkpoint=paths.best_checkpoint(ckpt_dir),
+            metrics=metrics,
+            loss=Path(root, p.plots_file),
+            best_step=best["step"],
+            best_valid_loss=best["valid_loss"],
+        )
+
+
+def run(
+    params: TrainConfig, *, resume: bool = False, all_params: Mapping[str, Any] | None = None
+) -> TrainResult:
+    """The train stage (`train`): `all_params`, the whole params file, goes to MLflow."""
+    p = params
+    train(Path(p.data.tokens_dir), p.train, p.model, all_params=all_params, resume=resume)
+    return TrainResult.read(params)
 
 
 def _plain(section: Any) -> Any:
