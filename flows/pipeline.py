@@ -67,6 +67,10 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from musegen import paths
 from musegen.apps.ui import ServeParams
 from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, read_yaml
+from musegen.stages.corpus import M21_CORPUS, CorpusConfig, CorpusResult
+from musegen.stages.prepare import PrepareConfig, PrepareResult
+from musegen.stages.tokenize import TokenizeConfig, TokenizeResult
+from musegen.stages.transcribe import TranscribeConfig, TranscribeResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -175,54 +179,60 @@ def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
 
 
 @task(name="corpus", **STAGE)
-def corpus(params: Path, root: Path = ROOT) -> Path:
-    """Build the embedded default corpus."""
-    from musegen.stages.corpus import M21_CORPUS, Built
-
+def corpus(params: Path, root: Path = ROOT) -> CorpusResult:
+    """Build the embedded default corpus; publish its true counts."""
     repro("corpus", root)
-    built = Built.read(root / _data(params, root).raw_root / M21_CORPUS)
+    built = CorpusResult.read(CorpusConfig.load(root / params), root)
     where = built.folder.relative_to(root)
     create_markdown_artifact(key="corpus", markdown=f"**{M21_CORPUS}**: {built} in `{where}`")
-    return built.folder
+    return built
 
 
 @task(name="transcribe", **STAGE)
-def transcribe(params: Path, root: Path = ROOT) -> Path:
-    """Transcribe the recordings named in transcribe.corpora (none by default: a no-op)."""
+def transcribe(params: Path, root: Path = ROOT) -> tuple[TranscribeResult, ...]:
+    """Transcribe the recordings named in transcribe.corpora (none by default: a no-op);
+    publish each corpus's counts."""
     repro("transcribe", root)
-    corpora = _section(params, root, "transcribe")["corpora"] or {}
-    raw_root = _data(params, root).raw_root
-    lines = [f"- **{name}**: `{audio}` -> `{raw_root}/{name}`" for name, audio in corpora.items()]
+    p = TranscribeConfig.load(root / params)
+    done = TranscribeResult.read(p, root)
+    lines = [
+        f"- **{r.folder.name}**: {r.ok} of {r.files} recordings from "
+        f"`{p.transcribe.corpora[r.folder.name]}` -> `{r.folder.relative_to(root)}`"
+        for r in done
+    ]
     create_markdown_artifact(
         key="transcribe", markdown="\n".join(lines) or "no corpora to transcribe"
     )
-    return root / raw_root
+    return done
 
 
 @task(name="prepare", **STAGE)
-def prepare(params: Path, root: Path = ROOT) -> Path:
+def prepare(params: Path, root: Path = ROOT) -> PrepareResult:
     """Validate the corpus; publish the manifest summary table."""
     repro("prepare", root)
-    manifest = root / _data(params, root).manifest
-    df = pd.read_csv(manifest, keep_default_na=False)
+    result = PrepareResult.read(PrepareConfig.load(root / params), root)
+    df = pd.read_csv(result.manifest, keep_default_na=False)
     summary = df.groupby(["status", "reason", "split"]).size().reset_index(name="files")
-    create_table_artifact(key="manifest-summary", table=_records(summary))
-    return manifest
+    create_table_artifact(
+        key="manifest-summary",
+        table=_records(summary),
+        description=f"{result.files} files: {result.ok} ok, {result.rejected} rejected",
+    )
+    return result
 
 
 @task(name="tokenize", **STAGE)
-def tokenize(params: Path, root: Path = ROOT) -> Path:
+def tokenize(params: Path, root: Path = ROOT) -> TokenizeResult:
     """Tokenize to CP and REMI arrays; publish the per-split token counts."""
     repro("tokenize", root)
-    stats = json.loads((root / _section(params, root, "tokenize")["metrics"]).read_text())
+    result = TokenizeResult.read(TokenizeConfig.load(root / params), root)
     rows = [
         {"representation": rep, "split": split, **counts}
-        for rep in ("cp", "remi")
-        if rep in stats
-        for split, counts in stats[rep].items()
+        for rep, splits in result.splits.items()
+        for split, counts in splits.items()
     ]
     create_table_artifact(key="tokens", table=rows)
-    return root / _data(params, root).tokens_dir
+    return result
 
 
 @task(name="train", **STAGE | {"retry_condition_fn": transient(*LOCKED, *KILLED)})

@@ -55,8 +55,12 @@ files = {
         {"file": "a.mid", "notes": 1200, "seconds": 90},
         {"file": "b.mid", "notes": 3, "seconds": 30}]})},
     "transcribe": {"data/raw/mine/a.mid": "MThd"},
-    "prepare": {"data/prepared/manifest.csv":
-                "path,status,reason,split\na.mid,ok,,train\nb.mid,rejected,no_notes,\n"},
+    "prepare": {"data/prepared/manifest.csv":  # prepare's columns (musegen.stages.prepare)
+                "path,sha256,bytes,status,reason,detail,split,n_notes,n_drum_notes,seconds,"
+                "n_bars,n_tracks,ticks_per_beat,time_signature,n_time_signatures,"
+                "n_tempo_changes,notes_sha256,notes\n"
+                "a.mid,aa,9,ok,,,train,5,0,90.0,4,1,480,4/4,1,1,cc,\n"
+                "b.mid,bb,9,rejected,no_notes,no pitched notes,,0,0,,,1,480,,,,,\n"},
     "tokenize": {"data/tokens/cp/vocab.json": "{}",
                  "reports/tokenize/metrics.json": json.dumps({"cp": {"train": {"total": 9}}})},
     "train": {"models/cp/checkpoints/step_1.pt": "w",

@@ -16,7 +16,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
@@ -25,12 +25,15 @@ from musegen.config import (
     DEFAULT_PARAMS,
     DataParams,
     ParamsError,
+    StageConfig,
     comments,
     load_section,
     repo_root,
     with_flags,
 )
 from musegen.tracking import TrackingError
+
+C = TypeVar("C", bound=StageConfig)
 
 #: plain click help: a flag shows no `<bool>` placeholder, options list every name they take
 TYPER: dict[str, Any] = {"no_args_is_help": True, "add_completion": False, "rich_markup_mode": None}
@@ -83,6 +86,11 @@ def given(section: str, **values: Any) -> dict[str, tuple[str, Any]]:
     return {key: (_flags(f"{section}.{key}")[0], value) for key, value in values.items()}
 
 
+def flagged(params: C, section: str, **values: Any) -> C:
+    """`params` with the knobs of `section` given on the command line (None = not given)."""
+    return params.with_flags(section, given(section, **values))
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(code=1)
@@ -91,13 +99,10 @@ def _fail(message: str) -> None:
 @corpus_app.command("build")
 def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Write the embedded corpus (music21 keyboard works, chorales) to raw_root/m21-keyboard."""
-    from musegen.stages import corpus
+    from musegen.stages import corpus as stage
 
-    data = load_section(DataParams, "data", params)
-    out = corpus.build_m21(
-        Path(data.raw_root) / corpus.M21_CORPUS, load_section(corpus.CorpusParams, "corpus", params)
-    )
-    typer.echo(f"corpus: {out}")
+    result = stage.run(stage.CorpusConfig.load(params))
+    typer.echo(f"corpus: {result} in {result.folder}")
 
 
 @corpus_app.command("pop1k7")
@@ -109,16 +114,12 @@ def corpus_pop1k7(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Download (or take --from PATH), verify, extract Pop1K7 to raw_root/pop1k7; `dvc add` it."""
-    from musegen.stages import corpus
+    from musegen.stages import corpus as stage
 
-    data = load_section(DataParams, "data", params)
-    try:
-        out = corpus.fetch_pop1k7(
-            Path(data.raw_root) / "pop1k7",
-            load_section(corpus.CorpusParams, "corpus", params),
-            source,
-        )
-    except corpus.CorpusError as exc:
+    p = stage.CorpusConfig.load(params)
+    try:  # not a DVC stage: a corpus a person installs, then names in data.corpus
+        out = stage.fetch_pop1k7(Path(p.data.raw_root) / "pop1k7", p.corpus, source)
+    except stage.CorpusError as exc:
         _fail(str(exc))
     if use_dvc:
         subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
@@ -145,19 +146,15 @@ def corpus_transcribe(
     """
     from musegen.stages import transcribe as stage
 
-    out = out or Path(load_section(DataParams, "data", params).raw_root) / audio.name
     try:
-        table = stage.transcribe(
-            audio, out, load_section(stage.TranscribeParams, "transcribe", params), report=report
-        )
+        result = stage.run(stage.TranscribeConfig.load(params), audio, out, report)
     except ImportError as exc:
         _fail(str(exc))
-    typer.echo(stage.summarize(table, out))
-    if not (table.status == "ok").any():
-        where = report or audio / stage.REPORT
-        _fail(f"{audio}: no file became MIDI; see the reasons above and {where}")
+    typer.echo(result.summary)
+    if not result.ok:
+        _fail(f"{audio}: no file became MIDI; see the reasons above and {result.report}")
     if use_dvc:
-        subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "add", str(result.folder)], check=True)
 
 
 @app.command()
@@ -174,15 +171,11 @@ def prepare(
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
     from musegen.stages import prepare as stage
 
-    data = load_section(DataParams, "data", params)
-    p = with_flags(
-        load_section(stage.PrepareParams, "prepare", params),
-        given("prepare", use_strict=use_strict),
-    )
-    manifest = stage.prepare(raw or data.raw_dir, out or Path(data.prepared_dir), p)
-    typer.echo(stage.summarize(manifest))
-    if p.use_strict and (manifest.status != "ok").any():
-        _fail(f"--strict: {(manifest.status != 'ok').sum()} file(s) rejected; see the manifest")
+    p = flagged(stage.PrepareConfig.load(params), "prepare", use_strict=use_strict)
+    result = stage.run(p, raw, out)
+    typer.echo(result.summary)
+    if p.prepare.use_strict and result.rejected:
+        _fail(f"--strict: {result.rejected} file(s) rejected; see the manifest")
 
 
 @app.command()
@@ -190,14 +183,8 @@ def tokenize(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Tokenize the manifest's ok files to CP and REMI arrays per split, plus vocab.json."""
     from musegen.stages import tokenize as stage
 
-    data = load_section(DataParams, "data", params)
-    out = stage.tokenize(
-        data.raw_dir,
-        data.manifest,
-        Path(data.tokens_dir),
-        load_section(stage.TokenizeParams, "tokenize", params),
-    )
-    typer.echo(f"tokens: {out}")
+    result = stage.run(stage.TokenizeConfig.load(params))
+    typer.echo(f"tokens: {result.tokens_dir}")
 
 
 @app.command()

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from musegen.config import ParamsError
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core.midi import read_score
 from musegen.core.tokenizer import FIELDS, Tokenizer, get_tokenizer
 from musegen.files import from_printable, replacing, write_headline
@@ -183,3 +183,36 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
     cp_words = sum(s["total"] for s in metrics["cp"].values()) if "cp" in metrics else None
     write_headline(path, words=cp_words)
     return out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig(StageConfig):
+    """What the tokenize stage reads: its section and the data folders."""
+
+    tokenize: TokenizeParams
+    data: DataParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeResult:
+    """What tokenize wrote: the tokens folder and, per representation and split, the stats
+    of tokenize.metrics (songs, total words or tokens, ...)."""
+
+    tokens_dir: Path
+    metrics: Path
+    splits: dict[str, dict[str, dict[str, float]]]
+
+    @classmethod
+    def read(cls, params: TokenizeConfig, root: Path | str = ".") -> TokenizeResult:
+        """The tokens and metrics params name (in the repository at `root`)."""
+        metrics = Path(root, params.tokenize.metrics)
+        stats = json.loads(metrics.read_text())
+        splits = {rep: stats[rep] for rep in ("cp", "remi") if rep in stats}
+        return cls(Path(root, params.data.tokens_dir), metrics, splits)
+
+
+def run(params: TokenizeConfig) -> TokenizeResult:
+    """The tokenize stage: the manifest's ok files into data.tokens_dir (see `tokenize`)."""
+    data = params.data
+    tokenize(data.raw_dir, data.manifest, Path(data.tokens_dir), params.tokenize)
+    return TokenizeResult.read(params)
