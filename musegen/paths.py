@@ -23,6 +23,19 @@ def step_checkpoint(ckpt_dir: Path | str, step: int) -> Path:
     return Path(ckpt_dir) / f"step_{step}.pt"
 
 
+def step_of(checkpoint: Path | str) -> int | None:
+    """The STEP of a step_<STEP>.pt path; None for any other name (best.pt, step_x.pt)."""
+    name = Path(checkpoint).name
+    digits = name.removeprefix("step_").removesuffix(".pt")
+    return int(digits) if name == f"step_{digits}.pt" and digits.isdigit() else None
+
+
+def step_checkpoints(ckpt_dir: Path | str) -> dict[int, Path]:
+    """Every step_<STEP>.pt in a checkpoints folder, by STEP in ascending order."""
+    found = {step_of(p): p for p in Path(ckpt_dir).glob("step_*.pt")}
+    return {step: found[step] for step in sorted(s for s in found if s is not None)}
+
+
 def best_checkpoint(ckpt_dir: Path | str) -> Path:
     """best.pt in a checkpoints folder: the lowest validation loss so far."""
     return Path(ckpt_dir) / "best.pt"

@@ -24,6 +24,7 @@ import soundfile as sf
 from optuna.trial import TrialState
 
 from musegen.apps import listen as ls
+from musegen.apps.ui import ServeParams
 from musegen.config import load_section
 from musegen.stages import tune as tn
 from tests.test_tune import make_workspace
@@ -87,8 +88,9 @@ def params(tmp_path: Path, real_midi_files: list[Path]) -> Path:
 def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path) -> None:
     tp = load_section(tn.TuneParams, "tune", params)
     storage = tn.open_storage(tp.storage)
-    server, _ = ls.start_dashboard(storage, tp.artifact_dir, port=0)
-    assert server.server_address[0] == "127.0.0.1"
+    host = load_section(ServeParams, "serve", params).host
+    server, _ = ls.start_dashboard(storage, tp.artifact_dir, port=0, host=host)
+    assert server.server_address[0] == host == "127.0.0.1"
     base = f"http://127.0.0.1:{server.server_port}"
     stop = threading.Event()
     seen: list[int] = []

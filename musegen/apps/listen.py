@@ -83,9 +83,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def start_dashboard(
-    storage: Any, artifact_dir: Path | str, port: int, host: str = "127.0.0.1"
+    storage: Any, artifact_dir: Path | str, port: int, host: str
 ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve optuna-dashboard with the artifact store in a daemon thread.
+    """Serve optuna-dashboard with the artifact store in a daemon thread on `host` (serve.host).
 
     Returns:
         (server, thread); `server.server_port` is the bound port (pass port 0 for any free

@@ -58,7 +58,6 @@ from musegen.core.midi import TICKS_PER_BEAT, MidiError
 
 REASONS = (*midi.REASONS, *(r for r in ("header_only",) if r not in midi.REASONS))
 SPLITS = ("train", "valid", "test")
-BAR_TICKS = 4 * TICKS_PER_BEAT  # the CP grid: 4/4 bars of 480-tick beats
 MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
 CORPUS_BOOKKEEPING = (paths.CORPUS_MANIFEST,)  # musegen.stages.corpus's own record, top level only
 
@@ -203,7 +202,7 @@ def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
         n_notes=len(score.notes),
         n_drum_notes=score.n_drum_notes,
         seconds=round(seconds, 3),
-        n_bars=-(-score.end_tick // BAR_TICKS),
+        n_bars=-(-score.end_tick // midi.BAR_TICKS),
         time_signature=sigs[0] if sigs else "4/4",
         n_time_signatures=len(sigs),
         n_tempo_changes=len(score.tempos),

@@ -166,7 +166,7 @@ def select(
         reason = f"chosen by a person ({decision['who']}, {decision['time']})"
     path = paths.step_checkpoint(ckpt_dir, chosen)
     if not path.is_file():
-        found = sorted(int(p.stem[5:]) for p in Path(ckpt_dir).glob("step_*.pt"))
+        found = list(paths.step_checkpoints(ckpt_dir))
         raise FileNotFoundError(f"{path}: no checkpoint for STEP {chosen} (found {found})")
     report = {
         "step": chosen,

@@ -40,7 +40,7 @@ import pandas as pd
 from musegen import paths
 from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core import metrics
-from musegen.core.midi import Score, to_score
+from musegen.core.midi import DEFAULT_BPM, Score, to_score
 from musegen.core.sampling import SampleParams
 from musegen.files import from_printable, write_headline
 from musegen.stages import sweep_page
@@ -99,7 +99,7 @@ def choose_checkpoints(ckpt_dir: Path, steps: str | tuple[int, ...], every_k: in
     Raises:
         FileNotFoundError: no step_<STEP>.pt, or a listed STEP has no checkpoint.
     """
-    found = {int(p.stem.removeprefix("step_")): p for p in Path(ckpt_dir).glob("step_*.pt")}
+    found = paths.step_checkpoints(ckpt_dir)
     if not found:
         raise FileNotFoundError(
             f"{ckpt_dir}: no step_<STEP>.pt checkpoints; run `musegen train` (or dvc repro train)"
@@ -129,7 +129,7 @@ def window(midi: miditoolkit.MidiFile, start_bar: int, end_bar: int) -> miditool
     out.instruments.append(inst)
     # the tempo in force at `lo`, then the changes inside the window
     tempos = sorted(midi.tempo_changes, key=lambda t: t.time)
-    before = [t for t in tempos if t.time <= lo][-1:] or [miditoolkit.TempoChange(120.0, 0)]
+    before = [t for t in tempos if t.time <= lo][-1:] or [miditoolkit.TempoChange(DEFAULT_BPM, 0)]
     inside = [t for t in tempos if lo < t.time < hi]
     out.tempo_changes = [miditoolkit.TempoChange(t.tempo, max(0, t.time - lo)) for t in before]
     out.tempo_changes += [miditoolkit.TempoChange(t.tempo, t.time - lo) for t in inside]
@@ -276,7 +276,7 @@ def sweep(
 
     for i, path in enumerate(chosen):
         loaded = loaded if i == 0 else load_model(path)
-        step = int(path.stem.removeprefix("step_"))
+        step = paths.step_of(path)
         col = {"key": f"step_{step}", "label": f"STEP {step}", "step": step, "cells": []}
         conts = []
         bars = params.prompt_bars + params.continue_bars  # the caps count the prompt's bars

@@ -542,7 +542,7 @@ def train(
                 raise TrainError(f"step {step}: weight {bad[0]} is not finite; not saved")
             if master and save:
                 checkpoint.save(state, paths.step_checkpoint(ckpt_dir, step))
-                old = sorted(_step_of(p) for p in ckpt_dir.glob("step_*.pt"))
+                old = list(paths.step_checkpoints(ckpt_dir))
                 for s in old[: -params.keep_last] if params.keep_last > 0 else []:
                     paths.step_checkpoint(ckpt_dir, s).unlink()
             if master and is_best:
@@ -631,10 +631,6 @@ def _sha(obj: Any) -> str:
 def _hashed(params: TrainParams) -> dict[str, Any]:
     """The train keys that change the weights (a resume must keep them)."""
     return {k: v for k, v in dataclasses.asdict(params).items() if k not in UNHASHED}
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.removeprefix("step_"))
 
 
 def _loss_weights(weights: Mapping[str, float], fields: list[str]) -> list[float]:
