@@ -242,6 +242,24 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     assert {Path(f).suffix for f in files} == {".mid", ".mp3"}
 
 
+def test_tune_is_seeded_and_a_continued_study_draws_new_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_midi_files: list[Path]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    drawn = []
+    for name in ("a", "b"):  # two fresh stores, same params: the same trials
+        params_path = make_workspace(tmp_path / name, real_midi_files)
+        run_tune(params_path, n_trials=2)
+        tp = load_section(tn.TuneParams, "tune", params_path)
+        drawn.append(
+            [t.params for t in optuna.load_study(study_name=tp.study, storage=tp.storage).trials]
+        )
+    assert drawn[0] == drawn[1]
+    run_tune(params_path, n_trials=2)  # the same study again: its new trials are new points
+    trials = optuna.load_study(study_name=tp.study, storage=tp.storage).trials
+    assert len(trials) == 4 and all(t.params not in drawn[1] for t in trials[2:])
+
+
 def test_learned_listener_takes_over_after_min_ratings(
     workspace: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

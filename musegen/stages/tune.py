@@ -512,13 +512,15 @@ def tune(
         features = [t.system_attrs[METRICS_KEY] for t in rated]
         listener = fit_listener(features, ratings, tp.ridge_alpha)
     objective_kind = "listener" if listener else "proxy"
-    sampler = optuna.samplers.TPESampler(n_startup_trials=tp.num_startup_trials)
     study = optuna.create_study(
         storage=storage,
         study_name=tp.study + ("-listener" if listener else ""),
         direction="maximize",
-        sampler=sampler,
         load_if_exists=True,
+    )
+    # seeded, so `dvc repro` proposes the same trials; a continued study draws new ones
+    study.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=tp.num_startup_trials, seed=tp.seed + len(study.trials)
     )
     store = FileSystemArtifactStore(tp.artifact_dir)
     Path(tp.artifact_dir).mkdir(parents=True, exist_ok=True)
