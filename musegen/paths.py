@@ -13,6 +13,26 @@ from pathlib import Path
 CORPUS_MANIFEST = "manifest.json"
 
 
+def vocab(repr_dir: Path | str) -> Path:
+    """<data.tokens_dir>/<representation>/vocab.json: the tokenizer, enough to decode alone."""
+    return Path(repr_dir) / "vocab.json"
+
+
+def split_rows(repr_dir: Path | str, split: str) -> Path:
+    """<data.tokens_dir>/<representation>/<split>.npy: the split's songs, concatenated."""
+    return Path(repr_dir) / f"{split}.npy"
+
+
+def split_offsets(repr_dir: Path | str, split: str) -> Path:
+    """<split>_offsets.npy beside the rows: song k is rows offsets[k]:offsets[k + 1]."""
+    return Path(repr_dir) / f"{split}_offsets.npy"
+
+
+def split_pieces(repr_dir: Path | str) -> Path:
+    """pieces.json beside the rows: each split's manifest paths, in row order."""
+    return Path(repr_dir) / "pieces.json"
+
+
 def checkpoints(train_out_dir: Path | str) -> Path:
     """train.out_dir/checkpoints: step_<STEP>.pt every train.save_every steps, and best.pt."""
     return Path(train_out_dir) / "checkpoints"

@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import miditoolkit
 import numpy as np
 
+from musegen import paths
 from musegen.core.midi import DEFAULT_BPM, TICKS_PER_BEAT, Score, read_score, to_score
 
 __all__ = [
@@ -423,7 +424,7 @@ class Tokenizer:
 
     def save(self, out_dir: Path | str) -> Path:
         """Write vocab.json into `out_dir` (enough to rebuild the tokenizer and decode)."""
-        path = Path(out_dir) / "vocab.json"
+        path = paths.vocab(out_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.vocab, indent=1) + "\n")
         return path
@@ -764,5 +765,5 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         ValueError: see `from_vocab`.
     """
     path = Path(path)
-    path = path / "vocab.json" if path.is_dir() else path
+    path = paths.vocab(path) if path.is_dir() else path
     return from_vocab(json.loads(path.read_text()), path)

@@ -86,8 +86,8 @@ class TrainParams:
 
 def load_split(tokens_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map one split: rows (N, F) (REMI becomes (N, 1)) and song offsets (S + 1,)."""
-    rows = np.load(tokens_dir / f"{split}.npy", mmap_mode="r")
-    offsets = np.load(tokens_dir / f"{split}_offsets.npy")
+    rows = np.load(paths.split_rows(tokens_dir, split), mmap_mode="r")
+    offsets = np.load(paths.split_offsets(tokens_dir, split))
     return (rows if rows.ndim == 2 else rows.reshape(-1, 1)), offsets
 
 
@@ -299,7 +299,7 @@ def train(
 
     # ---- data: vocab, splits, bar-aligned window starts, fixed valid windows ---------------
     repr_dir = Path(tokens_dir) / params.representation
-    vocab_path = repr_dir / "vocab.json"
+    vocab_path = paths.vocab(repr_dir)
     if not vocab_path.is_file():
         raise TrainError(f"{vocab_path}: not found; run `musegen tokenize` (or dvc repro)")
     vocab = json.loads(vocab_path.read_text())

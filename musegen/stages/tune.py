@@ -133,11 +133,11 @@ def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0
     Raises:
         FileNotFoundError: no valid split; ValueError: no valid piece is long enough.
     """
-    rows_path = repr_dir / f"{SPLIT}.npy"
+    rows_path = paths.split_rows(repr_dir, SPLIT)
     if not rows_path.is_file():
         raise FileNotFoundError(f"{rows_path}: no {SPLIT} split; run `musegen tokenize` first")
-    rows, offsets = np.load(rows_path), np.load(repr_dir / f"{SPLIT}_offsets.npy")
-    names_file = repr_dir / "pieces.json"
+    rows, offsets = np.load(rows_path), np.load(paths.split_offsets(repr_dir, SPLIT))
+    names_file = paths.split_pieces(repr_dir)
     names = json.loads(names_file.read_text())[SPLIT] if names_file.is_file() else []
     qualified: list[str] = []  # manifest paths of the pieces long enough, in split order
     rows = rows if rows.ndim == 2 else rows.reshape(-1, 1)  # REMI is one field
