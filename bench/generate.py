@@ -45,12 +45,10 @@ import torch
 from musegen.config import load_section
 from musegen.core import generate as gen
 from musegen.core.metrics import piece_metrics
-from musegen.core.midi import TICKS_PER_BEAT, Score, to_score
+from musegen.core.midi import BAR_TICKS, DEFAULT_BPM, TICKS_PER_BEAT, Score, to_score
 from musegen.core.model import Decoder, ModelConfig, ModelParams, MusicTransformer
 from musegen.core.sampling import SampleParams
 from musegen.core.tokenizer import EOS, get_tokenizer
-
-BAR_TICKS = 4 * TICKS_PER_BEAT
 
 
 def step_rates(shape: ModelParams, vocab: dict, context: int, steps: int) -> dict[str, float]:
@@ -157,9 +155,9 @@ def profile_table(loaded: gen.Loaded, sample: SampleParams, batch: int, words: i
 
 def tick_seconds(score: Score, ticks: np.ndarray) -> np.ndarray:
     """Seconds of many ticks under the score's tempo map (vectorised Score.seconds)."""
-    tempos = sorted(score.tempos) or [(0, 120.0)]
+    tempos = sorted(score.tempos) or [(0, DEFAULT_BPM)]
     if tempos[0][0] > 0:
-        tempos = [(0, 120.0), *tempos]
+        tempos = [(0, DEFAULT_BPM), *tempos]
     at = np.array([t for t, _ in tempos], float)
     spt = 60.0 / (np.array([b for _, b in tempos]) * TICKS_PER_BEAT)  # seconds per tick
     start_sec = np.concatenate([[0.0], np.cumsum(np.diff(at) * spt[:-1])])

@@ -43,6 +43,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 
 from musegen.config import load_section  # noqa: E402
+from musegen.core.midi import BAR_TICKS, TICKS_PER_BEAT  # noqa: E402
 from musegen.stages import transcribe as tr  # noqa: E402
 from musegen.stages.prepare import PrepareParams, split_of  # noqa: E402
 
@@ -97,8 +98,8 @@ def written(midi: object, grid0: float, path: Path) -> dict[str, np.ndarray]:
     table = np.array(
         [(seconds[min(n.start, last)], seconds[min(n.end, last)], n.pitch) for n in notes]
     )
-    beats = seconds[np.arange(0, last, 480)]
-    return {"notes": table, "beats": beats[beats >= 0], "bars": seconds[np.arange(0, last, 1920)]}
+    beats, bars = (seconds[np.arange(0, last, ticks)] for ticks in (TICKS_PER_BEAT, BAR_TICKS))
+    return {"notes": table, "beats": beats[beats >= 0], "bars": bars}
 
 
 def score(ref: dict[str, np.ndarray], est: dict[str, np.ndarray]) -> dict[str, float]:

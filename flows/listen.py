@@ -27,7 +27,12 @@ def session(
 ) -> dict[str, Any]:
     """Serve the dashboard and collect ratings (people are slow: no retries, no cache)."""
     return stage.listen(
-        params, n_trials=n_trials, pairwise=pairwise, serve=True, port=port, timeout_s=timeout_s
+        stage.ListenConfig.load(params),
+        n_trials=n_trials,
+        pairwise=pairwise,
+        serve=True,
+        port=port,
+        timeout_s=timeout_s,
     )
 
 

@@ -64,9 +64,19 @@ from prefect.input import RunInput
 from prefect.states import Running, State
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
-from musegen import paths
 from musegen.apps.ui import ServeParams
-from musegen.config import DEFAULT_PARAMS, DataParams, ParamsError, load_section, read_yaml
+from musegen.config import DEFAULT_PARAMS, ParamsError, load_section, read_yaml
+from musegen.stages.choice import SelectResult
+from musegen.stages.corpus import M21_CORPUS, CorpusConfig, CorpusResult
+from musegen.stages.evaluate import EvaluateConfig, EvaluateResult
+from musegen.stages.prepare import PrepareConfig, PrepareResult
+from musegen.stages.register import RegisterConfig, RegisterResult
+from musegen.stages.select import SelectConfig
+from musegen.stages.sweep import SweepConfig, SweepResult
+from musegen.stages.tokenize import TokenizeConfig, TokenizeResult
+from musegen.stages.train import TrainConfig, TrainResult
+from musegen.stages.transcribe import TranscribeConfig, TranscribeResult
+from musegen.stages.tune import TuneConfig, TuneResult
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,146 +170,156 @@ STAGE = {
 }
 
 
-def _data(params: Path, root: Path) -> DataParams:
-    return load_section(DataParams, "data", root / params)
-
-
-def _section(params: Path, root: Path, name: str) -> dict:
-    """A params section as a mapping (paths the task reads back for its artifact)."""
-    return read_yaml(root / params)[name]
-
-
 def _records(df: pd.DataFrame) -> list[dict[str, Any]]:
     """Table rows with NaN as null (the UI's JSON has no NaN)."""
     return df.astype(object).where(df.notna(), None).to_dict(orient="records")
 
 
 @task(name="corpus", **STAGE)
-def corpus(params: Path, root: Path = ROOT) -> Path:
-    """Build the embedded default corpus."""
-    from musegen.stages.corpus import M21_CORPUS, Built
-
+def corpus(params: Path, root: Path = ROOT) -> CorpusResult:
+    """Build the embedded default corpus; publish its true counts."""
     repro("corpus", root)
-    built = Built.read(root / _data(params, root).raw_root / M21_CORPUS)
+    built = CorpusResult.read(CorpusConfig.load(root / params), root)
     where = built.folder.relative_to(root)
     create_markdown_artifact(key="corpus", markdown=f"**{M21_CORPUS}**: {built} in `{where}`")
-    return built.folder
+    return built
 
 
 @task(name="transcribe", **STAGE)
-def transcribe(params: Path, root: Path = ROOT) -> Path:
-    """Transcribe the recordings named in transcribe.corpora (none by default: a no-op)."""
+def transcribe(params: Path, root: Path = ROOT) -> tuple[TranscribeResult, ...]:
+    """Transcribe the recordings named in transcribe.corpora (none by default: a no-op);
+    publish each corpus's counts."""
     repro("transcribe", root)
-    corpora = _section(params, root, "transcribe")["corpora"] or {}
-    raw_root = _data(params, root).raw_root
-    lines = [f"- **{name}**: `{audio}` -> `{raw_root}/{name}`" for name, audio in corpora.items()]
+    p = TranscribeConfig.load(root / params)
+    done = TranscribeResult.read(p, root)
+    lines = [
+        f"- **{r.folder.name}**: {r.ok} of {r.files} recordings from "
+        f"`{p.transcribe.corpora[r.folder.name]}` -> `{r.folder.relative_to(root)}`"
+        for r in done
+    ]
     create_markdown_artifact(
         key="transcribe", markdown="\n".join(lines) or "no corpora to transcribe"
     )
-    return root / raw_root
+    return done
 
 
 @task(name="prepare", **STAGE)
-def prepare(params: Path, root: Path = ROOT) -> Path:
+def prepare(params: Path, root: Path = ROOT) -> PrepareResult:
     """Validate the corpus; publish the manifest summary table."""
     repro("prepare", root)
-    manifest = root / _data(params, root).manifest
-    df = pd.read_csv(manifest, keep_default_na=False)
+    result = PrepareResult.read(PrepareConfig.load(root / params), root)
+    df = pd.read_csv(result.manifest, keep_default_na=False)
     summary = df.groupby(["status", "reason", "split"]).size().reset_index(name="files")
-    create_table_artifact(key="manifest-summary", table=_records(summary))
-    return manifest
+    create_table_artifact(
+        key="manifest-summary",
+        table=_records(summary),
+        description=f"{result.files} files: {result.ok} ok, {result.rejected} rejected",
+    )
+    return result
 
 
 @task(name="tokenize", **STAGE)
-def tokenize(params: Path, root: Path = ROOT) -> Path:
+def tokenize(params: Path, root: Path = ROOT) -> TokenizeResult:
     """Tokenize to CP and REMI arrays; publish the per-split token counts."""
     repro("tokenize", root)
-    stats = json.loads((root / _section(params, root, "tokenize")["metrics"]).read_text())
+    result = TokenizeResult.read(TokenizeConfig.load(root / params), root)
     rows = [
         {"representation": rep, "split": split, **counts}
-        for rep in ("cp", "remi")
-        if rep in stats
-        for split, counts in stats[rep].items()
+        for rep, splits in result.splits.items()
+        for split, counts in splits.items()
     ]
     create_table_artifact(key="tokens", table=rows)
-    return root / _data(params, root).tokens_dir
+    return result
 
 
 @task(name="train", **STAGE | {"retry_condition_fn": transient(*LOCKED, *KILLED)})
-def train(params: Path, root: Path = ROOT) -> Path:
+def train(params: Path, root: Path = ROOT) -> TrainResult:
     """Train with STEP checkpoints (retried after a kill); publish STEP -> valid loss per field."""
     repro("train", root)
-    section = _section(params, root, "train")
-    loss = pd.read_csv(root / section["plots_file"])
-    create_table_artifact(key="valid-loss", table=_records(loss.round(4)))
-    return root / section["out_dir"]
+    result = TrainResult.read(TrainConfig.load(root / params), root)
+    loss = pd.read_csv(result.loss)
+    create_table_artifact(
+        key="valid-loss",
+        table=_records(loss.round(4)),
+        description=f"best valid loss {result.best_valid_loss:.4f} at STEP {result.best_step}",
+    )
+    return result
 
 
 @task(name="select", **STAGE)
-def select(params: Path, root: Path = ROOT) -> Path:
+def select(params: Path, root: Path = ROOT) -> SelectResult:
     """Pick the STEP the later stages use; publish each STEP's numbers and the choice."""
     repro("select", root)
-    report = root / _section(params, root, "select")["report"]
-    choice = json.loads(report.read_text())
+    chosen = SelectResult.read(SelectConfig.load(root / params), root)
     rows = [
         {"step": int(s), "valid_loss": v["valid_loss"], "proxy": v["proxy"]}
         | {f"ratings_{k}": v["ratings"][k] for k in ("n", "mean")}
         | {f"pairs_{k}": v.get("pairs", {}).get(k) for k in ("n", "wins", "strength")}
-        for s, v in choice["steps"].items()
+        for s, v in chosen.steps.items()
     ]
     create_table_artifact(
         key="select",
         table=rows,
-        description=f"STEP {choice['step']} ({choice['decided_by']}: {choice['reason']})",
+        description=f"STEP {chosen.step} ({chosen.decided_by}: {chosen.reason})",
     )
-    return report
+    return chosen
 
 
 @task(name="tune", **STAGE)
-def tune(params: Path, root: Path = ROOT, force: bool = False) -> Path:
+def tune(params: Path, root: Path = ROOT, force: bool = False) -> TuneResult:
     """Tune per-field sampling against the proxy (force: more trials); publish the best."""
     repro("tune", root, force=force)
-    out = root / paths.best_sampling(_section(params, root, "tune")["out_dir"])
-    create_markdown_artifact(key="best-sampling", markdown=f"```yaml\n{out.read_text()}```")
-    return out
+    result = TuneResult.read(TuneConfig.load(root / params), root)
+    head = (
+        f"{result.n_trials_run} trials this run, objective {result.objective}, best "
+        f"{result.best_value} (trial {result.best_trial}), {result.n_ratings} ratings"
+    )
+    tuned = result.best_sampling
+    body = f"```yaml\n{tuned.read_text()}```" if tuned else "no trial finished for this STEP"
+    create_markdown_artifact(key="best-sampling", markdown=f"{head}\n\n{body}")
+    return result
 
 
 @task(name="sweep", **STAGE)
-def sweep(params: Path, root: Path = ROOT) -> Path:
+def sweep(params: Path, root: Path = ROOT) -> SweepResult:
     """Same prompts x every chosen STEP; publish a link to the side-by-side report."""
     repro("sweep", root)
-    section = _section(params, root, "sweep")
-    page = root / paths.sweep_page(section["out_dir"])
-    result = json.loads((root / section["metrics_file"]).read_text())
+    result = SweepResult.read(SweepConfig.load(root / params), root)
+    page, figures = result.page, json.loads(result.metrics.read_text())
     create_markdown_artifact(
         key="sweep-report",
-        markdown=f"[checkpoint sweep]({page.as_uri()}) (`{page}`)\n\n"
-        f"```json\n{json.dumps(result, indent=1)[:3000]}\n```",
+        markdown=f"[checkpoint sweep]({page.as_uri()}) (`{page}`): {result.num_checkpoints} "
+        f"STEPs, best STEP {result.best_step} (score {result.best_sweep_score:.4f})\n\n"
+        f"```json\n{json.dumps(figures, indent=1)[:3000]}\n```",
     )
-    return page
+    return result
 
 
 @task(name="evaluate", **STAGE)
-def evaluate(params: Path, root: Path = ROOT) -> Path:
+def evaluate(params: Path, root: Path = ROOT) -> EvaluateResult:
     """Generated vs held-out metrics; publish the headline numbers."""
     repro("evaluate", root)
-    out = root / paths.metrics(_section(params, root, "evaluate")["out_dir"])
-    create_markdown_artifact(key="evaluate", markdown=f"```json\n{out.read_text()}```")
-    return out
+    result = EvaluateResult.read(EvaluateConfig.load(root / params), root)
+    create_markdown_artifact(
+        key="evaluate",
+        markdown=f"STEP {result.checkpoint_step}: {result.n_samples} samples vs "
+        f"{result.n_reference} held-out, proxy {result.proxy_score:.4f}\n\n"
+        f"```json\n{result.metrics.read_text()}```",
+    )
+    return result
 
 
 @task(name="register", **STAGE)
-def register(params: Path, root: Path = ROOT) -> Path:
+def register(params: Path, root: Path = ROOT) -> RegisterResult:
     """Register the bundle (selected STEP, its sampling, its evaluation); move `champion`."""
     repro("register", root)
-    report = root / _section(params, root, "register")["report"]
-    info = json.loads(report.read_text())
+    info = RegisterResult.read(RegisterConfig.load(root / params), root)
     create_markdown_artifact(
         key="champion",
-        markdown=f"`{info['uri']}` -> version {info['version']} (STEP {info['step']}, "
-        f"{info['selected_by']})\n\n```json\n{json.dumps(info['sampling'], indent=1)}\n```",
+        markdown=f"`{info.uri}` -> version {info.version} (STEP {info.step}, "
+        f"{info.selected_by})\n\n```json\n{json.dumps(info.sampling, indent=1)}\n```",
     )
-    return report
+    return info
 
 
 class StepChoice(RunInput):
@@ -308,26 +328,26 @@ class StepChoice(RunInput):
     step: int
 
 
-def choice_form(report: dict[str, Any]) -> tuple[type[RunInput], str]:
+def choice_form(chosen: SelectResult) -> tuple[type[RunInput], str]:
     """A StepChoice whose `step` lists the swept STEPs (a dropdown in the UI), and its text:
     each STEP's valid loss, proxy score, scores and pairwise choices, the automatic choice,
     the report path."""
-    steps = tuple(int(s) for s in report["steps"])
+    steps = tuple(int(s) for s in chosen.steps)
     form = pydantic.create_model(
         "StepChoice",
         __base__=StepChoice,
-        step=(Literal[steps], pydantic.Field(default=report["step"], title="STEP to keep")),
+        step=(Literal[steps], pydantic.Field(default=chosen.step, title="STEP to keep")),
     )
     lines = [
         f"**Which STEP should be tuned, evaluated and registered?** Automatic choice: STEP "
-        f"{report['step']} ({report['decided_by']}: {report['reason']}). Listen first: "
-        f"`{report.get('sweep_page')}` (blind: `musegen sweep --blind`).",
+        f"{chosen.step} ({chosen.decided_by}: {chosen.reason}). Listen first: "
+        f"`{chosen.sweep_page}` (blind: `musegen sweep --blind`).",
         "",
         "| STEP | valid loss | proxy score | scores | mean (95% CI) | choices won "
         "| Bradley-Terry |",
         "|---:|---:|---:|---:|---|---:|---:|",
     ]
-    for s, row in report["steps"].items():
+    for s, row in chosen.steps.items():
         r = row["ratings"]
         mean = "" if r["mean"] is None else f"{r['mean']:.2f}"
         if r.get("ci95"):
@@ -349,20 +369,21 @@ def ask_person(params: Path, root: Path, selected: PrefectFuture) -> bool:
     DVC dependency), so re-running select makes it the choice and dvc.lock records it. With
     no answer in time, the run goes on with the automatic choice.
     """
-    from musegen.stages.select import SelectParams, record_decision
+    from musegen.stages.select import record_decision
 
-    p = load_section(SelectParams, "select", root / params)
+    config = SelectConfig.load(root / params)
+    p = config.select
     if p.wait_minutes <= 0:
         return False
     selected.wait()
     if not selected.state.is_completed():
         return False  # an upstream failure: the flow fails on it, no one is asked
-    report = json.loads(Path(selected.result()).read_text())
-    form, text = choice_form(report)
+    chosen: SelectResult = selected.result()
+    form, text = choice_form(chosen)
     timeout = max(1, round(p.wait_minutes * 60))
     try:
         answer = pause_flow_run(
-            wait_for_input=form.with_initial_data(description=text, step=report["step"]),
+            wait_for_input=form.with_initial_data(description=text, step=chosen.step),
             timeout=timeout,
             poll_interval=min(10, timeout),
         )
@@ -370,13 +391,13 @@ def ask_person(params: Path, root: Path, selected: PrefectFuture) -> bool:
         # the server still holds the run as Paused: set it running before the next task
         with get_client(sync_client=True) as client:
             client.set_flow_run_state(FlowRunContext.get().flow_run.id, Running(), force=True)
-        print(f"no answer in {p.wait_minutes} min: STEP {report['step']} stands")
+        print(f"no answer in {p.wait_minutes} min: STEP {chosen.step} stands")
         return False
-    if answer.step == report["step"]:
+    if answer.step == chosen.step:
         return False
-    sweep = root / _section(params, root, "sweep")["metrics_file"]
+    sweep = root / config.sweep.metrics_file
     record_decision(root / p.ratings_dir, sweep, answer.step, "a person in the Prefect UI")
-    print(f"a person chose STEP {answer.step} (automatic: STEP {report['step']})")
+    print(f"a person chose STEP {answer.step} (automatic: STEP {chosen.step})")
     return True
 
 
@@ -385,9 +406,10 @@ TASKS = (corpus, transcribe, prepare, tokenize, train, sweep, select, tune, eval
 
 
 @flow(name="musegen-pipeline", log_prints=True)
-def pipeline(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> dict[str, Path]:
+def pipeline(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> dict[str, Any]:
     """The whole DAG: each stage once its upstream stages finish; siblings at once. After
-    select, it may pause for a person's choice of STEP (`ask_person`)."""
+    select, it may pause for a person's choice of STEP (`ask_person`). Returns each stage's
+    typed result ({stage: <Stage>Result})."""
     futures: dict[str, Any] = {}
     for stage_task in TASKS:
         upstream = [futures[name] for name in UPSTREAM[stage_task.name]]
@@ -398,7 +420,7 @@ def pipeline(params: Path = DEFAULT_PARAMS, root: Path = ROOT) -> dict[str, Path
 
 
 @flow(name="musegen-tune", log_prints=True)
-def tune_flow(params: Path = DEFAULT_PARAMS, root: Path = ROOT, force: bool = True) -> Path:
+def tune_flow(params: Path = DEFAULT_PARAMS, root: Path = ROOT, force: bool = True) -> TuneResult:
     """Just the tune stage: with force, another tune.num_trials trials on the shared study."""
     return tune(params, root, force=force)
 

@@ -10,9 +10,10 @@ import dataclasses
 import math
 import os
 import re
+import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Self, TypeVar
 
 import yaml
 
@@ -122,6 +123,15 @@ def merge(base: dict[str, Any], override: dict[str, Any], where: str) -> dict[st
     return out
 
 
+def read_params(path: Path | str, overrides: tuple[Path | str, ...] = ()) -> dict[str, Any]:
+    """The whole params file with `overrides` merged in order (each may only set keys `path`
+    has)."""
+    data = read_yaml(Path(path))
+    for extra in overrides:
+        data = merge(data, read_yaml(Path(extra)), str(extra))
+    return data
+
+
 def _freeze(value: Any) -> Any:
     return tuple(_freeze(v) for v in value) if isinstance(value, list) else value
 
@@ -145,9 +155,7 @@ def load_section(
         ParamsError: the file, section or a key is missing, or a key is unknown.
     """
     path = Path(path)
-    data = read_yaml(path)
-    for extra in overrides:
-        data = merge(data, read_yaml(Path(extra)), str(extra))
+    data = read_params(path, overrides)
     if section not in data or not isinstance(data[section], dict):
         raise ParamsError(f"{path}: missing section {section!r}")
     values = data[section]
@@ -167,6 +175,39 @@ def load_section(
             raise
         where = ", ".join(str(p) for p in (path, *overrides))
         raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
+
+
+class StageConfig:
+    """Base of a stage's params: a frozen dataclass whose fields are named like params.yaml
+    sections, each typed with that section's dataclass (the stage's own section first, then
+    the other stages' sections it reads, e.g. the folders their outputs are in).
+
+    Every stage loads the same way, `<Stage>Config.load(params.yaml, overrides)`, and its
+    `run(params)` gets all it needs from that one object; CLI flags go on top with
+    `with_flags`. Build one directly (tests) from section objects, as any dataclass.
+    """
+
+    @classmethod
+    def load(
+        cls, path: Path | str = DEFAULT_PARAMS, overrides: tuple[Path | str, ...] = ()
+    ) -> Self:
+        """Each field's section of `path` (after `overrides`), strictly (`load_section`).
+
+        Raises:
+            ParamsError: a section or key is missing or unknown, or a value fails its check.
+        """
+        types = typing.get_type_hints(cls)
+        sections = {
+            f.name: load_section(types[f.name], f.name, path, overrides)
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        }
+        return cls(**sections)
+
+    def with_flags(self, section: str, flags: Mapping[str, tuple[str, Any]]) -> Self:
+        """These params with CLI flags applied to `section` ({key: (flag, value)}, see
+        `with_flags`)."""
+        changed = with_flags(getattr(self, section), flags)
+        return dataclasses.replace(self, **{section: changed})  # type: ignore[type-var]
 
 
 def comments(path: Path | str = DEFAULT_PARAMS) -> dict[str, str]:

@@ -13,6 +13,26 @@ from pathlib import Path
 CORPUS_MANIFEST = "manifest.json"
 
 
+def vocab(repr_dir: Path | str) -> Path:
+    """<data.tokens_dir>/<representation>/vocab.json: the tokenizer, enough to decode alone."""
+    return Path(repr_dir) / "vocab.json"
+
+
+def split_rows(repr_dir: Path | str, split: str) -> Path:
+    """<data.tokens_dir>/<representation>/<split>.npy: the split's songs, concatenated."""
+    return Path(repr_dir) / f"{split}.npy"
+
+
+def split_offsets(repr_dir: Path | str, split: str) -> Path:
+    """<split>_offsets.npy beside the rows: song k is rows offsets[k]:offsets[k + 1]."""
+    return Path(repr_dir) / f"{split}_offsets.npy"
+
+
+def split_pieces(repr_dir: Path | str) -> Path:
+    """pieces.json beside the rows: each split's manifest paths, in row order."""
+    return Path(repr_dir) / "pieces.json"
+
+
 def checkpoints(train_out_dir: Path | str) -> Path:
     """train.out_dir/checkpoints: step_<STEP>.pt every train.save_every steps, and best.pt."""
     return Path(train_out_dir) / "checkpoints"
@@ -21,6 +41,19 @@ def checkpoints(train_out_dir: Path | str) -> Path:
 def step_checkpoint(ckpt_dir: Path | str, step: int) -> Path:
     """The checkpoint of STEP `step` in a checkpoints folder."""
     return Path(ckpt_dir) / f"step_{step}.pt"
+
+
+def step_of(checkpoint: Path | str) -> int | None:
+    """The STEP of a step_<STEP>.pt path; None for any other name (best.pt, step_x.pt)."""
+    name = Path(checkpoint).name
+    digits = name.removeprefix("step_").removesuffix(".pt")
+    return int(digits) if name == f"step_{digits}.pt" and digits.isdigit() else None
+
+
+def step_checkpoints(ckpt_dir: Path | str) -> dict[int, Path]:
+    """Every step_<STEP>.pt in a checkpoints folder, by STEP in ascending order."""
+    found = {step_of(p): p for p in Path(ckpt_dir).glob("step_*.pt")}
+    return {step: found[step] for step in sorted(s for s in found if s is not None)}
 
 
 def best_checkpoint(ckpt_dir: Path | str) -> Path:

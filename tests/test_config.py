@@ -70,6 +70,7 @@ def test_override_profiles_load(profile: str) -> None:
     """The README's override profiles only set known keys; the long CPU profile keeps >= 6
     STEP checkpoints for the sweep."""
     from musegen.core.model import ModelParams
+    from musegen.stages.sweep import SweepParams
     from musegen.stages.train import TrainParams
 
     over = (ROOT / profile,)
@@ -77,4 +78,6 @@ def test_override_profiles_load(profile: str) -> None:
     load_section(ModelParams, "model", ROOT / "params.yaml", over)
     if profile == "params-cpu-long.yaml":
         assert train.max_steps // train.save_every >= 6 and train.keep_last == 0
-        assert train.transpose_range > 0  # trained with augmentation
+        # the default profile trains with augmentation; the long one turns it off to overfit
+        assert load_section(TrainParams, "train", ROOT / "params.yaml").transpose_range > 0
+        load_section(SweepParams, "sweep", ROOT / "params.yaml", over)

@@ -55,14 +55,21 @@ files = {
         {"file": "a.mid", "notes": 1200, "seconds": 90},
         {"file": "b.mid", "notes": 3, "seconds": 30}]})},
     "transcribe": {"data/raw/mine/a.mid": "MThd"},
-    "prepare": {"data/prepared/manifest.csv":
-                "path,status,reason,split\na.mid,ok,,train\nb.mid,rejected,no_notes,\n"},
+    "prepare": {"data/prepared/manifest.csv":  # prepare's columns (musegen.stages.prepare)
+                "path,sha256,bytes,status,reason,detail,split,n_notes,n_drum_notes,seconds,"
+                "n_bars,n_tracks,ticks_per_beat,time_signature,n_time_signatures,"
+                "n_tempo_changes,notes_sha256,notes\n"
+                "a.mid,aa,9,ok,,,train,5,0,90.0,4,1,480,4/4,1,1,cc,\n"
+                "b.mid,bb,9,rejected,no_notes,no pitched notes,,0,0,,,1,480,,,,,\n"},
     "tokenize": {"data/tokens/cp/vocab.json": "{}",
                  "reports/tokenize/metrics.json": json.dumps({"cp": {"train": {"total": 9}}})},
     "train": {"models/cp/checkpoints/step_1.pt": "w",
-              "reports/train/loss.csv": "step,train_loss,valid_loss\n1,2.5,\n2,2.0,1.9\n"},
+              "reports/train/loss.csv": "step,train_loss,valid_loss\n1,2.5,\n2,2.0,1.9\n",
+              "reports/train/metrics.json": json.dumps({"best": {"step": 2, "valid_loss": 1.9}})},
     "sweep": {"reports/sweep/index.html": "<html></html>",
               "reports/sweep/metrics.json": json.dumps({"seed": params["sweep"]["seed"],
+                  "best_step": 1, "best_sweep_score": 0.5, "num_checkpoints": 2,
+                  "seconds": {"total": 1.0},
                   "columns": {f"step_{s}": {"step": s, "clips": [f"c{s}"]} for s in (1, 2)}})},
     "select": {"reports/select/choice.json": json.dumps(
         {"step": 1, "decided_by": "proxy", "reason": "highest sweep score 0.5000",
@@ -73,12 +80,23 @@ files = {
         if not pathlib.Path("ratings/decision.json").exists() else
         {"step": json.loads(pathlib.Path("ratings/decision.json").read_text())["step"],
          "decided_by": "person", "reason": "a person", "steps": {}})},
-    "tune": {"reports/tune/best_sampling.yaml": "temperature: {pitch: 1.1}\n"},
-    "evaluate": {"reports/evaluate/metrics.json": json.dumps({"proxy_score": 0.5})},
+    "tune": {"reports/tune/best_sampling.yaml": "temperature: {pitch: 1.1}\n",
+             "reports/tune/metrics.json": json.dumps({"objective": "proxy", "n_trials_run": 2,
+                 "seconds_per_trial": 1.0, "best_value": 0.5, "best_trial": 1, "n_ratings": 0,
+                 "spearman_proxy_vs_rating": None, "checkpoint_step": 1})},
+    "evaluate": {"reports/evaluate/metrics.json": json.dumps({"checkpoint_step": 1,
+                 "n_samples": 4, "n_reference": 3, "proxy_score": 0.5, "mean_oa": 0.6,
+                 "order_score": 0.1})},
     "register": {"reports/register/champion.json":
                  json.dumps({"uri": "models:/musegen@champion", "version": 1, "step": 1,
-                             "selected_by": "proxy", "sampling": {"temperature": {"pitch": 1.1}}})},
+                             "selected_by": "proxy", "sampling": {"temperature": {"pitch": 1.1}},
+                             "evaluate_proxy_score": 0.5})},
 }[name]
+if name == "select":  # what select writes beside the choice (musegen.stages.select)
+    choice = json.loads(files["reports/select/choice.json"])
+    choice |= {"checkpoint": f"models/cp/checkpoints/step_{choice['step']}.pt", "by": "ratings",
+               "num_ratings": 2, "num_pairs": 4}
+    files["reports/select/choice.json"] = json.dumps(choice)
 for path, text in files.items():
     pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(path).write_text(text)
@@ -92,10 +110,10 @@ OUTS = {
     "transcribe": ["data/raw/mine"],  # the optional stage, as if transcribe.corpora named one
     "prepare": ["data/prepared/manifest.csv"],
     "tokenize": ["data/tokens", "reports/tokenize/metrics.json"],
-    "train": ["models/cp", "reports/train/loss.csv"],
+    "train": ["models/cp", "reports/train/loss.csv", "reports/train/metrics.json"],
     "sweep": ["reports/sweep/metrics.json", "reports/sweep/index.html"],
     "select": ["reports/select/choice.json"],
-    "tune": ["reports/tune/best_sampling.yaml"],
+    "tune": ["reports/tune/best_sampling.yaml", "reports/tune/metrics.json"],
     "evaluate": ["reports/evaluate/metrics.json"],
     "register": ["reports/register/champion.json"],
 }

@@ -347,19 +347,23 @@ def params_copy(tmp_path: Path, **sections) -> Path:
     return path
 
 
-def test_sampling_for_overlays_tuned_settings(tmp_path: Path) -> None:
+def test_tuned_sampling_overlays_the_sample_section(tmp_path: Path) -> None:
+    """`musegen generate` composes with choice.sampling: params.yaml's sample section overlaid
+    by tune's best_sampling.yaml."""
+    from musegen.stages import choice
+
     params = params_copy(tmp_path)
-    assert gen.sampling_for(params) == SAMPLE  # no tuning output yet
+    assert choice.sampling(choice.GenerateConfig.load(params)) == SAMPLE  # nothing tuned yet
     (tmp_path / "tune").mkdir()
     tuned = tmp_path / "tune/best_sampling.yaml"
     tuned.write_text("temperature: {pitch: 0.7}\ntop_p: {duration: 0.8}\n")
-    got = gen.sampling_for(params)
+    got = choice.sampling(choice.GenerateConfig.load(params))
     assert got.temperature["pitch"] == 0.7 and got.top_p["duration"] == 0.8
     assert got.temperature["type"] == SAMPLE.temperature["type"]
     assert got.with_overrides(["pitch=1.3"]).temperature["pitch"] == 1.3  # flags win
     tuned.write_text("temprature: {pitch: 0.7}\n")
     with pytest.raises(ParamsError, match=r"best_sampling\.yaml: unknown key 'temprature'"):
-        gen.sampling_for(params)
+        choice.sampling(choice.GenerateConfig.load(params))
 
 
 @pytest.mark.slow
@@ -378,7 +382,7 @@ def test_models_uri_resolves_to_the_registered_checkpoint(
     )
     tuned = SAMPLE.with_overrides(["pitch=0.7"])
     with pytest.warns(UserWarning, match="training run"):
-        limits = register.limits_for(ROOT / "params.yaml")
+        limits = register.limits_for(register.RegisterConfig.load(ROOT / "params.yaml"))
         register.register(
             params, ckpt_dir / "step_5.pt", tuned, limits=limits, experiment="gen-test"
         )

@@ -24,6 +24,7 @@ import soundfile as sf
 from optuna.trial import TrialState
 
 from musegen.apps import listen as ls
+from musegen.apps.ui import ServeParams
 from musegen.config import load_section
 from musegen.stages import tune as tn
 from tests.test_tune import make_workspace
@@ -87,8 +88,9 @@ def params(tmp_path: Path, real_midi_files: list[Path]) -> Path:
 def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path) -> None:
     tp = load_section(tn.TuneParams, "tune", params)
     storage = tn.open_storage(tp.storage)
-    server, _ = ls.start_dashboard(storage, tp.artifact_dir, port=0)
-    assert server.server_address[0] == "127.0.0.1"
+    host = load_section(ServeParams, "serve", params).host
+    server, _ = ls.start_dashboard(storage, tp.artifact_dir, port=0, host=host)
+    assert server.server_address[0] == host == "127.0.0.1"
     base = f"http://127.0.0.1:{server.server_port}"
     stop = threading.Event()
     seen: list[int] = []
@@ -97,7 +99,9 @@ def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path)
     )
     thread.start()
     try:
-        summary = ls.listen(params, n_trials=20, poll_seconds=0.05, timeout_s=150, echo=print)
+        summary = ls.listen(
+            ls.ListenConfig.load(params), n_trials=20, poll_seconds=0.05, timeout_s=150, echo=print
+        )
         study = optuna.load_study(study_name=tp.listen_study, storage=tp.storage)
         # the dashboard serves the trial's MP3 (what the browser's <audio> plays)
         first = study.trials[1]
@@ -133,7 +137,7 @@ def test_ratings_over_http_move_the_study_toward_the_liked_setting(params: Path)
 
 def test_pairwise_mode_plays_new_against_incumbent(params: Path) -> None:
     tp = load_section(tn.TuneParams, "tune", params)
-    session = ls.open_session(params, pairwise=True)
+    session = ls.open_session(ls.ListenConfig.load(params), pairwise=True)
     for _ in range(3):
         trial = session.study.ask()
         ls.prepare(session, trial)

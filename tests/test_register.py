@@ -96,7 +96,7 @@ def test_register_load_by_alias_predict_and_reregister(
         },
     }
     evaluation = {"checkpoint_step": 1, "proxy_score": 0.61, "mean_oa": 0.7, "oa": {"x": 1}}
-    limits = stage.limits_for(PARAMS)
+    limits = stage.limits_for(stage.RegisterConfig.load(PARAMS))
     v1 = stage.register(
         params(),
         store["ckpts"] / "step_1.pt",

@@ -33,8 +33,8 @@ from musegen.config import load_section
 from musegen.core.sampling import SampleParams
 from musegen.stages import register as stage
 
-LIMITS = stage.limits_for(PARAMS)  # generate.max_bars 32, max_words 4096, max_file_mb 4,
-# min_bars 32
+# generate.max_bars 32, max_words 4096, max_file_mb 4, min_bars 32
+LIMITS = stage.limits_for(stage.RegisterConfig.load(PARAMS))
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +133,7 @@ def test_limits_need_a_word_and_bar_cap(tmp_path: Path) -> None:
     params["generate"]["max_words"] = 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(ParamsError, match=r"generate\.max_words = 0 \(no cap\)"):
-        stage.limits_for(tmp_path / "params.yaml")
+        stage.limits_for(stage.RegisterConfig.load(tmp_path / "params.yaml"))
 
 
 # ---- over HTTP: `mlflow models serve` on 127.0.0.1 ----------------------------------------

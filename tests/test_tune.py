@@ -215,9 +215,10 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     best = yaml.safe_load((Path(tp.out_dir) / "best_sampling.yaml").read_text())
     best_trial = study.trials[summary["best_trial"]]
     assert best == tn.as_section(best_trial.params)
-    from musegen.core.generate import sampling_for  # generation reads the file back
+    from musegen.stages.choice import sampling  # evaluate, register, generate read it back
 
-    assert sampling_for(workspace).temperature["pitch"] == best["temperature"]["pitch"]
+    tuned = sampling(tn.TuneConfig.load(workspace))
+    assert tuned.temperature["pitch"] == best["temperature"]["pitch"]
     metrics = json.loads((Path(tp.out_dir) / "metrics.json").read_text())
     assert metrics["objective"] == "proxy" and metrics["seconds_per_trial"] > 0
     # what it was tuned for and on: the checkpoint's STEP, valid-split pieces only
@@ -240,6 +241,24 @@ def test_tune_writes_best_settings_metrics_artifacts_and_mlflow(
     assert "proxy_score" in children[0].data.metrics
     files = {a.path for a in client.list_artifacts(children[0].info.run_id, "clips")}
     assert {Path(f).suffix for f in files} == {".mid", ".mp3"}
+
+
+def test_tune_is_seeded_and_a_continued_study_draws_new_trials(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, real_midi_files: list[Path]
+) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    drawn = []
+    for name in ("a", "b"):  # two fresh stores, same params: the same trials
+        params_path = make_workspace(tmp_path / name, real_midi_files)
+        run_tune(params_path, n_trials=2)
+        tp = load_section(tn.TuneParams, "tune", params_path)
+        drawn.append(
+            [t.params for t in optuna.load_study(study_name=tp.study, storage=tp.storage).trials]
+        )
+    assert drawn[0] == drawn[1]
+    run_tune(params_path, n_trials=2)  # the same study again: its new trials are new points
+    trials = optuna.load_study(study_name=tp.study, storage=tp.storage).trials
+    assert len(trials) == 4 and all(t.params not in drawn[1] for t in trials[2:])
 
 
 def test_learned_listener_takes_over_after_min_ratings(

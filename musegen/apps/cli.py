@@ -16,21 +16,21 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 
-from musegen import paths
 from musegen.config import (
     DEFAULT_PARAMS,
-    DataParams,
     ParamsError,
+    StageConfig,
     comments,
-    load_section,
+    read_params,
     repo_root,
-    with_flags,
 )
 from musegen.tracking import TrackingError
+
+C = TypeVar("C", bound=StageConfig)
 
 #: plain click help: a flag shows no `<bool>` placeholder, options list every name they take
 TYPER: dict[str, Any] = {"no_args_is_help": True, "add_completion": False, "rich_markup_mode": None}
@@ -83,6 +83,11 @@ def given(section: str, **values: Any) -> dict[str, tuple[str, Any]]:
     return {key: (_flags(f"{section}.{key}")[0], value) for key, value in values.items()}
 
 
+def flagged(params: C, section: str, **values: Any) -> C:
+    """`params` with the knobs of `section` given on the command line (None = not given)."""
+    return params.with_flags(section, given(section, **values))
+
+
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg="red", err=True)
     raise typer.Exit(code=1)
@@ -91,13 +96,10 @@ def _fail(message: str) -> None:
 @corpus_app.command("build")
 def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Write the embedded corpus (music21 keyboard works, chorales) to raw_root/m21-keyboard."""
-    from musegen.stages import corpus
+    from musegen.stages import corpus as stage
 
-    data = load_section(DataParams, "data", params)
-    out = corpus.build_m21(
-        Path(data.raw_root) / corpus.M21_CORPUS, load_section(corpus.CorpusParams, "corpus", params)
-    )
-    typer.echo(f"corpus: {out}")
+    result = stage.run(stage.CorpusConfig.load(params))
+    typer.echo(f"corpus: {result} in {result.folder}")
 
 
 @corpus_app.command("pop1k7")
@@ -109,16 +111,12 @@ def corpus_pop1k7(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Download (or take --from PATH), verify, extract Pop1K7 to raw_root/pop1k7; `dvc add` it."""
-    from musegen.stages import corpus
+    from musegen.stages import corpus as stage
 
-    data = load_section(DataParams, "data", params)
-    try:
-        out = corpus.fetch_pop1k7(
-            Path(data.raw_root) / "pop1k7",
-            load_section(corpus.CorpusParams, "corpus", params),
-            source,
-        )
-    except corpus.CorpusError as exc:
+    p = stage.CorpusConfig.load(params)
+    try:  # not a DVC stage: a corpus a person installs, then names in data.corpus
+        out = stage.fetch_pop1k7(Path(p.data.raw_root) / "pop1k7", p.corpus, source)
+    except stage.CorpusError as exc:
         _fail(str(exc))
     if use_dvc:
         subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
@@ -145,19 +143,15 @@ def corpus_transcribe(
     """
     from musegen.stages import transcribe as stage
 
-    out = out or Path(load_section(DataParams, "data", params).raw_root) / audio.name
     try:
-        table = stage.transcribe(
-            audio, out, load_section(stage.TranscribeParams, "transcribe", params), report=report
-        )
+        result = stage.run(stage.TranscribeConfig.load(params), audio, out, report)
     except ImportError as exc:
         _fail(str(exc))
-    typer.echo(stage.summarize(table, out))
-    if not (table.status == "ok").any():
-        where = report or audio / stage.REPORT
-        _fail(f"{audio}: no file became MIDI; see the reasons above and {where}")
+    typer.echo(result.summary)
+    if not result.ok:
+        _fail(f"{audio}: no file became MIDI; see the reasons above and {result.report}")
     if use_dvc:
-        subprocess.run([sys.executable, "-m", "dvc", "add", str(out)], check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "add", str(result.folder)], check=True)
 
 
 @app.command()
@@ -174,15 +168,11 @@ def prepare(
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
     from musegen.stages import prepare as stage
 
-    data = load_section(DataParams, "data", params)
-    p = with_flags(
-        load_section(stage.PrepareParams, "prepare", params),
-        given("prepare", use_strict=use_strict),
-    )
-    manifest = stage.prepare(raw or data.raw_dir, out or Path(data.prepared_dir), p)
-    typer.echo(stage.summarize(manifest))
-    if p.use_strict and (manifest.status != "ok").any():
-        _fail(f"--strict: {(manifest.status != 'ok').sum()} file(s) rejected; see the manifest")
+    p = flagged(stage.PrepareConfig.load(params), "prepare", use_strict=use_strict)
+    result = stage.run(p, raw, out)
+    typer.echo(result.summary)
+    if p.prepare.use_strict and result.rejected:
+        _fail(f"--strict: {result.rejected} file(s) rejected; see the manifest")
 
 
 @app.command()
@@ -190,14 +180,8 @@ def tokenize(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Tokenize the manifest's ok files to CP and REMI arrays per split, plus vocab.json."""
     from musegen.stages import tokenize as stage
 
-    data = load_section(DataParams, "data", params)
-    out = stage.tokenize(
-        data.raw_dir,
-        data.manifest,
-        Path(data.tokens_dir),
-        load_section(stage.TokenizeParams, "tokenize", params),
-    )
-    typer.echo(f"tokens: {out}")
+    result = stage.run(stage.TokenizeConfig.load(params))
+    typer.echo(f"tokens: {result.tokens_dir}")
 
 
 @app.command()
@@ -215,26 +199,18 @@ def train(
 
     Multi-GPU: torchrun --standalone --nproc_per_node=N -m musegen train [same options].
     """
-    from musegen.config import merge, read_yaml
-    from musegen.core.model import ModelParams
     from musegen.stages import train as stage
 
     overrides = tuple(override or ())
-    merged = read_yaml(params)
-    for extra in overrides:  # the whole file, for MLflow's params
-        merged = merge(merged, read_yaml(extra), str(extra))
-    p = load_section(stage.TrainParams, "train", params, overrides)
     try:
-        final = stage.train(
-            Path(load_section(DataParams, "data", params, overrides).tokens_dir),
-            p,
-            load_section(ModelParams, "model", params, overrides),
-            all_params=merged,
+        result = stage.run(
+            stage.TrainConfig.load(params, overrides),
             resume=resume,
+            all_params=read_params(params, overrides),  # the whole file, for MLflow's params
         )
     except stage.TrainError as exc:
         _fail(str(exc))
-    typer.echo(f"checkpoint: {final}")
+    typer.echo(f"checkpoint: {result.checkpoint}")
 
 
 @app.command()
@@ -243,32 +219,16 @@ def sweep(
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Continue the same valid prompts with every kept STEP (base sampling): page + metrics."""
-
-    from musegen.core.sampling import SampleParams
     from musegen.stages import sweep as stage
-    from musegen.stages.evaluate import EvaluateParams
-    from musegen.stages.train import TrainParams
 
-    p = with_flags(
-        load_section(stage.SweepParams, "sweep", params), given("sweep", use_blind=use_blind)
-    )
-    data = load_section(DataParams, "data", params)
-    train_p = load_section(TrainParams, "train", params)
+    p = flagged(stage.SweepConfig.load(params), "sweep", use_blind=use_blind)
     try:
-        result = stage.sweep(
-            p,
-            paths.checkpoints(train_p.out_dir),
-            data.manifest,
-            data.raw_dir,
-            sample=load_section(SampleParams, "sample", params),  # never one STEP's tuning
-            eval_params=load_section(EvaluateParams, "evaluate", params),
-            experiment=train_p.experiment,
-        )
+        result = stage.run(p)
     except (FileNotFoundError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(
-        f"sweep: {result['page']} (best STEP {result['best_step']}, score "
-        f"{result['best_sweep_score']:.3f}; {result['seconds']['total']:.0f} s)"
+        f"sweep: {result.page} (best STEP {result.best_step}, score "
+        f"{result.best_sweep_score:.3f}; {result.seconds:.0f} s)"
     )
 
 
@@ -284,21 +244,14 @@ def select(
 ) -> None:
     """Pick the STEP tune, evaluate and register use (select.by: ratings|proxy|valid_loss|step)."""
     from musegen.stages import select as stage
-    from musegen.stages.sweep import SweepParams
-    from musegen.stages.train import TrainParams
 
-    p = load_section(stage.SelectParams, "select", params)
+    p = stage.SelectConfig.load(params)
     try:
-        report = stage.select(
-            p,
-            Path(load_section(SweepParams, "sweep", params).metrics_file),
-            paths.checkpoints(load_section(TrainParams, "train", params).out_dir),
-            step=step,
-        )
+        result = stage.run(p, step=step)
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(
-        f"select: STEP {report['step']} ({report['decided_by']}: {report['reason']}) -> {p.report}"
+        f"select: STEP {result.step} ({result.decided_by}: {result.reason}) -> {result.report}"
     )
 
 
@@ -313,11 +266,10 @@ def ratings_add(
     """Merge blind-page scores and pairwise choices into the ratings table; log counts, means
     and Bradley-Terry strengths to the sweep runs."""
     from musegen.core import ratings as stage
-    from musegen.stages.select import SelectParams
-    from musegen.stages.sweep import SweepParams
+    from musegen.stages.select import SelectConfig
 
-    p = load_section(SelectParams, "select", params)
-    sweep_metrics = Path(load_section(SweepParams, "sweep", params).metrics_file)
+    config = SelectConfig.load(params)
+    p, sweep_metrics = config.select, Path(config.sweep.metrics_file)
     try:
         counts = stage.add(files, Path(p.ratings_dir), sweep_metrics)
     except stage.RatingsError as exc:
@@ -354,46 +306,17 @@ def ratings_add(
 @app.command()
 def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Register the bundle (selected STEP + its tuned sampling + its evaluation) as one version."""
-    from musegen.core.generate import sampling_for
     from musegen.stages import register as stage
-    from musegen.stages.evaluate import EvaluateParams
-    from musegen.stages.select import selected
-    from musegen.stages.train import TrainParams
-    from musegen.stages.tune import TuneParams
 
-    p = load_section(stage.RegisterParams, "register", params)
-    choice = selected(params)
-    sample = sampling_for(params)
+    p = stage.RegisterConfig.load(params)
     try:
-        evaluation = stage.check_bundle(
-            choice["step"],
-            paths.metrics(load_section(TuneParams, "tune", params).out_dir),
-            paths.metrics(load_section(EvaluateParams, "evaluate", params).out_dir),
-        )
-        version = stage.register(
-            p,
-            Path(choice["checkpoint"]),
-            sample,
-            limits=stage.limits_for(params),
-            evaluation=evaluation,
-            selection=choice,
-            experiment=load_section(TrainParams, "train", params).experiment,
-        )
+        result = stage.run(p)
     except stage.BundleError as exc:
         _fail(str(exc))
-    report = {
-        "version": int(version.version),
-        "step": int(version.tags["step"]),
-        "uri": f"models:/{p.name}@{p.alias}",
-        "selected_by": choice["decided_by"],
-        "sampling": json.loads(version.tags["sampling"]),
-        "evaluate_proxy_score": evaluation.get("proxy_score"),
-    }
-    Path(p.report).parent.mkdir(parents=True, exist_ok=True)
-    Path(p.report).write_text(json.dumps(report, indent=2) + "\n")
+    name, alias = p.register.name, p.register.alias
     typer.echo(
-        f"registered: models:/{p.name}/{version.version} (STEP {version.tags['step']}, its "
-        f"tuned sampling and test-split evaluation), alias {p.alias} -> version {version.version}"
+        f"registered: models:/{name}/{result.version} (STEP {result.step}, its tuned sampling "
+        f"and test-split evaluation), alias {alias} -> version {result.version}"
     )
 
 
@@ -406,24 +329,14 @@ def tune(
 
     Several workers may run at once on one tune.storage. Writes reports/tune/best_sampling.yaml.
     """
-    from musegen.core.sampling import SampleParams
     from musegen.stages import tune as stage
-    from musegen.stages.evaluate import EvaluateParams
 
-    p = load_section(stage.TuneParams, "tune", params)
-    summary = stage.tune(
-        p,
-        stage.checkpoint_path(p, params),
-        Path(load_section(DataParams, "data", params).tokens_dir),
-        sample=load_section(SampleParams, "sample", params),
-        eval_params=load_section(EvaluateParams, "evaluate", params),
-        n_trials=num_trials,
-    )
+    r = stage.run(flagged(stage.TuneConfig.load(params), "tune", num_trials=num_trials))
+    best = float("nan") if r.best_value is None else r.best_value
     typer.echo(
-        f"tune: {summary['n_trials_run']} trials ({summary['seconds_per_trial']:.1f} s each), "
-        f"objective {summary['objective']}, best {summary.get('best_value', float('nan')):.4f} "
-        f"(trial {summary.get('best_trial')}); spearman vs ratings "
-        f"{summary['spearman_proxy_vs_rating']} over {summary['n_ratings']} ratings"
+        f"tune: {r.n_trials_run} trials ({r.seconds_per_trial:.1f} s each), "
+        f"objective {r.objective}, best {best:.4f} (trial {r.best_trial}); spearman vs ratings "
+        f"{r.spearman_proxy_vs_rating} over {r.n_ratings} ratings"
     )
 
 
@@ -449,15 +362,13 @@ def listen(
     optuna-dashboard <tune.storage> --artifact-dir <tune.artifact_dir> --host <serve.host>
     """
     from musegen.apps import listen as stage
-    from musegen.apps.ui import ServeParams, ServerError
+    from musegen.apps.ui import ServerError
 
-    sp = with_flags(
-        load_section(ServeParams, "serve", params), {"optuna_port": ("--port", optuna_port)}
+    p = stage.ListenConfig.load(params).with_flags(
+        "serve", {"optuna_port": ("--port", optuna_port)}
     )
     try:
-        summary = stage.listen(
-            params, n_trials=num_trials, pairwise=pairwise, serve=serve, port=sp.optuna_port
-        )
+        summary = stage.listen(p, n_trials=num_trials, pairwise=pairwise, serve=serve)
     except ServerError as exc:
         _fail(str(exc))
     typer.echo(f"listen: {summary['told']} rated, {summary['skipped']} skipped; {summary}")
@@ -495,13 +406,14 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     """
     from musegen.core import generate as stage
     from musegen.core.midi import MidiError, read_checked
+    from musegen.stages import choice
 
-    flags = given(
-        "generate", num_samples=num_samples, max_bars=max_bars, min_bars=min_bars,
-        max_minutes=max_minutes, max_words=max_words, prompt_bars=prompt_bars,
-        out_dir=out_dir and str(out_dir),
+    config = flagged(
+        choice.GenerateConfig.load(params), "generate", num_samples=num_samples,
+        max_bars=max_bars, min_bars=min_bars, max_minutes=max_minutes, max_words=max_words,
+        prompt_bars=prompt_bars, out_dir=out_dir and str(out_dir),
     )  # fmt: skip
-    p = with_flags(load_section(stage.GenerateParams, "generate", params), flags)
+    p = config.generate
     if checkpoint and model:
         _fail("give --checkpoint or --model, not both")
     if prompt is not None:  # before the model loads: a folder, FIFO or typo fails at once
@@ -512,7 +424,7 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     try:
         path = stage.resolve_checkpoint(model or checkpoint or p.checkpoint)
         # a registered bundle composes with the sampling it was tuned and evaluated with
-        sample = stage.bundled_sampling(path) or stage.sampling_for(params)
+        sample = stage.bundled_sampling(path) or choice.sampling(config)
         sample = sample.with_overrides(temperature or (), top_p or ())
         loaded = stage.load_model(path, p.device)
         typer.echo(f"model: {path} (step {loaded.step}, {loaded.config.max_len}-word window)")
@@ -539,15 +451,13 @@ def evaluate(
     Without them (the DVC stage): the selected STEP with its tuned sampling against the test
     split.
     """
-    from musegen.core.generate import sampling_for
     from musegen.stages import evaluate as stage
-    from musegen.stages.select import selected
 
-    p = load_section(stage.EvaluateParams, "evaluate", params)
+    p = stage.EvaluateConfig.load(params)
     if samples is not None or reference is not None:
         if samples is None or reference is None:
             _fail("give both --samples and --reference (or neither, for the pipeline stage)")
-        result = stage.evaluate(samples, reference, out or paths.metrics(p.out_dir), p)
+        result = stage.compare(p, samples, reference, out)
         typer.echo(
             f"evaluate: proxy {result['proxy_score']:.3f}, mean OA {result['mean_oa']:.3f}, "
             f"order {result['order_score']:.3f}"
@@ -558,12 +468,10 @@ def evaluate(
                 f"{rung['mean']:.3f} +/- {rung['sd']:.3f}"
             )
         return
-    data = load_section(DataParams, "data", params)
-    ckpt = Path(selected(params)["checkpoint"])
-    headline = stage.evaluate_model(ckpt, sampling_for(params), data.manifest, data.raw_dir, p)
+    r = stage.run(p)
     typer.echo(
-        f"evaluate: {headline['n_samples']} samples vs {headline['n_reference']} held-out:"
-        f" proxy {headline['proxy_score']:.3f}, mean OA {headline['mean_oa']:.3f}"
+        f"evaluate: {r.n_samples} samples vs {r.n_reference} held-out:"
+        f" proxy {r.proxy_score:.3f}, mean OA {r.mean_oa:.3f}"
     )
 
 
@@ -581,13 +489,12 @@ def ui(
     """
     from musegen.apps import ui as stage
 
-    flags = given(
-        "serve", host=host, prefect_port=prefect_port, mlflow_port=mlflow_port,
-        optuna_port=optuna_port,
+    p = flagged(
+        stage.UiConfig.load(params), "serve", host=host, prefect_port=prefect_port,
+        mlflow_port=mlflow_port, optuna_port=optuna_port,
     )  # fmt: skip
-    p = with_flags(load_section(stage.ServeParams, "serve", params), flags)
     try:
-        stage.ui(params, Path.cwd(), p)
+        stage.ui(p, Path.cwd())
     except stage.ServerError as exc:
         _fail(str(exc))
 

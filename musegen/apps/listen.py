@@ -40,9 +40,10 @@ import optuna
 from optuna.trial import TrialState
 
 from musegen.apps.ui import ServeParams, ServerError
-from musegen.config import DataParams, load_section
+from musegen.config import DataParams, StageConfig
 from musegen.core.sampling import SampleParams
 from musegen.stages import tune as tn
+from musegen.stages.choice import SelectParams, TuneParams
 from musegen.stages.evaluate import EvaluateParams
 
 RATING_KEY = "rating"
@@ -82,9 +83,9 @@ class _QuietHandler(WSGIRequestHandler):
 
 
 def start_dashboard(
-    storage: Any, artifact_dir: Path | str, port: int, host: str = "127.0.0.1"
+    storage: Any, artifact_dir: Path | str, port: int, host: str
 ) -> tuple[WSGIServer, threading.Thread]:
-    """Serve optuna-dashboard with the artifact store in a daemon thread.
+    """Serve optuna-dashboard with the artifact store in a daemon thread on `host` (serve.host).
 
     Returns:
         (server, thread); `server.server_port` is the bound port (pass port 0 for any free
@@ -124,17 +125,28 @@ class Session:
     pairwise: bool
 
 
-def open_session(params_path: Path | str, pairwise: bool = False) -> Session:
+@dataclasses.dataclass(frozen=True)
+class ListenConfig(StageConfig):
+    """What a listening session reads: tune's space and storage, the proxy's settings, the
+    prompts, the base sampling, the STEP select chose, the dashboard's host and port
+    (`ListenConfig.load`, as every stage's params)."""
+
+    tune: TuneParams
+    evaluate: EvaluateParams
+    data: DataParams
+    sample: SampleParams
+    select: SelectParams
+    serve: ServeParams
+
+
+def open_session(params: ListenConfig, pairwise: bool = False) -> Session:
     """Load the checkpoint, prompts and reference; create or load the listen study."""
     from optuna.artifacts import FileSystemArtifactStore
 
     from musegen.core.generate import load_model
 
-    params_path = Path(params_path)
-    tp = load_section(tn.TuneParams, "tune", params_path)
-    ev = load_section(EvaluateParams, "evaluate", params_path)
-    data = load_section(DataParams, "data", params_path)
-    loaded = load_model(tn.checkpoint_path(tp, params_path))
+    tp, ev, data = params.tune, params.evaluate, params.data
+    loaded = load_model(tn.checkpoint_path(params))
     repr_dir = Path(data.tokens_dir) / loaded.vocab["representation"]
     storage = tn.open_storage(tp.storage)
     name = tp.listen_study + ("-pairwise" if pairwise else "")
@@ -154,7 +166,7 @@ def open_session(params_path: Path | str, pairwise: bool = False) -> Session:
     return Session(
         tp=tp,
         ev=ev,
-        base=load_section(SampleParams, "sample", params_path),
+        base=params.sample,
         loaded=loaded,
         bench=tn.load_bench(repr_dir, loaded.tokenizer, tp, ev.seed),
         storage=storage,
@@ -291,7 +303,7 @@ def summary(study: optuna.Study) -> dict[str, Any]:
 
 
 def listen(
-    params_path: Path | str,
+    params: ListenConfig,
     *,
     n_trials: int | None = None,
     pairwise: bool = False,
@@ -308,7 +320,7 @@ def listen(
     dashboard shuts down and open trials keep their clips for the next run.
 
     Args:
-        params_path: params.yaml (the `tune` section holds the space and the storage).
+        params: the sections it reads (the `tune` section holds the space and the storage).
         n_trials: ratings to collect in this run.
         pairwise: A/B preference mode instead of 1-5 scores.
         serve: also serve optuna-dashboard on serve.host:`port` (printed).
@@ -320,7 +332,7 @@ def listen(
     Returns:
         `summary(study)` plus told / skipped counts of this run.
     """
-    s = open_session(params_path, pairwise)
+    s = open_session(params, pairwise)
     n_trials = s.tp.num_trials if n_trials is None else n_trials
     for t in s.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         if "clips" not in t.user_attrs:  # a run died while generating it
@@ -330,7 +342,7 @@ def listen(
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     try:
         if serve:
-            sp = load_section(ServeParams, "serve", params_path)
+            sp = params.serve
             port = sp.optuna_port if port is None else port
             server, _ = start_dashboard(s.storage, s.tp.artifact_dir, port, sp.host)
             echo(f"optuna-dashboard: http://{sp.host}:{server.server_port}/dashboard/")

@@ -22,7 +22,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
-from musegen.config import Rule, at_least, check_values, read_yaml
+from musegen.config import Rule, StageConfig, at_least, check_values
+from musegen.stages.choice import TuneParams
 from musegen.tracking import tracking_uri
 
 BIN = Path(sys.executable).parent
@@ -47,6 +48,14 @@ class ServeParams:
         port: Rule = (lambda v: isinstance(v, int) and 0 < v < 65536, "a port in 1..65535")
         ports = dict.fromkeys(("prefect_port", "mlflow_port", "optuna_port"), port)
         check_values(self, "serve", {**ports, "num_dask_workers": at_least(1)})
+
+
+@dataclasses.dataclass(frozen=True)
+class UiConfig(StageConfig):
+    """What `musegen ui` reads: hosts and ports, and the Optuna storage it shows."""
+
+    serve: ServeParams
+    tune: TuneParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,17 +210,17 @@ def running(
                 _stop(proc)
 
 
-def ui(params: Path, root: Path, p: ServeParams) -> None:
+def ui(params: UiConfig, root: Path) -> None:
     """Serve the MLflow UI, the Prefect server and optuna-dashboard until Ctrl-C (or one exits).
 
     Raises:
         ServerError: a server failed to start or exited.
     """
-    tune = read_yaml(root / params)["tune"]
+    p, tune = params.serve, params.tune
     servers = [
         mlflow_server(p, root),
         prefect_server(p, root),
-        optuna_dashboard(p, root, tune["storage"], tune["artifact_dir"]),
+        optuna_dashboard(p, root, tune.storage, tune.artifact_dir),
     ]
     stop_on_signals()
     print("starting MLflow, Prefect and optuna-dashboard (MLflow takes ~15-35 s) ...", flush=True)

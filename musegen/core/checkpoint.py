@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from musegen import files
+from musegen import files, paths
 
 #: what generating needs (a registered model's slim checkpoint has only these and a few more)
 MODEL_KEYS = ("model", "model_config", "vocab")
@@ -164,9 +164,8 @@ def newest_good(folder: Path, keys: tuple[str, ...] = TRAIN_KEYS) -> tuple[Path,
     Raises:
         CheckpointError: no step_<STEP>.pt at all, or none that loads (every problem listed).
     """
-    found = [p for p in Path(folder).glob("step_*.pt") if p.stem[5:].isdigit()]
     skipped = []
-    for path in sorted(found, key=lambda p: int(p.stem[5:]), reverse=True):
+    for path in reversed(paths.step_checkpoints(folder).values()):
         try:
             return path, load(path, keys), skipped
         except CheckpointError as exc:

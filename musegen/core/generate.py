@@ -37,8 +37,7 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from musegen import paths
-from musegen.config import ParamsError, at_least, check_values, merge, read_yaml
+from musegen.config import at_least, check_values, read_yaml
 from musegen.core.checkpoint import CheckpointError
 from musegen.core.checkpoint import load as load_checkpoint
 from musegen.core.model import Decoder, ModelConfig, MusicTransformer
@@ -615,35 +614,6 @@ def midi_prompt(tokenizer: Tokenizer, midi_path: Path | str, prompt_bars: int) -
 
 
 # ---- sampling settings, model references, files ------------------------------------------
-def sampling_for(params_path: Path | str) -> SampleParams:
-    """The `sample` section, overlaid by the tuning stage's best settings when they exist.
-
-    The overlay is <tune.out_dir>/best_sampling.yaml (written by `musegen tune`), in the sample
-    section's shape (a `sample:` wrapper is accepted); its maps may name only some fields. CLI
-    flags go on top of the result (`SampleParams.with_overrides`).
-
-    Raises:
-        ParamsError: the sample section is missing, or the overlay has a key it lacks.
-    """
-    params_path = Path(params_path)
-    data = read_yaml(params_path)
-    if not isinstance(data.get("sample"), dict):
-        raise ParamsError(f"{params_path}: missing section 'sample'")
-    section = data["sample"]
-    tune_dir = (data.get("tune") or {}).get("out_dir")
-    tuned = paths.best_sampling(tune_dir) if tune_dir else None
-    if tuned is not None and tuned.is_file():
-        extra = read_yaml(tuned)
-        section = merge(section, extra.get("sample", extra), str(tuned))
-    names = [f.name for f in dataclasses.fields(SampleParams)]
-    missing = [n for n in names if n not in section]
-    if missing:
-        raise ParamsError(f"{params_path}: missing key sample.{missing[0]} (add it to the file)")
-    try:
-        return SampleParams(**{n: section[n] for n in names})
-    except ParamsError as exc:  # name the files the values came from
-        where = f"{params_path}" + (f" + {tuned}" if tuned is not None and tuned.is_file() else "")
-        raise ParamsError(f"{where}: {exc}", exc.key, exc.problem) from None
 
 
 def bundled_sampling(checkpoint: Path) -> SampleParams | None:

@@ -24,9 +24,9 @@ from dataclasses import replace
 import numpy as np
 from scipy.stats import gaussian_kde
 
-from musegen.core.midi import TICKS_PER_BEAT, Score
+from musegen.core.midi import BAR_TICKS, TICKS_PER_BEAT, Score
 
-BAR = 4 * TICKS_PER_BEAT  # 1920 ticks: a 4/4 bar
+BAR = BAR_TICKS  # 1920 ticks: a 4/4 bar
 STEP = TICKS_PER_BEAT // 4  # 120 ticks: a 16th, the CP position grid
 Q = BAR // STEP  # 16 positions a bar (GS uses Q = 16 on the CP grid; MusDr uses 64)
 GS_MAX_PAIRS = 1000  # MusDr caps the bar pairs of GS at 1000 random ones

@@ -18,6 +18,8 @@ import numpy as np
 from musegen import files
 
 TICKS_PER_BEAT = 480  # the Pop1K7 / CP grid; every Score is rescaled to it
+BAR_TICKS = 4 * TICKS_PER_BEAT  # 1920: every file is read on a 4/4 bar grid
+DEFAULT_BPM = 120.0  # MIDI's tempo when a file sets none (miditoolkit's too)
 
 #: reason codes a MidiError may carry (the manifest's `reason` column).
 REASONS = (
@@ -83,9 +85,9 @@ class Score:
     def seconds(self, tick: int | None = None) -> float:
         """Wall-clock time of `tick` (default: the last note off) under the tempo map."""
         tick = self.end_tick if tick is None else tick
-        tempos = sorted(self.tempos) or [(0, 120.0)]  # tracks may list tempos out of order
+        tempos = sorted(self.tempos) or [(0, DEFAULT_BPM)]  # tracks may list tempos out of order
         if tempos[0][0] > 0:
-            tempos = [(0, 120.0), *tempos]
+            tempos = [(0, DEFAULT_BPM), *tempos]
         total, (prev_tick, prev_bpm) = 0.0, tempos[0]
         for t, bpm in tempos[1:]:
             if t >= tick:
@@ -234,7 +236,7 @@ def parse_score(data: bytes, path: Path | str) -> Score:
                 np.stack([start, start + a["duration"], a["pitch"], a["velocity"]], axis=1)
             )
     rows = np.concatenate(parts) if parts else np.zeros((0, 4), np.int64)
-    tempos: list[tuple[int, float]] = [(0, 120.0)]  # miditoolkit's DEFAULT_BPM
+    tempos: list[tuple[int, float]] = [(0, DEFAULT_BPM)]
     tp = sm.tempos.numpy()
     for tick, mspq in zip(tp["time"].tolist(), tp["mspq"].tolist(), strict=True):
         bpm = 60 * 1e6 / mspq * 4 / 4.0  # mido.tempo2bpm, operation for operation

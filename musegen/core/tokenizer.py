@@ -48,7 +48,8 @@ from typing import Any, ClassVar
 import miditoolkit
 import numpy as np
 
-from musegen.core.midi import TICKS_PER_BEAT, Score, read_score, to_score
+from musegen import paths
+from musegen.core.midi import DEFAULT_BPM, TICKS_PER_BEAT, Score, read_score, to_score
 
 __all__ = [
     "CPTokenizer",
@@ -67,7 +68,6 @@ PITCH_MIN, PITCH_MAX = 21, 108  # A0..C8
 NUM_DURATIONS = 64  # 60..3840 ticks
 NUM_VELOCITIES = 64  # bins of 2
 TEMPO_BPM = 30.0 * 2.0 ** (np.arange(32) * 3 / 31)  # geometric 30..240 BPM
-DEFAULT_BPM = 120.0  # MIDI's tempo when a file sets none
 ROOTS = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 FLATS = {"Db": "C#", "Eb": "D#", "Gb": "F#", "Ab": "G#", "Bb": "A#", "Cb": "B", "Fb": "E"}
 QUALITIES = {  # chorder's names (used in Pop1K7 markers) -> intervals above the root
@@ -424,7 +424,7 @@ class Tokenizer:
 
     def save(self, out_dir: Path | str) -> Path:
         """Write vocab.json into `out_dir` (enough to rebuild the tokenizer and decode)."""
-        path = Path(out_dir) / "vocab.json"
+        path = paths.vocab(out_dir)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.vocab, indent=1) + "\n")
         return path
@@ -765,5 +765,5 @@ def load_tokenizer(path: Path | str) -> Tokenizer:
         ValueError: see `from_vocab`.
     """
     path = Path(path)
-    path = path / "vocab.json" if path.is_dir() else path
+    path = paths.vocab(path) if path.is_dir() else path
     return from_vocab(json.loads(path.read_text()), path)

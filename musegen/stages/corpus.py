@@ -38,7 +38,7 @@ from typing import Any, BinaryIO
 from tqdm import tqdm
 
 from musegen import files, paths
-from musegen.config import ParamsError
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core.midi import TICKS_PER_BEAT, MidiError, load_midi, to_score
 from musegen.files import printable
 
@@ -91,8 +91,8 @@ class CorpusWarning(UserWarning):
 
 
 @dataclass(frozen=True)
-class Built:
-    """What a corpus build wrote, read back from its manifest.json (`Built.read`)."""
+class CorpusResult:
+    """What a corpus build wrote, read back from its manifest.json (`CorpusResult.read`)."""
 
     folder: Path
     files: int
@@ -100,7 +100,12 @@ class Built:
     minutes: float
 
     @classmethod
-    def read(cls, folder: Path | str) -> Built:
+    def read(cls, params: CorpusConfig, root: Path | str = ".") -> CorpusResult:
+        """The m21-keyboard corpus under data.raw_root (in the repository at `root`)."""
+        return cls.of(Path(root, params.data.raw_root, M21_CORPUS))
+
+    @classmethod
+    def of(cls, folder: Path | str) -> CorpusResult:
         """The counts of the corpus built in `folder` (its manifest's `files` rows)."""
         rows = json.loads(paths.corpus_manifest(folder).read_text())["files"]
         notes, seconds = sum(r["notes"] for r in rows), sum(r["seconds"] for r in rows)
@@ -130,6 +135,24 @@ class CorpusParams:
                 "corpus.max_entry_mb, max_total_mb, max_entries and max_ratio must be > 0, "
                 f"found {', '.join(map(str, limits))} (fix params.yaml)"
             )
+
+
+@dataclass(frozen=True)
+class CorpusConfig(StageConfig):
+    """What the corpus stage reads: its section and data.raw_root (`CorpusConfig.load`)."""
+
+    corpus: CorpusParams
+    data: DataParams
+
+
+def run(params: CorpusConfig) -> CorpusResult:
+    """The corpus stage: build m21-keyboard into data.raw_root/m21-keyboard (`build_m21`).
+
+    Raises:
+        CorpusError: see `build_m21`.
+    """
+    build_m21(Path(params.data.raw_root) / M21_CORPUS, params.corpus)
+    return CorpusResult.read(params)
 
 
 # ---------------------------------------------------------------- m21-keyboard
@@ -376,7 +399,7 @@ def build_m21(out_dir: Path, params: CorpusParams, sources: Sequence[str] | None
     path = paths.corpus_manifest(out_dir)
     path.write_text(json.dumps(manifest, indent=1) + "\n")
     verified = _verify(rows, path, full=sources is None and params.max_files <= 0)
-    built = Built.read(out_dir)
+    built = CorpusResult.of(out_dir)
     print(f"{M21_CORPUS}: {built} -> {out_dir} ({time.perf_counter() - t0:.0f} s, {verified})")
     return path
 

@@ -22,10 +22,13 @@ import numpy as np
 from tqdm import tqdm
 
 from musegen import paths
-from musegen.config import ParamsError
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core import metrics
 from musegen.core.midi import MidiError, Score, load_midi, to_score
+from musegen.core.sampling import SampleParams
 from musegen.files import from_printable, write_atomic, write_headline
+from musegen.stages import choice
+from musegen.stages.choice import SelectParams, SelectResult, TuneParams
 from musegen.stages.prepare import list_files
 
 
@@ -360,3 +363,54 @@ def evaluate_model(
     paths.metrics(out).write_text(json.dumps(headline, indent=2) + "\n")
     write_headline(paths.metrics(out), test_score=result["proxy_score"])
     return headline
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig(StageConfig):
+    """What the evaluate stage reads: its section, the test split's files, and the STEP and
+    sampling select and tune chose (`choice`)."""
+
+    evaluate: EvaluateParams
+    data: DataParams
+    sample: SampleParams
+    tune: TuneParams
+    select: SelectParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateResult:
+    """The headline of evaluate.out_dir/metrics.json: the STEP, the set sizes, the scores."""
+
+    metrics: Path
+    checkpoint_step: int
+    n_samples: int
+    n_reference: int
+    proxy_score: float
+    mean_oa: float
+    order_score: float
+
+    @classmethod
+    def read(cls, params: EvaluateConfig, root: Path | str = ".") -> EvaluateResult:
+        """evaluate.out_dir/metrics.json (in the repository at `root`)."""
+        path = paths.metrics(Path(root, params.evaluate.out_dir))
+        m = json.loads(path.read_text())
+        names = [f.name for f in dataclasses.fields(cls)][1:]
+        return cls(path, **{n: m[n] for n in names})
+
+
+def compare(
+    params: EvaluateConfig, samples: Path, reference: Path, out: Path | None = None
+) -> dict[str, Any]:
+    """Any two folders, not the DVC stage: `evaluate` with its result at `out` (default
+    evaluate.out_dir/metrics.json)."""
+    out = out or paths.metrics(params.evaluate.out_dir)
+    return evaluate(samples, reference, out, params.evaluate)
+
+
+def run(params: EvaluateConfig) -> EvaluateResult:
+    """The evaluate stage: the selected STEP with its tuned sampling against the test split
+    (`evaluate_model`)."""
+    data, checkpoint = params.data, SelectResult.read(params).checkpoint
+    sample = choice.sampling(params)
+    evaluate_model(checkpoint, sample, data.manifest, data.raw_dir, params.evaluate)
+    return EvaluateResult.read(params)

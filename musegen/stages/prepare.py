@@ -52,13 +52,12 @@ import pandas as pd
 from tqdm import tqdm
 
 from musegen import files, paths
-from musegen.config import ParamsError
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core import midi
 from musegen.core.midi import TICKS_PER_BEAT, MidiError
 
 REASONS = (*midi.REASONS, *(r for r in ("header_only",) if r not in midi.REASONS))
 SPLITS = ("train", "valid", "test")
-BAR_TICKS = 4 * TICKS_PER_BEAT  # the CP grid: 4/4 bars of 480-tick beats
 MIDI_SUFFIXES = (".mid", ".midi", ".smf", ".kar")
 CORPUS_BOOKKEEPING = (paths.CORPUS_MANIFEST,)  # musegen.stages.corpus's own record, top level only
 
@@ -203,7 +202,7 @@ def _check(path: Path, row: dict[str, Any], params: PrepareParams) -> None:
         n_notes=len(score.notes),
         n_drum_notes=score.n_drum_notes,
         seconds=round(seconds, 3),
-        n_bars=-(-score.end_tick // BAR_TICKS),
+        n_bars=-(-score.end_tick // midi.BAR_TICKS),
         time_signature=sigs[0] if sigs else "4/4",
         n_time_signatures=len(sigs),
         n_tempo_changes=len(score.tempos),
@@ -397,3 +396,42 @@ def summarize(manifest: pd.DataFrame, max_listed: int = 10) -> str:
     if len(noted):
         lines.append(f"  {len(noted)} ok file(s) with notes (non-4/4, tempo changes, …): see notes")
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig(StageConfig):
+    """What the prepare stage reads: its section and the data folders (`PrepareConfig.load`)."""
+
+    prepare: PrepareParams
+    data: DataParams
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    """What prepare wrote: the manifest and its counts (`summary` is `summarize`'s text)."""
+
+    manifest: Path
+    files: int
+    ok: int
+    rejected: int
+    summary: str
+
+    @classmethod
+    def read(cls, params: PrepareConfig, root: Path | str = ".") -> PrepareResult:
+        """The manifest at data.prepared_dir (in the repository at `root`)."""
+        return cls.of(Path(root, params.data.manifest))
+
+    @classmethod
+    def of(cls, manifest: Path) -> PrepareResult:
+        """The counts of a manifest.csv."""
+        table = read_manifest(manifest)
+        ok = int((table.status == "ok").sum())
+        return cls(manifest, len(table), ok, len(table) - ok, summarize(table))
+
+
+def run(params: PrepareConfig, raw: Path | None = None, out: Path | None = None) -> PrepareResult:
+    """The prepare stage: validate data.raw_root/data.corpus (or `raw`) into
+    data.prepared_dir (or `out`); see `prepare`."""
+    out = Path(out or params.data.prepared_dir)
+    prepare(raw or params.data.raw_dir, out, params.prepare)
+    return PrepareResult.of(out / params.data.manifest.name)

@@ -50,9 +50,15 @@ import yaml
 
 import mlflow
 import mlflow.pyfunc
-from musegen import tracking
-from musegen.config import ParamsError, load_section, repo_root
+from musegen import paths, tracking
+from musegen.config import ParamsError, StageConfig, load_section, repo_root
+from musegen.core.generate import GenerateParams
 from musegen.core.sampling import SampleParams
+from musegen.stages import choice
+from musegen.stages.choice import SelectParams, SelectResult, TuneParams
+from musegen.stages.evaluate import EvaluateParams
+from musegen.stages.prepare import PrepareParams
+from musegen.stages.train import TrainParams
 
 #: same store as training (musegen.stages.train): MLFLOW_TRACKING_URI, else the repo's sqlite file.
 #: checkpoint keys a generating model needs; optimizer, scheduler and RNG state are dropped.
@@ -110,7 +116,76 @@ def check_bundle(step: int, tune_metrics: Path, evaluate_metrics: Path) -> dict[
     return found["evaluate"]
 
 
-def limits_for(params_path: Path | str) -> dict[str, float]:
+@dataclasses.dataclass(frozen=True)
+class RegisterConfig(StageConfig):
+    """What registering reads: its section, the STEP and sampling chosen (`choice`), the
+    tune and evaluate figures that must be about that STEP, the training run's experiment,
+    and the request limits (generate's caps, prepare's file size)."""
+
+    register: RegisterParams
+    select: SelectParams
+    tune: TuneParams
+    evaluate: EvaluateParams
+    sample: SampleParams
+    train: TrainParams
+    generate: GenerateParams
+    prepare: PrepareParams
+
+
+@dataclasses.dataclass(frozen=True)
+class RegisterResult:
+    """What registering wrote to register.report: the version, its STEP and sampling."""
+
+    report: Path
+    version: int
+    step: int
+    uri: str
+    selected_by: str
+    sampling: dict[str, dict[str, float]]
+    evaluate_proxy_score: float | None
+
+    @classmethod
+    def read(cls, params: RegisterConfig, root: Path | str = ".") -> RegisterResult:
+        """register.report (in the repository at `root`)."""
+        path = Path(root, params.register.report)
+        return cls(path, **json.loads(path.read_text()))
+
+
+def run(params: RegisterConfig) -> RegisterResult:
+    """The register stage: the selected STEP + its tuned sampling + its evaluation as one
+    version; the alias moves to it; register.report says which.
+
+    Raises:
+        FileNotFoundError: select, tune or evaluate has not run.
+        BundleError: tune or evaluate used another STEP (`check_bundle`).
+    """
+    p, chosen = params.register, SelectResult.read(params)
+    evaluation = check_bundle(
+        chosen.step, paths.metrics(params.tune.out_dir), paths.metrics(params.evaluate.out_dir)
+    )
+    version = register(
+        p,
+        chosen.checkpoint,
+        choice.sampling(params),
+        limits=limits_for(params),
+        evaluation=evaluation,
+        selection=dataclasses.asdict(chosen),
+        experiment=params.train.experiment,
+    )
+    report = {
+        "version": int(version.version),
+        "step": int(version.tags["step"]),
+        "uri": f"models:/{p.name}@{p.alias}",
+        "selected_by": chosen.decided_by,
+        "sampling": json.loads(version.tags["sampling"]),
+        "evaluate_proxy_score": evaluation.get("proxy_score"),
+    }
+    Path(p.report).parent.mkdir(parents=True, exist_ok=True)
+    Path(p.report).write_text(json.dumps(report, indent=2) + "\n")
+    return RegisterResult.read(params)
+
+
+def limits_for(params: RegisterConfig) -> dict[str, float]:
     """What one served request may ask for (see the module docstring), from params.yaml, and
     the bars a piece holds unless the request says otherwise (generate.min_bars).
 
@@ -118,22 +193,17 @@ def limits_for(params_path: Path | str) -> dict[str, float]:
         ParamsError: generate.max_words or generate.max_bars is 0 (no cap): a network
             service needs both bounds.
     """
-    from musegen.config import load_section
-    from musegen.core.generate import GenerateParams
-    from musegen.stages.prepare import PrepareParams
-
-    gen = load_section(GenerateParams, "generate", params_path)
+    gen = params.generate
     for key in ("max_words", "max_bars"):
         if getattr(gen, key) <= 0:
             raise ParamsError(
-                f"{params_path}: generate.{key} = {getattr(gen, key)} (no cap); the served model "
+                f"params.yaml: generate.{key} = {getattr(gen, key)} (no cap); the served model "
                 "needs a bound on every request: set it > 0"
             )
-    max_mb = load_section(PrepareParams, "prepare", params_path).max_file_mb
     return {
         "max_bars": gen.max_bars,
         "max_words": gen.max_words,
-        "max_file_mb": max_mb,
+        "max_file_mb": params.prepare.max_file_mb,
         "min_bars": gen.min_bars,
     }
 

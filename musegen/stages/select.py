@@ -34,35 +34,14 @@ from pathlib import Path
 from typing import Any
 
 from musegen import paths
-from musegen.config import ParamsError, load_section
+from musegen.config import StageConfig
 from musegen.core import ratings as rt
 from musegen.files import write_headline
+from musegen.stages.choice import SelectParams, SelectResult
+from musegen.stages.sweep import SweepParams
+from musegen.stages.train import TrainParams
 
-BY = ("ratings", "proxy", "valid_loss", "step")
 DECISION = "decision.json"
-
-
-@dataclasses.dataclass(frozen=True)
-class SelectParams:
-    """The `select` section of params.yaml (every key documented there)."""
-
-    by: str
-    min_ratings: int
-    step: int
-    wait_minutes: float
-    ratings_dir: str
-    report: str
-
-    def __post_init__(self) -> None:
-        if self.by not in BY:
-            raise ParamsError(
-                f"params.yaml: select.by = {self.by!r}; expected one of {', '.join(BY)}"
-            )
-        if self.min_ratings < 1 or self.wait_minutes < 0:
-            raise ParamsError(
-                "params.yaml: select.min_ratings must be >= 1 and select.wait_minutes >= 0, "
-                f"found {self.min_ratings} and {self.wait_minutes}"
-            )
 
 
 def candidates(sweep_metrics: dict[str, Any], table: Any) -> dict[int, dict[str, Any]]:
@@ -187,7 +166,7 @@ def select(
         reason = f"chosen by a person ({decision['who']}, {decision['time']})"
     path = paths.step_checkpoint(ckpt_dir, chosen)
     if not path.is_file():
-        found = sorted(int(p.stem[5:]) for p in Path(ckpt_dir).glob("step_*.pt"))
+        found = list(paths.step_checkpoints(ckpt_dir))
         raise FileNotFoundError(f"{path}: no checkpoint for STEP {chosen} (found {found})")
     report = {
         "step": chosen,
@@ -209,14 +188,17 @@ def select(
     return report
 
 
-def selected(params_path: Path | str) -> dict[str, Any]:
-    """The report `musegen select` wrote (the STEP every later stage uses).
+@dataclasses.dataclass(frozen=True)
+class SelectConfig(StageConfig):
+    """What the select stage reads: its section, the sweep's metrics, the checkpoints."""
 
-    Raises:
-        FileNotFoundError: select has not run.
-    """
-    p = load_section(SelectParams, "select", params_path)
-    path = Path(p.report)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no STEP selected yet; run `musegen select` first")
-    return json.loads(path.read_text())
+    select: SelectParams
+    sweep: SweepParams
+    train: TrainParams
+
+
+def run(params: SelectConfig, step: int | None = None) -> SelectResult:
+    """The select stage: pick the STEP (a person's `step` first; see `select`)."""
+    ckpt_dir = paths.checkpoints(params.train.out_dir)
+    select(params.select, Path(params.sweep.metrics_file), ckpt_dir, step=step)
+    return SelectResult.read(params)

@@ -37,13 +37,15 @@ import miditoolkit
 import numpy as np
 import pandas as pd
 
-from musegen.config import ParamsError
+from musegen import paths
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core import metrics
-from musegen.core.midi import Score, to_score
+from musegen.core.midi import DEFAULT_BPM, Score, to_score
 from musegen.core.sampling import SampleParams
 from musegen.files import from_printable, write_headline
 from musegen.stages import sweep_page
 from musegen.stages.evaluate import EvaluateParams, score_set
+from musegen.stages.train import TrainParams
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,7 @@ def choose_checkpoints(ckpt_dir: Path, steps: str | tuple[int, ...], every_k: in
     Raises:
         FileNotFoundError: no step_<STEP>.pt, or a listed STEP has no checkpoint.
     """
-    found = {int(p.stem.removeprefix("step_")): p for p in Path(ckpt_dir).glob("step_*.pt")}
+    found = paths.step_checkpoints(ckpt_dir)
     if not found:
         raise FileNotFoundError(
             f"{ckpt_dir}: no step_<STEP>.pt checkpoints; run `musegen train` (or dvc repro train)"
@@ -127,7 +129,7 @@ def window(midi: miditoolkit.MidiFile, start_bar: int, end_bar: int) -> miditool
     out.instruments.append(inst)
     # the tempo in force at `lo`, then the changes inside the window
     tempos = sorted(midi.tempo_changes, key=lambda t: t.time)
-    before = [t for t in tempos if t.time <= lo][-1:] or [miditoolkit.TempoChange(120.0, 0)]
+    before = [t for t in tempos if t.time <= lo][-1:] or [miditoolkit.TempoChange(DEFAULT_BPM, 0)]
     inside = [t for t in tempos if lo < t.time < hi]
     out.tempo_changes = [miditoolkit.TempoChange(t.tempo, max(0, t.time - lo)) for t in before]
     out.tempo_changes += [miditoolkit.TempoChange(t.tempo, t.time - lo) for t in inside]
@@ -214,7 +216,7 @@ def sweep(
         ckpt_dir: train.out_dir/checkpoints.
         manifest: data/prepared/manifest.csv (its test split gives the prompts).
         raw_dir: the corpus folder the manifest's paths are relative to.
-        sample: sampling settings (generate.sampling_for: params + tuned overlay).
+        sample: sampling settings (the base `sample` section: never one STEP's tuning).
         eval_params: the `evaluate` section (loop thresholds and GS seed of the sweep score).
         experiment: MLflow experiment for checkpoints whose training run is not in the store.
         progress: print one line per checkpoint.
@@ -274,7 +276,7 @@ def sweep(
 
     for i, path in enumerate(chosen):
         loaded = loaded if i == 0 else load_model(path)
-        step = int(path.stem.removeprefix("step_"))
+        step = paths.step_of(path)
         col = {"key": f"step_{step}", "label": f"STEP {step}", "step": step, "cells": []}
         conts = []
         bars = params.prompt_bars + params.continue_bars  # the caps count the prompt's bars
@@ -441,3 +443,50 @@ def _log_child(
             for ext in ("mp3", "png", "mid"):
                 mlflow.log_artifact(str(assets / f"{c['stem']}.{ext}"), "sweep")
         return run.info.run_id
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepConfig(StageConfig):
+    """What the sweep reads: its section, the valid split's files, the checkpoints (and the
+    experiment of a run not in the store), the base sampling, the proxy's settings."""
+
+    sweep: SweepParams
+    data: DataParams
+    train: TrainParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+
+
+@dataclasses.dataclass(frozen=True)
+class SweepResult:
+    """What the sweep wrote: the listening page, metrics.json and its headline figures."""
+
+    page: Path
+    metrics: Path
+    best_step: int
+    best_sweep_score: float
+    num_checkpoints: int
+    seconds: float
+
+    @classmethod
+    def read(cls, params: SweepConfig, root: Path | str = ".") -> SweepResult:
+        """sweep.metrics_file and the page beside it (in the repository at `root`)."""
+        path = Path(root, params.sweep.metrics_file)
+        m = json.loads(path.read_text())
+        page = paths.sweep_page(Path(root, params.sweep.out_dir))
+        figures = {k: m[k] for k in ("best_step", "best_sweep_score", "num_checkpoints")}
+        return cls(page, path, **figures, seconds=m["seconds"]["total"])
+
+
+def run(params: SweepConfig) -> SweepResult:
+    """The sweep stage: every kept STEP with the base sampling (never one STEP's tuning)."""
+    sweep(
+        params.sweep,
+        paths.checkpoints(params.train.out_dir),
+        params.data.manifest,
+        params.data.raw_dir,
+        sample=params.sample,
+        eval_params=params.evaluate,
+        experiment=params.train.experiment,
+    )
+    return SweepResult.read(params)

@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from musegen.config import ParamsError
+from musegen import paths
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core.midi import read_score
 from musegen.core.tokenizer import FIELDS, Tokenizer, get_tokenizer
 from musegen.files import from_printable, replacing, write_headline
@@ -127,18 +128,18 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
             f"{manifest}: ok row {bad_split.path.iloc[0]!r} has split "
             f"{bad_split.split.iloc[0]!r}, expected one of {SPLITS}; re-run `musegen prepare`"
         )
-    paths = [raw_dir / from_printable(p) for p in ok.path]  # the manifest's text -> the name
-    workers = min(params.num_workers or os.cpu_count() or 1, len(paths))
+    sources = [raw_dir / from_printable(p) for p in ok.path]  # the manifest's text -> the name
+    workers = min(params.num_workers or os.cpu_count() or 1, len(sources))
     encode = partial(_encode_file, params=params)
-    bar = partial(tqdm, total=len(paths), desc=f"tokenize {raw_dir}", unit="file")
+    bar = partial(tqdm, total=len(sources), desc=f"tokenize {raw_dir}", unit="file")
     if workers == 1:
-        results = [encode(p) for p in bar(paths)]
+        results = [encode(p) for p in bar(sources)]
     else:
         # forkserver, not fork: callers (Prefect, MLflow) may hold threads (as in prepare)
         ctx = multiprocessing.get_context("forkserver")
         with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
-            chunk = max(1, len(paths) // (workers * 8))
-            results = list(bar(pool.map(encode, paths, chunksize=chunk)))  # keeps order
+            chunk = max(1, len(sources) // (workers * 8))
+            results = list(bar(pool.map(encode, sources, chunksize=chunk)))  # keeps order
 
     failed = {str(p): r for p, r in zip(ok.path, results, strict=True) if isinstance(r, str)}
     for path, message in failed.items():
@@ -159,7 +160,7 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
         for path, split, r in zip(ok.path, ok.split, results, strict=True):
             if not isinstance(r, str):
                 kept[split].append(str(path))
-        (rep_dir / "pieces.json").write_text(json.dumps(kept, indent=0) + "\n")
+        paths.split_pieces(rep_dir).write_text(json.dumps(kept, indent=0) + "\n")
         for split in SPLITS:
             songs = [
                 r[0][i]
@@ -168,8 +169,9 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
             ]
             empty = np.zeros((0, len(FIELDS)) if rep == "cp" else (0,), np.int32)
             lengths = [len(a) for a in songs]
-            _save(rep_dir / f"{split}.npy", np.concatenate(songs) if songs else empty)
-            _save(rep_dir / f"{split}_offsets.npy", np.cumsum([0, *lengths], dtype=np.int64))
+            _save(paths.split_rows(rep_dir, split), np.concatenate(songs) if songs else empty)
+            offsets = np.cumsum([0, *lengths], dtype=np.int64)
+            _save(paths.split_offsets(rep_dir, split), offsets)
             metrics[rep][split] = _stats(lengths)
     if {"cp", "remi"} <= set(params.representations):
         # how much shorter CP is: REMI tokens per CP word, over each split
@@ -183,3 +185,36 @@ def tokenize(raw_dir: Path, manifest: Path, out_dir: Path, params: TokenizeParam
     cp_words = sum(s["total"] for s in metrics["cp"].values()) if "cp" in metrics else None
     write_headline(path, words=cp_words)
     return out_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeConfig(StageConfig):
+    """What the tokenize stage reads: its section and the data folders."""
+
+    tokenize: TokenizeParams
+    data: DataParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizeResult:
+    """What tokenize wrote: the tokens folder and, per representation and split, the stats
+    of tokenize.metrics (songs, total words or tokens, ...)."""
+
+    tokens_dir: Path
+    metrics: Path
+    splits: dict[str, dict[str, dict[str, float]]]
+
+    @classmethod
+    def read(cls, params: TokenizeConfig, root: Path | str = ".") -> TokenizeResult:
+        """The tokens and metrics params name (in the repository at `root`)."""
+        metrics = Path(root, params.tokenize.metrics)
+        stats = json.loads(metrics.read_text())
+        splits = {rep: stats[rep] for rep in ("cp", "remi") if rep in stats}
+        return cls(Path(root, params.data.tokens_dir), metrics, splits)
+
+
+def run(params: TokenizeConfig) -> TokenizeResult:
+    """The tokenize stage: the manifest's ok files into data.tokens_dir (see `tokenize`)."""
+    data = params.data
+    tokenize(data.raw_dir, data.manifest, Path(data.tokens_dir), params.tokenize)
+    return TokenizeResult.read(params)

@@ -30,20 +30,18 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from musegen import paths, tracking
-from musegen.config import flatten
+from musegen.config import DataParams, StageConfig, flatten
 from musegen.core import checkpoint
 from musegen.core.augment import Augmenter
+from musegen.core.model import ModelParams
 from musegen.files import write_headline
-
-if TYPE_CHECKING:
-    from musegen.core.model import ModelParams
 
 #: train.* keys that do not change the weights: a resume may change them.
 UNHASHED = ("out_dir", "metrics_file", "plots_file", "experiment", "device", "compile")
@@ -88,8 +86,8 @@ class TrainParams:
 
 def load_split(tokens_dir: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
     """Memory-map one split: rows (N, F) (REMI becomes (N, 1)) and song offsets (S + 1,)."""
-    rows = np.load(tokens_dir / f"{split}.npy", mmap_mode="r")
-    offsets = np.load(tokens_dir / f"{split}_offsets.npy")
+    rows = np.load(paths.split_rows(tokens_dir, split), mmap_mode="r")
+    offsets = np.load(paths.split_offsets(tokens_dir, split))
     return (rows if rows.ndim == 2 else rows.reshape(-1, 1)), offsets
 
 
@@ -301,7 +299,7 @@ def train(
 
     # ---- data: vocab, splits, bar-aligned window starts, fixed valid windows ---------------
     repr_dir = Path(tokens_dir) / params.representation
-    vocab_path = repr_dir / "vocab.json"
+    vocab_path = paths.vocab(repr_dir)
     if not vocab_path.is_file():
         raise TrainError(f"{vocab_path}: not found; run `musegen tokenize` (or dvc repro)")
     vocab = json.loads(vocab_path.read_text())
@@ -544,7 +542,7 @@ def train(
                 raise TrainError(f"step {step}: weight {bad[0]} is not finite; not saved")
             if master and save:
                 checkpoint.save(state, paths.step_checkpoint(ckpt_dir, step))
-                old = sorted(_step_of(p) for p in ckpt_dir.glob("step_*.pt"))
+                old = list(paths.step_checkpoints(ckpt_dir))
                 for s in old[: -params.keep_last] if params.keep_last > 0 else []:
                     paths.step_checkpoint(ckpt_dir, s).unlink()
             if master and is_best:
@@ -567,6 +565,55 @@ def train(
     return final
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig(StageConfig):
+    """What training reads: its section, the tokens, the model's shape."""
+
+    train: TrainParams
+    data: DataParams
+    model: ModelParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """What training wrote: the run folder, its final and best checkpoints, the loss reports
+    (metrics_file, plots_file) and the best STEP by valid loss."""
+
+    out_dir: Path
+    checkpoint: Path
+    best_checkpoint: Path
+    metrics: Path
+    loss: Path
+    best_step: int
+    best_valid_loss: float
+
+    @classmethod
+    def read(cls, params: TrainConfig, root: Path | str = ".") -> TrainResult:
+        """train.out_dir and the reports (in the repository at `root`)."""
+        p, out = params.train, Path(root, params.train.out_dir)
+        metrics = Path(root, p.metrics_file)
+        best = json.loads(metrics.read_text())["best"]
+        ckpt_dir = paths.checkpoints(out)
+        return cls(
+            out_dir=out,
+            checkpoint=paths.step_checkpoint(ckpt_dir, p.max_steps),
+            best_checkpoint=paths.best_checkpoint(ckpt_dir),
+            metrics=metrics,
+            loss=Path(root, p.plots_file),
+            best_step=best["step"],
+            best_valid_loss=best["valid_loss"],
+        )
+
+
+def run(
+    params: TrainConfig, *, resume: bool = False, all_params: Mapping[str, Any] | None = None
+) -> TrainResult:
+    """The train stage (`train`): `all_params`, the whole params file, goes to MLflow."""
+    p = params
+    train(Path(p.data.tokens_dir), p.train, p.model, all_params=all_params, resume=resume)
+    return TrainResult.read(params)
+
+
 def _plain(section: Any) -> Any:
     return dataclasses.asdict(section) if dataclasses.is_dataclass(section) else section
 
@@ -584,10 +631,6 @@ def _sha(obj: Any) -> str:
 def _hashed(params: TrainParams) -> dict[str, Any]:
     """The train keys that change the weights (a resume must keep them)."""
     return {k: v for k, v in dataclasses.asdict(params).items() if k not in UNHASHED}
-
-
-def _step_of(path: Path) -> int:
-    return int(path.stem.removeprefix("step_"))
 
 
 def _loss_weights(weights: Mapping[str, float], fields: list[str]) -> list[float]:

@@ -41,7 +41,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from musegen import files
-from musegen.config import ParamsError
+from musegen.config import DataParams, ParamsError, StageConfig
 from musegen.core.midi import TICKS_PER_BEAT
 from musegen.stages.prepare import list_files
 
@@ -597,3 +597,54 @@ def summarize(report: pd.DataFrame, out_dir: Path) -> str:
         f"  {r.path}: {r.reason}: {r.detail}" for r in report[report.status != "ok"].itertuples()
     ]
     return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeConfig(StageConfig):
+    """What the transcribe stage reads: its section and data.raw_root."""
+
+    transcribe: TranscribeParams
+    data: DataParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TranscribeResult:
+    """One transcribed corpus: its folder, its report and the report's counts."""
+
+    folder: Path
+    report: Path
+    files: int
+    ok: int
+    summary: str
+
+    @classmethod
+    def read(cls, params: TranscribeConfig, root: Path | str = ".") -> tuple[TranscribeResult, ...]:
+        """One result per transcribe.corpora entry (the DVC stage's `foreach`: the corpus
+        data.raw_root/<name>, its report <name>.transcribe.csv beside it)."""
+        raw_root = Path(root, params.data.raw_root)
+        return tuple(
+            cls.of(raw_root / name, raw_root / f"{name}.{REPORT}")
+            for name in params.transcribe.corpora or {}
+        )
+
+    @classmethod
+    def of(cls, folder: Path, report: Path) -> TranscribeResult:
+        """The counts of `report` (a transcribe.csv) for the corpus in `folder`."""
+        table = read_report(report)
+        ok = int((table.status == "ok").sum())
+        return cls(folder, report, len(table), ok, summarize(table, folder))
+
+
+def run(
+    params: TranscribeConfig, audio: Path, out: Path | None = None, report: Path | None = None
+) -> TranscribeResult:
+    """The transcribe stage: recordings in `audio` into `out` (default
+    data.raw_root/<audio's name>), report at `report` (default <audio>/transcribe.csv).
+
+    Raises:
+        FileNotFoundError: see `transcribe`.
+        ImportError: basic-pitch's model is not installed.
+    """
+    out = out or Path(params.data.raw_root) / audio.name
+    transcribe(audio, out, params.transcribe, report=report)
+    return TranscribeResult.of(out, report or audio / REPORT)

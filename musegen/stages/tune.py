@@ -17,7 +17,7 @@ proxy and the study `<study>-listener` is used, so values on two scales never mi
 Where ratings exist, Spearman's rho between the proxy and the ratings is reported.
 
 Outputs: reports/tune/best_sampling.yaml (the `sample:` section's shape, read by
-generate.sampling_for), reports/tune/metrics.json, one MLflow parent run per call with a nested
+choice.sampling), reports/tune/metrics.json, one MLflow parent run per call with a nested
 run per trial, and MP3 + MIDI artifacts per trial for optuna-dashboard (blind hash names).
 """
 
@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
@@ -39,11 +38,13 @@ import optuna
 import yaml
 
 from musegen import paths, tracking
-from musegen.config import ParamsError
+from musegen.config import DataParams, StageConfig
 from musegen.core import metrics
 from musegen.core.midi import Score, to_score
 from musegen.core.sampling import SampleParams
 from musegen.files import temp_name, write_atomic, write_headline
+from musegen.stages import choice
+from musegen.stages.choice import SelectParams, SelectResult, TuneParams
 from musegen.stages.evaluate import EvaluateParams, score_set
 
 #: rating scale of the listen study (ChoiceWidget values 1..5; 0 = "not rated")
@@ -54,49 +55,6 @@ PROXY_KEY, METRICS_KEY = "musegen:proxy_score", "musegen:metrics"
 INCOMPLETE_KEY = "musegen:incomplete_clips"
 #: clip metrics the learned listener reads (n_bars is fixed by clip_bars: no information)
 LISTENER_FEATURES = tuple(m for m in metrics.PIECE_METRICS if m != "n_bars")
-
-
-@dataclasses.dataclass(frozen=True)
-class TuneParams:
-    """The `tune` section of params.yaml (every key documented there)."""
-
-    checkpoint: str
-    temperature_range: dict[str, list[float]]
-    top_p_range: dict[str, list[float]]
-    num_trials: int
-    num_startup_trials: int
-    num_clips: int
-    prompt_bars: int
-    clip_bars: int
-    max_clip_words: int
-    num_reference: int
-    num_pending: int
-    storage: str
-    artifact_dir: str
-    study: str
-    listen_study: str
-    min_ratings: int
-    ridge_alpha: float
-    seed: int
-    experiment: str
-    out_dir: str
-
-    def __post_init__(self) -> None:
-        for key, ranges, top in (
-            ("temperature_range", self.temperature_range, math.inf),
-            ("top_p_range", self.top_p_range, 1.0),
-        ):
-            for name, pair in ranges.items():
-                ok = len(pair) == 2 and 0 <= pair[0] <= pair[1] <= top and pair[1] > 0
-                if not ok:
-                    raise ParamsError(
-                        f"params.yaml: tune.{key}.{name} = {pair!r}; expected [low, high] with "
-                        f"0 <= low <= high{' <= 1' if top == 1.0 else ''} (fix the range)"
-                    )
-        if min(self.num_clips, self.clip_bars, self.prompt_bars, self.num_pending) < 1:
-            raise ParamsError(
-                "params.yaml: tune.num_clips, clip_bars, prompt_bars and num_pending must be >= 1"
-            )
 
 
 # ---- search space ----------------------------------------------------------------------------
@@ -175,11 +133,11 @@ def load_bench(repr_dir: Path, tokenizer: Any, params: TuneParams, seed: int = 0
     Raises:
         FileNotFoundError: no valid split; ValueError: no valid piece is long enough.
     """
-    rows_path = repr_dir / f"{SPLIT}.npy"
+    rows_path = paths.split_rows(repr_dir, SPLIT)
     if not rows_path.is_file():
         raise FileNotFoundError(f"{rows_path}: no {SPLIT} split; run `musegen tokenize` first")
-    rows, offsets = np.load(rows_path), np.load(repr_dir / f"{SPLIT}_offsets.npy")
-    names_file = repr_dir / "pieces.json"
+    rows, offsets = np.load(rows_path), np.load(paths.split_offsets(repr_dir, SPLIT))
+    names_file = paths.split_pieces(repr_dir)
     names = json.loads(names_file.read_text())[SPLIT] if names_file.is_file() else []
     qualified: list[str] = []  # manifest paths of the pieces long enough, in split order
     rows = rows if rows.ndim == 2 else rows.reshape(-1, 1)  # REMI is one field
@@ -395,13 +353,12 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     raise AssertionError("unreachable")
 
 
-def checkpoint_path(params: TuneParams, params_path: Path) -> Path:
-    """tune.checkpoint, or the STEP `musegen select` chose when it is empty."""
-    if params.checkpoint:
-        return Path(params.checkpoint)
-    from musegen.stages.select import selected
-
-    return Path(selected(params_path)["checkpoint"])
+def checkpoint_path(params: choice.WithTuneSelect, root: Path | str = ".") -> Path:
+    """tune.checkpoint, or the STEP `musegen select` chose when it is empty (`params`: a
+    config with the tune and select sections: the tune stage's or a listening session's)."""
+    if params.tune.checkpoint:
+        return Path(root, params.tune.checkpoint)
+    return SelectResult.read(params, root).checkpoint
 
 
 # ---- one scored trial (shared with musegen.apps.listen) -------------------------------------
@@ -512,13 +469,15 @@ def tune(
         features = [t.system_attrs[METRICS_KEY] for t in rated]
         listener = fit_listener(features, ratings, tp.ridge_alpha)
     objective_kind = "listener" if listener else "proxy"
-    sampler = optuna.samplers.TPESampler(n_startup_trials=tp.num_startup_trials)
     study = optuna.create_study(
         storage=storage,
         study_name=tp.study + ("-listener" if listener else ""),
         direction="maximize",
-        sampler=sampler,
         load_if_exists=True,
+    )
+    # seeded, so `dvc repro` proposes the same trials; a continued study draws new ones
+    study.sampler = optuna.samplers.TPESampler(
+        n_startup_trials=tp.num_startup_trials, seed=tp.seed + len(study.trials)
     )
     store = FileSystemArtifactStore(tp.artifact_dir)
     Path(tp.artifact_dir).mkdir(parents=True, exist_ok=True)
@@ -634,3 +593,63 @@ def write_results(
     write_atomic(paths.metrics(out), json.dumps(summary, indent=2) + "\n")
     write_headline(paths.metrics(out), tune_score=summary.get("best_proxy_score"))
     return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig(StageConfig):
+    """What the tune stage reads: its section, the tokens (prompts), the base sampling, the
+    proxy's settings, and the STEP select chose."""
+
+    tune: TuneParams
+    data: DataParams
+    sample: SampleParams
+    evaluate: EvaluateParams
+    select: SelectParams
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneResult:
+    """What tune wrote: best_sampling.yaml (None when no trial finished for the STEP), the
+    sampling it makes (`sample` overlaid by it), and metrics.json's headline figures."""
+
+    best_sampling: Path | None
+    sampling: SampleParams
+    metrics: Path
+    objective: str
+    n_trials_run: int
+    seconds_per_trial: float
+    best_value: float | None
+    best_trial: int | None
+    n_ratings: int
+    spearman_proxy_vs_rating: float | None
+
+    @classmethod
+    def read(cls, params: TuneConfig, root: Path | str = ".") -> TuneResult:
+        """The files in tune.out_dir (in the repository at `root`)."""
+        out = Path(root, params.tune.out_dir)
+        m = json.loads(paths.metrics(out).read_text())
+        tuned = paths.best_sampling(out)
+        return cls(
+            best_sampling=tuned if tuned.is_file() else None,
+            sampling=choice.sampling(params, root),
+            metrics=paths.metrics(out),
+            objective=m["objective"],
+            n_trials_run=m["n_trials_run"],
+            seconds_per_trial=m["seconds_per_trial"],
+            best_value=m.get("best_value"),
+            best_trial=m.get("best_trial"),
+            n_ratings=m["n_ratings"],
+            spearman_proxy_vs_rating=m["spearman_proxy_vs_rating"],
+        )
+
+
+def run(params: TuneConfig) -> TuneResult:
+    """The tune stage: tune.num_trials trials for tune.checkpoint or the selected STEP."""
+    tune(
+        params.tune,
+        checkpoint_path(params),
+        Path(params.data.tokens_dir),
+        sample=params.sample,
+        eval_params=params.evaluate,
+    )
+    return TuneResult.read(params)
