@@ -70,3 +70,20 @@ def test_short_flags_and_params_names_set_the_same_knob(tmp_path: Path) -> None:
         result = runner.invoke(cli.app, ["generate", flag, "-5"])
         assert result.exit_code != 0
         assert "--bars -5: expected a whole number >= 0" in str(result.exception or result.output)
+
+
+def test_every_command_with_params_takes_override_profiles(tmp_path: Path) -> None:
+    """--params FILE and --override FILE (repeatable) go together on every command, and a
+    profile's value reaches the stage: a bad value in it is refused naming the key."""
+    with_params = [p for p in ALL if "--params" in help_text(p)]
+    assert len(with_params) >= 15
+    for path in with_params:
+        assert "--override" in help_text(path), f"musegen {' '.join(path)} lacks --override"
+    bad = tmp_path / "profile.yaml"
+    bad.write_text("select:\n  by: coin_flip\n")
+    result = CliRunner().invoke(
+        cli.app, ["select", "--params", str(ROOT / "params.yaml"), "--override", str(bad)]
+    )
+    assert result.exit_code != 0
+    assert "select.by" in str(result.exception or result.output)
+    assert "coin_flip" in str(result.exception or result.output)

@@ -42,6 +42,11 @@ app.add_typer(ratings_app, name="ratings")
 
 #: every command takes --params FILE (default params.yaml, or $MUSEGEN_PARAMS)
 ParamsOpt = Annotated[Path, typer.Option("--params", help="params file")]
+#: ... and --override FILE (repeatable): a profile on top of it, e.g. params-cpu-long.yaml
+OverrideOpt = Annotated[
+    list[Path] | None,
+    typer.Option("--override", help="params file on top, e.g. params-gpu.yaml (repeatable)"),
+]
 
 #: flags that set a params.yaml knob: {section.key: the short flags people type}. Each knob
 #: also answers to --<key>, params.yaml's own name; an error names its first flag.
@@ -83,6 +88,11 @@ def given(section: str, **values: Any) -> dict[str, tuple[str, Any]]:
     return {key: (_flags(f"{section}.{key}")[0], value) for key, value in values.items()}
 
 
+def profiles(override: list[Path] | None) -> tuple[Path, ...]:
+    """The --override files, in order."""
+    return tuple(override or ())
+
+
 def flagged(params: C, section: str, **values: Any) -> C:
     """`params` with the knobs of `section` given on the command line (None = not given)."""
     return params.with_flags(section, given(section, **values))
@@ -94,11 +104,11 @@ def _fail(message: str) -> None:
 
 
 @corpus_app.command("build")
-def corpus_build(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+def corpus_build(override: OverrideOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Write the embedded corpus (music21 keyboard works, chorales) to raw_root/m21-keyboard."""
     from musegen.stages import corpus as stage
 
-    result = stage.run(stage.CorpusConfig.load(params))
+    result = stage.run(stage.CorpusConfig.load(params, profiles(override)))
     typer.echo(f"corpus: {result} in {result.folder}")
 
 
@@ -108,12 +118,13 @@ def corpus_pop1k7(
         Path | None, typer.Option("--from", help="archive (.zip/.tar.gz) or folder on disk")
     ] = None,
     use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the result")] = True,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Download (or take --from PATH), verify, extract Pop1K7 to raw_root/pop1k7; `dvc add` it."""
     from musegen.stages import corpus as stage
 
-    p = stage.CorpusConfig.load(params)
+    p = stage.CorpusConfig.load(params, profiles(override))
     try:  # not a DVC stage: a corpus a person installs, then names in data.corpus
         out = stage.fetch_pop1k7(Path(p.data.raw_root) / "pop1k7", p.corpus, source)
     except stage.CorpusError as exc:
@@ -124,7 +135,8 @@ def corpus_pop1k7(
 
 
 @corpus_app.command("transcribe")
-def corpus_transcribe(
+def corpus_transcribe(  # keyword-only: one option per flag
+    *,
     audio: Annotated[Path, typer.Option("--audio", help="folder of wav/flac/mp3/ogg recordings")],
     out: Annotated[
         Path | None, typer.Option("--out", help="corpus folder (default raw_root/<audio name>)")
@@ -133,6 +145,7 @@ def corpus_transcribe(
     report: Annotated[
         Path | None, typer.Option(help="the report (default <audio>/transcribe.csv)")
     ] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Transcribe recordings to beat-synchronous piano MIDI (basic-pitch): a corpus folder.
@@ -144,7 +157,9 @@ def corpus_transcribe(
     from musegen.stages import transcribe as stage
 
     try:
-        result = stage.run(stage.TranscribeConfig.load(params), audio, out, report)
+        result = stage.run(
+            stage.TranscribeConfig.load(params, profiles(override)), audio, out, report
+        )
     except ImportError as exc:
         _fail(str(exc))
     typer.echo(result.summary)
@@ -163,12 +178,15 @@ def prepare(
         Path | None, typer.Option(help="output folder (default: data.prepared_dir)")
     ] = None,
     use_strict: Annotated[bool | None, knob("prepare.use_strict", switch=True)] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Validate every MIDI file under --raw and write manifest.csv (ok/rejected, reason, split)."""
     from musegen.stages import prepare as stage
 
-    p = flagged(stage.PrepareConfig.load(params), "prepare", use_strict=use_strict)
+    p = flagged(
+        stage.PrepareConfig.load(params, profiles(override)), "prepare", use_strict=use_strict
+    )
     result = stage.run(p, raw, out)
     typer.echo(result.summary)
     if p.prepare.use_strict and result.rejected:
@@ -176,11 +194,11 @@ def prepare(
 
 
 @app.command()
-def tokenize(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+def tokenize(override: OverrideOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Tokenize the manifest's ok files to CP and REMI arrays per split, plus vocab.json."""
     from musegen.stages import tokenize as stage
 
-    result = stage.run(stage.TokenizeConfig.load(params))
+    result = stage.run(stage.TokenizeConfig.load(params, profiles(override)))
     typer.echo(f"tokens: {result.tokens_dir}")
 
 
@@ -189,10 +207,7 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="continue from the last checkpoint in train.out_dir")
     ] = False,
-    override: Annotated[
-        list[Path] | None,
-        typer.Option("--override", help="params file on top, e.g. params-gpu.yaml (repeatable)"),
-    ] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Train the CP (or REMI) Transformer: checkpoints, reports/train/*, one MLflow run.
@@ -201,7 +216,7 @@ def train(
     """
     from musegen.stages import train as stage
 
-    overrides = tuple(override or ())
+    overrides = profiles(override)
     try:
         result = stage.run(
             stage.TrainConfig.load(params, overrides),
@@ -216,12 +231,13 @@ def train(
 @app.command()
 def sweep(
     use_blind: Annotated[bool | None, knob("sweep.use_blind", switch=True)] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Continue the same valid prompts with every kept STEP (base sampling): page + metrics."""
     from musegen.stages import sweep as stage
 
-    p = flagged(stage.SweepConfig.load(params), "sweep", use_blind=use_blind)
+    p = flagged(stage.SweepConfig.load(params, profiles(override)), "sweep", use_blind=use_blind)
     try:
         result = stage.run(p)
     except (FileNotFoundError, ValueError) as exc:
@@ -240,12 +256,13 @@ def select(
             help="a person's choice (ratings/decision.json): beats select.by until retrain"
         ),
     ] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Pick the STEP tune, evaluate and register use (select.by: ratings|proxy|valid_loss|step)."""
     from musegen.stages import select as stage
 
-    p = stage.SelectConfig.load(params)
+    p = stage.SelectConfig.load(params, profiles(override))
     try:
         result = stage.run(p, step=step)
     except ValueError as exc:
@@ -261,6 +278,7 @@ def ratings_add(
     use_dvc: Annotated[
         bool, typer.Option("--dvc/--no-dvc", help="`dvc add` the table (in a DVC repo)")
     ] = True,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Merge blind-page scores and pairwise choices into the ratings table; log counts, means
@@ -268,7 +286,7 @@ def ratings_add(
     from musegen.core import ratings as stage
     from musegen.stages.select import SelectConfig
 
-    config = SelectConfig.load(params)
+    config = SelectConfig.load(params, profiles(override))
     p, sweep_metrics = config.select, Path(config.sweep.metrics_file)
     try:
         counts = stage.add(files, Path(p.ratings_dir), sweep_metrics)
@@ -304,11 +322,11 @@ def ratings_add(
 
 
 @app.command()
-def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
+def register(override: OverrideOpt = None, params: ParamsOpt = DEFAULT_PARAMS) -> None:
     """Register the bundle (selected STEP + its tuned sampling + its evaluation) as one version."""
     from musegen.stages import register as stage
 
-    p = stage.RegisterConfig.load(params)
+    p = stage.RegisterConfig.load(params, profiles(override))
     try:
         result = stage.run(p)
     except stage.BundleError as exc:
@@ -323,6 +341,7 @@ def register(params: ParamsOpt = DEFAULT_PARAMS) -> None:
 @app.command()
 def tune(
     num_trials: Annotated[int | None, knob("tune.num_trials")] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Tune per-field temperature / top-p against the listening proxy (or the learned listener).
@@ -331,7 +350,9 @@ def tune(
     """
     from musegen.stages import tune as stage
 
-    r = stage.run(flagged(stage.TuneConfig.load(params), "tune", num_trials=num_trials))
+    r = stage.run(
+        flagged(stage.TuneConfig.load(params, profiles(override)), "tune", num_trials=num_trials)
+    )
     best = float("nan") if r.best_value is None else r.best_value
     typer.echo(
         f"tune: {r.n_trials_run} trials ({r.seconds_per_trial:.1f} s each), "
@@ -341,7 +362,8 @@ def tune(
 
 
 @app.command()
-def listen(
+def listen(  # keyword-only: one option per flag
+    *,
     num_trials: Annotated[
         int | None, knob("tune.num_trials", note="ratings to collect in this call")
     ] = None,
@@ -354,6 +376,7 @@ def listen(
     pairwise: Annotated[
         bool, typer.Option("--pairwise", help="A/B preference against the incumbent")
     ] = False,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Generate clips per trial for people to rate in optuna-dashboard; tell Optuna the ratings.
@@ -364,7 +387,7 @@ def listen(
     from musegen.apps import listen as stage
     from musegen.apps.ui import ServerError
 
-    p = stage.ListenConfig.load(params).with_flags(
+    p = stage.ListenConfig.load(params, profiles(override)).with_flags(
         "serve", {"optuna_port": ("--port", optuna_port)}
     )
     try:
@@ -396,6 +419,7 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     out_dir: Annotated[Path | None, knob("generate.out_dir")] = None,
     mp3: Annotated[bool, typer.Option("--mp3", help="render an MP3 beside each MIDI")] = False,
     roll: Annotated[bool, typer.Option("--roll", help="draw a piano-roll PNG beside each")] = False,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Compose MIDI from a checkpoint or a registered model, from scratch or continuing --prompt.
@@ -409,7 +433,8 @@ def generate(  # keyword-only: one option per flag, as Typer reads them
     from musegen.stages import choice
 
     config = flagged(
-        choice.GenerateConfig.load(params), "generate", num_samples=num_samples,
+        choice.GenerateConfig.load(params, profiles(override)), "generate",
+        num_samples=num_samples,
         max_bars=max_bars, min_bars=min_bars, max_minutes=max_minutes, max_words=max_words,
         prompt_bars=prompt_bars, out_dir=out_dir and str(out_dir),
     )  # fmt: skip
@@ -443,6 +468,7 @@ def evaluate(
     samples: Annotated[Path | None, typer.Option(help="folder of generated MIDI")] = None,
     reference: Annotated[Path | None, typer.Option(help="folder of real MIDI")] = None,
     out: Annotated[Path | None, typer.Option(help="result JSON (with --samples)")] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Objective metrics and MGEval overlap of generated music against real music.
@@ -453,7 +479,7 @@ def evaluate(
     """
     from musegen.stages import evaluate as stage
 
-    p = stage.EvaluateConfig.load(params)
+    p = stage.EvaluateConfig.load(params, profiles(override))
     if samples is not None or reference is not None:
         if samples is None or reference is None:
             _fail("give both --samples and --reference (or neither, for the pipeline stage)")
@@ -476,11 +502,13 @@ def evaluate(
 
 
 @app.command()
-def ui(
+def ui(  # keyword-only: one option per flag
+    *,
     host: Annotated[str | None, knob("serve.host")] = None,
     prefect_port: Annotated[int | None, knob("serve.prefect_port")] = None,
     mlflow_port: Annotated[int | None, knob("serve.mlflow_port")] = None,
     optuna_port: Annotated[int | None, knob("serve.optuna_port")] = None,
+    override: OverrideOpt = None,
     params: ParamsOpt = DEFAULT_PARAMS,
 ) -> None:
     """Start the MLflow UI, the Prefect server and optuna-dashboard on the project's stores.
@@ -490,8 +518,8 @@ def ui(
     from musegen.apps import ui as stage
 
     p = flagged(
-        stage.UiConfig.load(params), "serve", host=host, prefect_port=prefect_port,
-        mlflow_port=mlflow_port, optuna_port=optuna_port,
+        stage.UiConfig.load(params, profiles(override)), "serve", host=host,
+        prefect_port=prefect_port, mlflow_port=mlflow_port, optuna_port=optuna_port,
     )  # fmt: skip
     try:
         stage.ui(p, Path.cwd())
