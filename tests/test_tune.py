@@ -26,7 +26,7 @@ import mlflow
 from musegen import paths, tracking
 from musegen.apps.cli import app
 from musegen.config import ParamsError, load_section
-from musegen.core.generate import generate, load_model
+from musegen.core.generate import load_model
 from musegen.core.model import ModelConfig, ModelParams, MusicTransformer
 from musegen.core.sampling import SampleParams
 from musegen.core.tokenizer import get_tokenizer
@@ -316,18 +316,8 @@ def test_two_tune_processes_share_one_storage(
     base = load_section(SampleParams, "sample", params)
     ids = [c["mid"] for t in trials for c in t.user_attrs["clips"]]
     assert len(set(ids)) == len(ids)  # no artifact shared or overwritten
-    for t in trials[:: len(trials) - 1]:  # the first and the last trial
-        sample = tn.to_sampling(base, t.params)
-        for k, clip in enumerate(t.user_attrs["clips"]):
-            tokens = generate(
-                loaded,
-                sample,
-                prompt=bench.prompts[k],
-                max_bars=tp.prompt_bars + tp.clip_bars,
-                min_bars=tp.prompt_bars + tp.clip_bars,  # tune's clips hold every bar
-                max_words=tp.max_clip_words,
-                seed=tp.seed + k,
-            )
+    for t in trials[:: len(trials) - 1]:  # the first and the last trial, re-made as tune does
+        again = tn.make_clips(loaded, tn.to_sampling(base, t.params), bench, tp, tmp_path / "again")
+        for clip, made in zip(t.user_attrs["clips"], again, strict=True):
             stored = loaded.tokenizer.encode(Path(tp.artifact_dir) / clip["mid"])
-            again = loaded.tokenizer.encode(loaded.tokenizer.decode(tokens))
-            assert np.array_equal(stored, again), (t.number, k)
+            assert np.array_equal(stored, loaded.tokenizer.encode(made.midi)), t.number
