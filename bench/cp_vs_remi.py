@@ -123,8 +123,9 @@ def main() -> None:
     }
     level = max(cp[-1]["nll_per_note"], remi[-1]["nll_per_note"])
     t_cp, t_remi = first_reach(cp, level)["seconds"], first_reach(remi, level)["seconds"]
-    start = min(cp[0]["nll_per_note"], remi[0]["nll_per_note"])
     floor = max(b["nll_per_note"] for b in best.values())  # the worse plateau: both reach it
+    # a short run can leave one above the other's start: then every target is the floor
+    start = max(min(cp[0]["nll_per_note"], remi[0]["nll_per_note"]), floor)
     targets = [floor + share * (start - floor) for share in (0.5, 0.25, 0.1, 0.0)]
     reach = [{"target": t, "cp": first_reach(cp, t), "remi": first_reach(remi, t)} for t in targets]
     results = {

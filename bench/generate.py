@@ -50,12 +50,15 @@ from musegen.core.model import Decoder, ModelConfig, ModelParams, MusicTransform
 from musegen.core.sampling import SampleParams
 from musegen.core.tokenizer import EOS, get_tokenizer
 
+#: part 3 times its steps on real words: the CP test split of `dvc repro tokenize`
+WORDS = Path("data/tokens/cp/test.npy")
+
 
 def step_rates(shape: ModelParams, vocab: dict, context: int, steps: int) -> dict[str, float]:
     """Words/s of one step at `context` words: cached vs full-window recompute."""
     config = ModelConfig.from_params(dataclasses.replace(shape, max_len=context), vocab)
     model = MusicTransformer(config).eval()
-    words = np.load(Path("data/tokens/cp/test.npy"), mmap_mode="r")[: context + steps]
+    words = np.load(WORDS, mmap_mode="r")[: context + steps]
     x = torch.as_tensor(np.asarray(words, np.int64))[None]  # (1, T, F) real words
     out = {}
     with torch.inference_mode():
@@ -69,7 +72,7 @@ def step_rates(shape: ModelParams, vocab: dict, context: int, steps: int) -> dic
         best = 0.0
         for threads in sorted({1, torch.get_num_interop_threads(), _cores()}):
             torch.set_num_threads(threads)
-            n = max(2, steps // (context // 64))  # fewer recompute steps: each costs O(T^2)
+            n = max(2, steps // max(1, context // 64))  # fewer recompute steps: each costs O(T^2)
             t = time.perf_counter()
             for i in range(n):
                 h, _ = model.hidden(x[:, i + 1 : context + i + 1])
@@ -189,6 +192,12 @@ def main() -> None:
     ap.add_argument("--rtf-words", type=int, default=1000, help="words per piece in part 1")
     ap.add_argument("--n", type=int, default=8, help="pieces in the batch of part 1")
     args = ap.parse_args()
+    contexts = [int(c) for c in args.contexts.split(",")]
+    if not WORDS.is_file():
+        raise SystemExit(f"{WORDS}: no such file; run `dvc repro tokenize` in the repository root")
+    if len(words := np.load(WORDS, mmap_mode="r")) < max(contexts) + args.steps:
+        raise SystemExit(f"{WORDS}: {len(words)} words, too few for --contexts {max(contexts)} "
+                         f"+ --steps {args.steps}; pass smaller --contexts")  # fmt: skip
     shape = load_section(ModelParams, "model", "params.yaml")
     sample = load_section(SampleParams, "sample", "params.yaml")
     vocab = get_tokenizer("cp").vocab
@@ -269,7 +278,7 @@ def main() -> None:
     # last: the 4k-word recompute peer would otherwise set the peak RSS of part 2
     print(f"\n3. one decoding step, d_model {shape.d_model}, {shape.n_layer} layers, CPU")
     print(f"{'context':>8} {'cached w/s':>11} {'recompute w/s':>14} {'speed-up':>9}")
-    for context in (int(c) for c in args.contexts.split(",")):
+    for context in contexts:
         r = step_rates(shape, vocab, context, args.steps)
         print(f"{context:>8} {r['cached']:>11.1f} {r['recompute']:>14.2f} "
               f"{r['cached'] / r['recompute']:>8.1f}x")  # fmt: skip
