@@ -150,7 +150,7 @@ def test_cp_vs_remi_prints_remi_over_cp_ratios(root: Path, tmp_path: Path) -> No
     length_ratio = numbers(r"^sequence length per song .* REMI / CP = {}x$", out)[0]
     assert length_ratio == pytest.approx(lengths["remi"] / lengths["cp"], abs=0.006)
     level, t_cp, t_remi, ratio = numbers(
-        r"^time to NLL/note {}: CP {} s, REMI {} s -> REMI / CP = {}x$", out
+        r"^time to the worse plateau, NLL/note {}: CP {} s, REMI {} s -> REMI / CP = {}x$", out
     )
     figures = json.loads(result.read_text())
     assert figures["steps"] == 4 and figures["threads"] == 1

@@ -244,6 +244,47 @@ def test_loop_guard_bans_the_continuation_of_a_repeated_cycle() -> None:
     assert 4 not in out.tolist()
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(-2, 2), min_size=2, max_size=60), st.floats(0.05, 0.95))
+def test_nucleus_ties_at_the_edge_keep_the_lowest_ids(values: list[int], p: float) -> None:
+    """Many equal probabilities: the nucleus is the prefix of a stable descending sort."""
+    probs = torch.softmax(torch.tensor([values], dtype=torch.float32), -1)
+    order = torch.sort(probs[0], descending=True, stable=True).indices
+    sorted_p = probs[0][order]
+    # torch's cumsum, as the sampler's: float64 running sums rounded to float32
+    size = int(((sorted_p.cumsum(0) - sorted_p) < p).sum())
+    expected = torch.zeros(len(values), dtype=torch.bool)
+    expected[order[:size]] = True
+    assert torch.equal(nucleus_mask(probs, p)[0], expected)
+
+
+def _torch_reference(logits: torch.Tensor, t: float, p: float, u: torch.Tensor) -> torch.Tensor:
+    """The draw written with torch ops alone (the sampler before it moved to NumPy)."""
+    probs = torch.softmax(logits / t, dim=-1)
+    sorted_p, order = probs.sort(dim=-1, descending=True, stable=True)
+    keep = torch.zeros_like(probs, dtype=torch.bool).scatter(
+        -1, order, (sorted_p.cumsum(-1) - sorted_p) < p
+    )
+    probs = probs.masked_fill(~(keep & (probs > 0)), 0.0)
+    cdf = probs.cumsum(dim=-1)
+    ids = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp_(
+        max=cdf.size(-1) - 1
+    )
+    return torch.where(probs.gather(-1, ids) > 0, ids, probs.argmax(-1, keepdim=True))[:, 0]
+
+
+@pytest.mark.parametrize("t, p", [(1.0, 0.9), (1.2, 1.0), (5.0, 0.5), (0.5, 0.99)])
+def test_draws_equal_the_torch_reference(t: float, p: float) -> None:
+    """Bit for bit: float32 softmax, float64-accumulated sums, the same inverse-CDF draw."""
+    for seed in range(20):
+        g = _gen(seed)
+        logits = torch.randn(40, 137, generator=g) * 4
+        logits[torch.rand(40, 137, generator=g) < 0.3] = float("-inf")
+        logits[:, 0] = 1.0  # no row fully masked
+        u = torch.rand(40, generator=g)
+        assert torch.equal(sample_field(logits, t, p, u=u), _torch_reference(logits, t, p, u))
+
+
 def test_per_row_settings_equal_one_call_per_row() -> None:
     """A (B,) temperature / top-p tensor draws each row as a scalar call would (same u)."""
     logits = torch.randn(6, 30, generator=_gen(3)) * 3

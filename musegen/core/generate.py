@@ -305,6 +305,7 @@ class _Run:
     bar: Any  # tqdm
     h: Tensor | None = None  # (B, D): row i predicts the next word of the batch's piece i
     min_bars: int = 0
+    mask_cache: dict[bool, dict[bytes, Tensor]] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def device(self) -> torch.device:
@@ -319,6 +320,25 @@ class _Run:
         if period <= 0 or repeats <= 0:
             return []
         return loop_guard(np.array(history[-period * repeats :]), period, repeats)
+
+    def masks(self, rows: Sequence[np.ndarray], *, padded: bool = False) -> Tensor:
+        """(B, V) bool tensor of one grammar mask per piece on the device; `padded`: rows are
+        CP field masks side by side, laid out (B, F-1, V_max) as `_padded` lays the logits.
+
+        Each distinct mask becomes a tensor once per call of generate_batch (a piece's masks
+        take a few dozen values), so a word costs one stack instead of a conversion per piece.
+        """
+        cache = self.mask_cache.setdefault(padded, {})
+        out = []
+        for m in rows:
+            t = cache.get(key := m.tobytes())
+            if t is None:
+                t = torch.from_numpy(np.array(m, bool)).to(self.device)
+                if padded:
+                    t = F.pad(t, (0, 1), value=False)[_padded(tuple(self.decoder.split), t.device)]
+                cache[key] = t
+            out.append(t)
+        return torch.stack(out)
 
     def uniforms(self, pieces: list[_Piece], n: int) -> Tensor:
         """(B, n) uniforms, row i from piece i's own generator (batch-independent draws)."""
@@ -434,7 +454,7 @@ def _draw_words(
         run.trace.append(type_logits.clone())
     allowed = [grammar.type_mask(p.state, sequential=seq, min_bars=run.min_bars) for p in pieces]
     kinds = sample_field(
-        mask_logits(type_logits, _on(allowed, h.device)), *settings[TYPE], u=u[:, TYPE]
+        mask_logits(type_logits, run.masks(allowed)), *settings[TYPE], u=u[:, TYPE]
     )
     w = np.zeros((len(pieces), len(FIELDS)), np.int64)
     w[:, TYPE] = kinds.cpu().numpy()
@@ -451,19 +471,16 @@ def _draw_words(
     if seq:  # each field's masks depend on the fields drawn before it: one draw per field
         for f, part in zip(_NON_TYPE, logits.split(dec.split, -1), strict=True):
             allowed = [field_mask(r, f) for r in range(len(pieces))]
-            ids = sample_field(mask_logits(part, _on(allowed, h.device)), *settings[f], u=u[:, f])
+            ids = sample_field(mask_logits(part, run.masks(allowed)), *settings[f], u=u[:, f])
             w[:, f] = ids.cpu().numpy()
     else:  # independent given the type: every field of every piece in one draw
         allowed = [np.concatenate([field_mask(r, f) for f in _NON_TYPE]) for r in range(len(w))]
         pad = _padded(tuple(dec.split), h.device)  # (F-1, V_max)
         logits = F.pad(logits, (0, 1), value=float("-inf"))[:, pad]  # (B, F-1, V_max)
-        allowed = F.pad(_on(allowed, h.device), (0, 1), value=False)[:, pad]
-        temps, tops = (torch.tensor(s, device=h.device) for s in zip(*settings[1:], strict=True))
         n = len(pieces) * len(_NON_TYPE)
         ids = sample_field(
-            mask_logits(logits, allowed).view(n, -1),  # (B * (F-1), V_max)
-            temps.repeat(len(pieces)),
-            tops.repeat(len(pieces)),
+            mask_logits(logits, run.masks(allowed, padded=True)).view(n, -1),  # (B*(F-1), V_max)
+            *_per_row(tuple(settings[1:]), len(pieces), h.device),
             u=u[:, 1:].reshape(n),
         )
         w[:, 1:] = ids.view(len(pieces), -1).cpu().numpy()
@@ -472,9 +489,14 @@ def _draw_words(
     return w
 
 
-def _on(masks: list[np.ndarray], device: torch.device) -> Tensor:
-    """(B, V) bool tensor on `device` of one grammar mask per piece."""
-    return torch.from_numpy(np.stack(masks)).to(device)
+@functools.lru_cache(maxsize=64)  # a tune study asks for a few settings per batch size
+def _per_row(
+    settings: tuple[tuple[float, float], ...], pieces: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(temperatures, top_ps) of the non-type fields repeated for `pieces` pieces: one row each
+    of the (pieces * (F-1), V_max) draw."""
+    temps, tops = (torch.tensor(s, device=device) for s in zip(*settings, strict=True))
+    return temps.repeat(pieces), tops.repeat(pieces)
 
 
 @functools.cache
@@ -514,7 +536,7 @@ def _run_remi(run: _Run, pieces: list[_Piece]) -> list[np.ndarray]:
                 allowed = narrowed if narrowed.any() else allowed
             rows.append(allowed)
         u = run.uniforms(pieces, 1)[:, 0]
-        drawn = sample_field(mask_logits(logits, _on(rows, logits.device)), temp, top_p, u=u)
+        drawn = sample_field(mask_logits(logits, run.masks(rows)), temp, top_p, u=u)
         keep, tokens = [], drawn.cpu().numpy()
         for r, (p, t) in enumerate(zip(pieces, tokens.tolist(), strict=True)):
             f = int(grammar.field_of[t])

@@ -604,17 +604,21 @@ class Decoder:
                 else None
                 for b in model.blocks
             ]  # (Dh, 2W) or (H, Dh, 2W) per layer
-            # each block's weights and biases, looked up once (the same tensors), but with
-            # the query rows of qkv divided by sqrt(Dh) (a copy): the scores need no division
+            # each block's weights and biases, looked up once, the linear layers' weights
+            # stored transposed (in, out) for a plain addmm (measured ~1.3x faster per call
+            # than F.linear's transposed view at 1 and 8 rows, 1 thread), and the query rows of
+            # qkv divided by sqrt(Dh): the scores need no division
             self.weights = []
             for b in model.blocks:
                 qkv_w, qkv_b = b.attn.qkv.weight.clone(), b.attn.qkv.bias.clone()
                 qkv_w[: cfg.d_model] /= math.sqrt(d_head)
                 qkv_b[: cfg.d_model] /= math.sqrt(d_head)
-                rest = [
-                    t for m in (b.attn.proj, b.ln_2, b.mlp[0], b.mlp[2]) for t in m.parameters()
-                ]
-                self.weights.append((b.ln_1.weight, b.ln_1.bias, qkv_w, qkv_b, *rest))
+                lin = [(m.weight.T.contiguous(), m.bias) for m in (b.attn.proj, b.mlp[0], b.mlp[2])]
+                (proj_w, proj_b), (fc_w, fc_b), (out_w, out_b) = lin
+                self.weights.append(
+                    (b.ln_1.weight, b.ln_1.bias, qkv_w.T.contiguous(), qkv_b, proj_w, proj_b,
+                     b.ln_2.weight, b.ln_2.bias, fc_w, fc_b, out_w, out_b)
+                )  # fmt: skip
             emb = model.embed
             parts, start = [], 0  # proj(cat_f(e_f * s_f)) = sum_f (E_f * s_f) @ P_f^T + b
             for table, scale in zip(emb.tables, emb.scales, strict=True):
@@ -694,7 +698,7 @@ class Decoder:
                 weights
             )
             x = F.layer_norm(h, (D,), ln1_w, ln1_b, eps)
-            qkv = F.linear(x, qkv_w, qkv_b).view(B, 3, H, 1, -1)
+            qkv = torch.addmm(qkv_b, x, qkv_w).view(B, 3, H, 1, -1)
             q, k, v = qkv.unbind(1)  # 3 x (B, H, 1, Dh); q already divided by sqrt(Dh)
             keys[..., slot : slot + 1] = k.transpose(-2, -1)  # over the word W positions back
             values[:, :, slot : slot + 1] = v
@@ -710,10 +714,10 @@ class Decoder:
             if masked:
                 att = att + self.bias
             y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
-            h = h + F.linear(y, proj_w, proj_b)
+            h = h + torch.addmm(proj_b, y, proj_w)
             x = F.layer_norm(h, (D,), ln2_w, ln2_b, eps)
-            x = F.gelu(F.linear(x, fc_w, fc_b))
-            h = h + F.linear(x, out_w, out_b)
+            x = F.gelu(torch.addmm(fc_b, x, fc_w))
+            h = h + torch.addmm(out_b, x, out_w)
         self.count += 1
         return model.ln_f(h)  # (B, D)
 
