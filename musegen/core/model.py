@@ -627,6 +627,11 @@ class Decoder:
                 start += table.embedding_dim
             parts[0] = parts[0] + emb.proj.bias
             self.table = torch.cat(parts)  # (sum V_f, D)
+            # looked up once: a module attribute or ModuleList index costs microseconds a word
+            self.n_head, self.eps = cfg.n_head, model.blocks[0].ln_1.eps
+            self.absolute = cfg.attention == "absolute"
+            self.ln_f = (model.ln_f.weight, model.ln_f.bias, model.ln_f.eps)
+            self.type_head = (model.heads[0].bias, model.heads[0].weight.T)  # addmm's operands
             sizes = torch.tensor(cfg.vocab_sizes, device=p.device)
             self.offsets = torch.cumsum(sizes, 0) - sizes  # (F,) first row of each field
             if model.type_proj is not None:
@@ -680,51 +685,51 @@ class Decoder:
         1 / sqrt(Dh)), and the unwritten-slot bias skipped once every slot has been written
         (after W steps): about 20 ops per layer.
         """
-        model, W = self.model, self.window
+        W = self.window
         h = self.table[words + self.offsets].sum(1)  # (B, F, D) -> (B, D)
-        if model.config.attention == "absolute":
-            h = h + sinusoidal(self.pos, model.config.d_model).to(h.dtype)  # (B, D)
+        if self.absolute:
+            h = h + sinusoidal(self.pos, h.size(-1)).to(h.dtype)  # (B, D)
             self.pos += 1
         slot = self.count % W
         masked = self.count < W  # some stream may still have slots nothing was written to
         if masked:
             self.bias[..., slot] = 0.0  # the new word's slot is in use from now on
         B, D = h.shape
-        H, eps = model.config.n_head, model.blocks[0].ln_1.eps
+        H, eps = self.n_head, self.eps
         for weights, keys, values, rel2 in zip(
             self.weights, self.keys, self.values, self.rel2, strict=True
         ):
             ln1_w, ln1_b, qkv_w, qkv_b, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, out_w, out_b = (
                 weights
             )
-            x = F.layer_norm(h, (D,), ln1_w, ln1_b, eps)
+            x = torch.layer_norm(h, (D,), ln1_w, ln1_b, eps)  # F.layer_norm's kernel, direct
             qkv = torch.addmm(qkv_b, x, qkv_w).view(B, 3, H, 1, -1)
             q, k, v = qkv.unbind(1)  # 3 x (B, H, 1, Dh); q already divided by sqrt(Dh)
-            keys[..., slot : slot + 1] = k.transpose(-2, -1)  # over the word W positions back
-            values[:, :, slot : slot + 1] = v
+            keys.select(3, slot).copy_(k.squeeze(2))  # over the word W positions back
+            values.select(2, slot).copy_(v.squeeze(2))
             flat_q = q.reshape(B * H, 1, -1)  # (B * H, 1, Dh)
             flat_keys = keys.view(B * H, -1, W)  # (B * H, Dh, W)
             if rel2 is None:
                 att = torch.bmm(flat_q, flat_keys)  # (B * H, 1, W)
             else:  # q · keys + q · E_r[distance of each slot] (Huang et al. eq. 3), one baddbmm
-                e = rel2[..., W - 1 - slot : 2 * W - 1 - slot]  # (Dh, W) or (H, Dh, W) view
+                e = rel2.narrow(-1, W - 1 - slot, W)  # (Dh, W) or (H, Dh, W) view
                 rel = flat_q.view(B * H, -1) @ e if e.dim() == 2 else q @ e  # shared: one mm
                 att = torch.baddbmm(rel.view(B * H, 1, W), flat_q, flat_keys)
             att = att.view(B, H, 1, W)
             if masked:
                 att = att + self.bias
-            y = (att.softmax(dim=-1) @ values).view(B, D)  # (B, H, 1, Dh) -> (B, D)
+            y = torch.bmm(att.softmax(dim=-1).view(B * H, 1, W), values.view(B * H, W, -1))
+            y = y.view(B, D)  # (B * H, 1, Dh) -> (B, D)
             h = h + torch.addmm(proj_b, y, proj_w)
-            x = F.layer_norm(h, (D,), ln2_w, ln2_b, eps)
+            x = torch.layer_norm(h, (D,), ln2_w, ln2_b, eps)
             x = F.gelu(torch.addmm(fc_b, x, fc_w))
             h = h + torch.addmm(out_b, x, out_w)
         self.count += 1
-        return model.ln_f(h)  # (B, D)
+        return torch.layer_norm(h, (D,), *self.ln_f)  # model.ln_f: (B, D)
 
     def type_logits(self, h: Tensor) -> Tensor:
         """(B, D) -> (B, V_type) (REMI: the token logits)."""
-        head = self.model.heads[0]
-        return torch.addmm(head.bias, h, head.weight.T)
+        return torch.addmm(self.type_head[0], h, self.type_head[1])
 
     def field_logits(self, h: Tensor, next_type: Tensor) -> Tensor:
         """CP: logits of fields 1..F-1 given each stream's drawn type (B,), side by side:

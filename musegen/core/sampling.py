@@ -349,7 +349,7 @@ def nucleus_mask(probs: torch.Tensor, top_p: float | torch.Tensor) -> torch.Tens
 def _cumsum(x: np.ndarray) -> np.ndarray:
     """Row cumulative sums as torch's CPU cumsum gives them: float64 running sums, each
     rounded to x's dtype."""
-    return np.cumsum(x, axis=-1, dtype=np.float64).astype(x.dtype)
+    return x.cumsum(axis=-1, dtype=np.float64).astype(x.dtype)
 
 
 def _nucleus(probs: np.ndarray, top_p: float | np.ndarray) -> np.ndarray:
