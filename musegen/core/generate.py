@@ -308,6 +308,11 @@ class _Run:
     mask_cache: dict[bool, dict[bytes, Tensor]] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
+    def settings(self) -> tuple[tuple[float, float], ...]:
+        """(temperature, top_p) of each field the model emits, in field order (fixed per call)."""
+        return tuple(self.sample.field(name) for name in self.loaded.fields)
+
+    @functools.cached_property
     def device(self) -> torch.device:
         return self.loaded.device  # looked up once: it walks the model's parameters
 
@@ -447,7 +452,7 @@ def _draw_words(
     the loop guard's `forbid` (field -> ids) narrows them where it leaves a choice.
     """
     dec, seq, grammar = run.decoder, run.sample.use_sequential_fields, run.loaded.tokenizer.grammar
-    settings = [run.sample.field(name) for name in run.loaded.fields]
+    settings = run.settings
     u = run.uniforms(pieces, len(FIELDS))  # (B, F): every field draws, forced or not
     type_logits = dec.type_logits(h)  # (B, V_type)
     if trace and run.trace is not None:
@@ -480,7 +485,7 @@ def _draw_words(
         n = len(pieces) * len(_NON_TYPE)
         ids = sample_field(
             mask_logits(logits, run.masks(allowed, padded=True)).view(n, -1),  # (B*(F-1), V_max)
-            *_per_row(tuple(settings[1:]), len(pieces), h.device),
+            *_per_row(settings[1:], len(pieces), h.device),
             u=u[:, 1:].reshape(n),
         )
         w[:, 1:] = ids.view(len(pieces), -1).cpu().numpy()
